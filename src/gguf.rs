@@ -1,0 +1,419 @@
+//! GGUF reader (versions 2 and 3).
+//!
+//! The header is parsed with every count, length, offset and size checked
+//! against the file before anything is allocated, so a truncated or hostile
+//! file yields an [`Error::Gguf`] naming the problem. Tensor data stays in the
+//! memory map: [`GgufFile::tensor_data`] hands out slices of it.
+
+use crate::error::{Error, Result};
+use crate::quant::GgmlType;
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+const MAX_DIMS: u32 = 4;
+/// Arrays nest at most this deep; deeper nesting only serves to overflow a stack.
+const MAX_ARRAY_DEPTH: u32 = 4;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            Value::Bool(v) => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            Value::I8(v) => Some(v as i64),
+            Value::I16(v) => Some(v as i64),
+            Value::I32(v) => Some(v as i64),
+            Value::I64(v) => Some(v),
+            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_i64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(v) => Some(v),
+            _ => self.as_u64().map(|v| v != 0),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Where one tensor lies in the file.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGML order: `dims[0]` is the contiguous (row) dimension.
+    pub dims: Vec<usize>,
+    pub ty: GgmlType,
+    /// Absolute byte offset in the file.
+    pub offset: usize,
+    pub size: usize,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// A parsed, memory-mapped GGUF file.
+pub struct GgufFile {
+    pub version: u32,
+    pub metadata: HashMap<String, Value>,
+    /// Keys in file order, for display.
+    pub metadata_keys: Vec<String>,
+    pub tensors: Vec<TensorInfo>,
+    index: HashMap<String, usize>,
+    map: Arc<Mmap>,
+}
+
+impl GgufFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; the file is treated as immutable while loaded,
+        // as every mmap-based model loader does.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(Arc::new(map))
+    }
+
+    pub fn from_mmap(map: Arc<Mmap>) -> Result<Self> {
+        let (version, metadata, metadata_keys, tensors) = parse(&map)?;
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(GgufFile {
+            version,
+            metadata,
+            metadata_keys,
+            tensors,
+            index,
+            map,
+        })
+    }
+
+    pub fn mmap(&self) -> &Arc<Mmap> {
+        &self.map
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
+        &self.map[t.offset..t.offset + t.size]
+    }
+
+    pub fn file_size(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Parses header, metadata and tensor infos of a GGUF image. Public so the
+/// fuzz target can drive it on raw bytes.
+#[allow(clippy::type_complexity)]
+pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<String>, Vec<TensorInfo>)> {
+    let mut r = Reader { buf, pos: 0 };
+    let magic = r.bytes(4, "magic")?;
+    if magic != MAGIC {
+        return Err(bad(format!("bad magic {magic:02x?}, expected \"GGUF\"")));
+    }
+    let version = r.u32("version")?;
+    if !(2..=3).contains(&version) {
+        return Err(bad(format!(
+            "unsupported version {version} (2 and 3 are supported)"
+        )));
+    }
+    let n_tensors = r.u64("tensor count")?;
+    let n_kv = r.u64("metadata count")?;
+    // Each KV needs at least 8 (key length) + 4 (type) + 1 bytes; each tensor
+    // info at least 8 + 4 + 4 + 8. Counts beyond that cannot fit in the file.
+    r.check_count(n_kv, 13, "metadata count")?;
+    r.check_count(n_tensors, 24, "tensor count")?;
+
+    let mut metadata = HashMap::new();
+    let mut keys = Vec::new();
+    for i in 0..n_kv {
+        let key = r.string(&format!("key of metadata entry {i}"))?;
+        let ty = r.u32(&format!("type of metadata '{key}'"))?;
+        let value = r.value(ty, &key, 0)?;
+        if metadata.insert(key.clone(), value).is_some() {
+            return Err(bad(format!("duplicate metadata key '{key}'")));
+        }
+        keys.push(key);
+    }
+
+    let alignment = match metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => *a as u64,
+        Some(v) => {
+            return Err(bad(format!(
+                "general.alignment must be a power-of-two u32, got {v:?}"
+            )))
+        }
+    };
+
+    let mut raw = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..n_tensors {
+        let name = r.string(&format!("name of tensor {i}"))?;
+        if !seen.insert(name.clone()) {
+            return Err(bad(format!("duplicate tensor name '{name}'")));
+        }
+        let n_dims = r.u32(&format!("dimension count of '{name}'"))?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(bad(format!(
+                "tensor '{name}' has {n_dims} dimensions (1..={MAX_DIMS} allowed)"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for d in 0..n_dims {
+            let v = r.u64(&format!("dimension {d} of '{name}'"))?;
+            if v == 0 || v > i64::MAX as u64 {
+                return Err(bad(format!("tensor '{name}' dimension {d} is {v}")));
+            }
+            dims.push(v);
+        }
+        let ty_id = r.u32(&format!("type of '{name}'"))?;
+        let ty = GgmlType::from_id(ty_id)
+            .ok_or_else(|| bad(format!("tensor '{name}' has unsupported type id {ty_id}")))?;
+        let offset = r.u64(&format!("offset of '{name}'"))?;
+        raw.push((name, dims, ty, offset));
+    }
+
+    let data_start = align_up(r.pos as u64, alignment)
+        .ok_or_else(|| bad("data section offset overflows".into()))?;
+    let file_len = buf.len() as u64;
+    if !raw.is_empty() && data_start > file_len {
+        return Err(bad(format!(
+            "file truncated: tensor data would start at {data_start}, file is {file_len} bytes"
+        )));
+    }
+
+    let mut tensors = Vec::with_capacity(raw.len());
+    for (name, dims, ty, offset) in raw {
+        let n = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= (1u64 << 48))
+            .ok_or_else(|| bad(format!("tensor '{name}' has too many elements: {dims:?}")))?;
+        if dims[0] % ty.block_size() as u64 != 0 {
+            return Err(bad(format!(
+                "tensor '{name}' row length {} is not a multiple of the {} block size {}",
+                dims[0],
+                ty.name(),
+                ty.block_size()
+            )));
+        }
+        let size = n / ty.block_size() as u64 * ty.type_size() as u64;
+        if offset % alignment != 0 {
+            return Err(bad(format!(
+                "tensor '{name}' offset {offset} is not aligned to {alignment}"
+            )));
+        }
+        let start = data_start
+            .checked_add(offset)
+            .ok_or_else(|| bad(format!("tensor '{name}' offset overflows")))?;
+        let end = start
+            .checked_add(size)
+            .filter(|&e| e <= file_len)
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor '{name}' ({size} bytes at {start}) lies beyond the end of the file ({file_len} bytes)"
+                ))
+            })?;
+        debug_assert!(end <= file_len);
+        tensors.push(TensorInfo {
+            name,
+            dims: dims.iter().map(|&d| d as usize).collect(),
+            ty,
+            offset: start as usize,
+            size: size as usize,
+        });
+    }
+
+    let mut order: Vec<&TensorInfo> = tensors.iter().collect();
+    order.sort_by_key(|t| t.offset);
+    for w in order.windows(2) {
+        if w[0].offset + w[0].size > w[1].offset {
+            return Err(bad(format!(
+                "tensors '{}' and '{}' overlap",
+                w[0].name, w[1].name
+            )));
+        }
+    }
+    Ok((version, metadata, keys, tensors))
+}
+
+fn bad(msg: String) -> Error {
+    Error::Gguf(msg)
+}
+
+fn align_up(v: u64, a: u64) -> Option<u64> {
+    v.checked_add(a - 1).map(|x| x / a * a)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(bad(format!(
+                "file truncated while reading {what} at offset {} (needs {n} bytes, {} left)",
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn check_count(&self, count: u64, min_item_bytes: u64, what: &str) -> Result<()> {
+        if count.saturating_mul(min_item_bytes) > self.remaining() as u64 {
+            return Err(bad(format!(
+                "{what} {count} cannot fit in the {} bytes left in the file",
+                self.remaining()
+            )));
+        }
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        Ok(self.bytes(N, what)?.try_into().expect("length checked"))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let len = self.u64(what)?;
+        if len > self.remaining() as u64 {
+            return Err(bad(format!(
+                "{what}: string length {len} exceeds the {} bytes left in the file",
+                self.remaining()
+            )));
+        }
+        let b = self.bytes(len as usize, what)?;
+        Ok(String::from_utf8_lossy(b).into_owned())
+    }
+
+    fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.array::<1>(key)?[0]),
+            1 => Value::I8(self.array::<1>(key)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array(key)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(key)?)),
+            4 => Value::U32(self.u32(key)?),
+            5 => Value::I32(i32::from_le_bytes(self.array(key)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
+            7 => match self.array::<1>(key)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(bad(format!("metadata '{key}': invalid bool byte {b}"))),
+            },
+            8 => Value::String(self.string(key)?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(bad(format!("metadata '{key}': arrays nested too deeply")));
+                }
+                let elem_ty = self.u32(key)?;
+                let count = self.u64(key)?;
+                let min = match elem_ty {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    t => {
+                        return Err(bad(format!(
+                            "metadata '{key}': unknown array element type {t}"
+                        )))
+                    }
+                };
+                self.check_count(count, min, &format!("metadata '{key}': array length"))?;
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(elem_ty, key, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(key)?),
+            11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
+            t => return Err(bad(format!("metadata '{key}': unknown value type {t}"))),
+        })
+    }
+}

@@ -1,0 +1,465 @@
+//! The `ruvllm` command line.
+
+use clap::{Args, Parser, Subcommand};
+use ruvllm::chat::ChatMessage;
+use ruvllm::engine::{default_threads, Engine, EngineOptions, GenerationRequest};
+use ruvllm::sampling::SamplingParams;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(
+    name = "ruvllm",
+    version,
+    about = "LLM inference runtime for GGUF and Hugging Face models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// GGUF file or Hugging Face folder (config.json + *.safetensors + tokenizer.json).
+    #[arg(long, short = 'm', default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Threads for the model's matmuls (default: every core).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Tokens of context to reserve KV cache for (default: the model's, at most 4096).
+    #[arg(long)]
+    ctx_size: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Maximum tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Drop tokens less likely than min-p times the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalty on tokens already generated (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// OpenAI-style frequency penalty.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// OpenAI-style presence penalty.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Random seed (same seed, same output).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            logit_bias: Vec::new(),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Interactive chat with the model's chat template (empty line or Ctrl-D quits).
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// System prompt.
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Complete a raw prompt (no template), streaming the text to stdout.
+    Run {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// The prompt.
+        #[arg(long, short = 'p')]
+        prompt: String,
+        /// Render the prompt as a user message with the chat template first.
+        #[arg(long)]
+        chat: bool,
+        /// Print timing to stderr at the end.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Architecture, parameters, quantization mix, context length, memory.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Print token ids of text as JSON: {"ids":[...]}.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        text: String,
+        /// Do not add BOS/EOS (by default they are added as the metadata says).
+        #[arg(long)]
+        no_special: bool,
+    },
+    /// Print full-vocabulary logits for every input position as JSON.
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        /// Prefill the first token, then feed the rest one at a time through the KV cache.
+        #[arg(long)]
+        decode: bool,
+    },
+    /// Prompt-processing and token-generation throughput (like llama-bench).
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt lengths to measure.
+        #[arg(
+            short = 'p',
+            long = "n-prompt",
+            value_delimiter = ',',
+            default_value = "512"
+        )]
+        n_prompt: Vec<usize>,
+        /// Tokens to generate.
+        #[arg(
+            short = 'n',
+            long = "n-gen",
+            value_delimiter = ',',
+            default_value = "128"
+        )]
+        n_gen: Vec<usize>,
+        /// Repetitions of each test.
+        #[arg(short = 'r', long, default_value_t = 5)]
+        repetitions: usize,
+        /// Print one JSON object per test.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn load(m: &ModelArgs) -> ruvllm::Result<Engine> {
+    if !m.model.exists() {
+        let hint = if m.model == Path::new(DEFAULT_MODEL) {
+            " (fetch the default models with: scripts/fetch-models.sh)"
+        } else {
+            ""
+        };
+        return Err(ruvllm::Error::InvalidRequest(format!(
+            "model not found: {}{hint}",
+            m.model.display()
+        )));
+    }
+    let opts = EngineOptions {
+        threads: m.threads.unwrap_or_else(default_threads),
+        context: m.ctx_size,
+    };
+    Engine::load(&m.model, &opts)
+}
+
+fn run(cli: Cli) -> ruvllm::Result<()> {
+    match cli.cmd {
+        Command::Chat {
+            model,
+            sampling,
+            system,
+        } => chat(&model, &sampling, system),
+        Command::Run {
+            model,
+            sampling,
+            prompt,
+            chat,
+            verbose,
+        } => {
+            let mut e = load(&model)?;
+            let ids = if chat {
+                e.chat_prompt(&[ChatMessage::new("user", prompt)])?
+            } else {
+                e.tokenizer.encode(&prompt, true)?
+            };
+            let req = GenerationRequest {
+                prompt: ids,
+                sampling: sampling.params(),
+                max_tokens: sampling.max_tokens,
+                stop: sampling.stop.clone(),
+                ignore_eos: false,
+            };
+            let mut out = std::io::stdout();
+            let s = e.generate(&req, &mut |t| {
+                let _ = out.write_all(t.text.as_bytes());
+                let _ = out.flush();
+                true
+            })?;
+            println!();
+            if verbose {
+                eprintln!(
+                    "prompt: {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens in {:.3}s ({:.1} tok/s); finish: {}",
+                    s.prompt_tokens,
+                    s.prefill_secs,
+                    s.prompt_tokens as f64 / s.prefill_secs,
+                    s.tokens.len(),
+                    s.decode_secs,
+                    s.tokens.len() as f64 / s.decode_secs.max(1e-9),
+                    s.finish.as_str()
+                );
+            }
+            Ok(())
+        }
+        Command::Info { model } => info(&model),
+        Command::Tokenize {
+            model,
+            text,
+            no_special,
+        } => {
+            let e = load(&model)?;
+            let ids = e.tokenizer.encode(&text, !no_special)?;
+            println!("{}", serde_json::json!({ "ids": ids }));
+            Ok(())
+        }
+        Command::Logits {
+            model,
+            tokens,
+            decode,
+        } => {
+            let mut e = load(&model)?;
+            let vocab = e.model.spec.vocab_size;
+            let logits = if decode {
+                e.decode_logits(&tokens)?
+            } else {
+                let rows: Vec<usize> = (0..tokens.len()).collect();
+                e.forward_sequence(&tokens, &rows, false)?.logits
+            };
+            let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+            println!("{}", serde_json::json!({ "logits": rows }));
+            Ok(())
+        }
+        Command::Bench {
+            model,
+            n_prompt,
+            n_gen,
+            repetitions,
+            json,
+        } => bench(&model, &n_prompt, &n_gen, repetitions, json),
+    }
+}
+
+fn chat(m: &ModelArgs, s: &SamplingArgs, system: Option<String>) -> ruvllm::Result<()> {
+    eprintln!("loading {} ...", m.model.display());
+    let mut e = load(m)?;
+    eprintln!(
+        "{} ({}, {} threads). Type a message; an empty line or Ctrl-D quits.",
+        e.provenance.name,
+        e.family().name(),
+        e.threads()
+    );
+    let mut messages: Vec<ChatMessage> = system
+        .into_iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    loop {
+        print!("> ");
+        let _ = out.flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            println!();
+            return Ok(());
+        }
+        messages.push(ChatMessage::new("user", line.trim_end()));
+        let prompt = e.chat_prompt(&messages)?;
+        let req = GenerationRequest {
+            prompt,
+            sampling: s.params(),
+            max_tokens: s.max_tokens,
+            stop: s.stop.clone(),
+            ignore_eos: false,
+        };
+        match e.generate(&req, &mut |t| {
+            let _ = out.write_all(t.text.as_bytes());
+            let _ = out.flush();
+            true
+        }) {
+            Ok(summary) => {
+                println!();
+                messages.push(ChatMessage::new("assistant", summary.text.trim()));
+            }
+            Err(err) => {
+                // Too long a conversation: start over rather than quit.
+                eprintln!("\nerror: {err}; the conversation was reset");
+                messages.retain(|m| m.role == "system");
+            }
+        }
+    }
+}
+
+fn info(m: &ModelArgs) -> ruvllm::Result<()> {
+    let e = load(m)?;
+    let s = &e.model.spec;
+    let (bytes, mapped) = e.model.weight_bytes();
+    let mix: Vec<String> = e
+        .type_mix
+        .iter()
+        .map(|(t, n)| format!("{t}: {n}"))
+        .collect();
+    let kv_per_tok = ruvllm::kv::KvCache::bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim);
+    println!("model:          {}", e.provenance.name);
+    println!(
+        "file:           {} ({}, {:.1} MiB)",
+        e.provenance.path.display(),
+        e.provenance.format,
+        e.provenance.file_size as f64 / 1048576.0
+    );
+    println!("architecture:   {}", s.family.name());
+    println!("parameters:     {:.1} M", e.model.n_params() as f64 / 1e6);
+    println!("layers:         {}", s.n_layers);
+    println!("hidden / ffn:   {} / {}", s.hidden, s.ffn);
+    println!(
+        "heads / kv:     {} / {} (head dim {})",
+        s.n_heads, s.n_kv_heads, s.head_dim
+    );
+    println!(
+        "vocabulary:     {} ({} tokenizer, pre '{}')",
+        s.vocab_size,
+        if e.tokenizer.pre == "hf" {
+            "tokenizer.json"
+        } else {
+            "GGUF"
+        },
+        e.tokenizer.pre
+    );
+    println!(
+        "context length: {} (KV cache reserved for {})",
+        s.context_length,
+        e.context()
+    );
+    if let Some(w) = s.sliding_window {
+        let n = s.sliding_layers.iter().filter(|&&b| b).count();
+        println!("sliding window: {w} tokens on {n} of {} layers", s.n_layers);
+    }
+    if !mix.is_empty() {
+        println!("tensor types:   {}", mix.join(", "));
+    }
+    println!(
+        "weights:        {:.1} MiB ({:.1} MiB memory-mapped)",
+        bytes as f64 / 1048576.0,
+        mapped as f64 / 1048576.0
+    );
+    println!(
+        "KV cache:       {:.1} KiB per token, {:.1} MiB at full context",
+        kv_per_tok as f64 / 1024.0,
+        (kv_per_tok * e.context()) as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+fn bench(
+    m: &ModelArgs,
+    n_prompt: &[usize],
+    n_gen: &[usize],
+    reps: usize,
+    json: bool,
+) -> ruvllm::Result<()> {
+    let mut e = load(m)?;
+    let vocab = e.model.spec.vocab_size as u32;
+    // Deterministic pseudo-random tokens, as llama-bench uses random ones.
+    let mut rng = ruvllm::sampling::Rng::new(1234);
+    let mut tokens = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect()
+    };
+    let reps = reps.max(1);
+    if !json {
+        println!("| model | threads | test | t/s |");
+        println!("| --- | ---: | ---: | ---: |");
+    }
+    let (name, threads) = (e.provenance.name.clone(), e.threads());
+    let report = |test: String, rates: &[f64]| {
+        let (mean, std) = mean_std(rates);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"model": name, "threads": threads, "test": test, "avg_ts": mean, "stddev_ts": std, "samples_ts": rates})
+            );
+        } else {
+            println!("| {name} | {threads} | {test} | {mean:.2} ± {std:.2} |");
+        }
+    };
+    for &p in n_prompt.iter().filter(|&&p| p > 0) {
+        let ids = tokens(p);
+        e.forward_sequence(&ids, &[p - 1], false)?; // warm-up
+        let mut rates = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            e.forward_sequence(&ids, &[p - 1], false)?;
+            rates.push(p as f64 / t.elapsed().as_secs_f64());
+        }
+        report(format!("pp{p}"), &rates);
+    }
+    for &n in n_gen.iter().filter(|&&n| n > 0) {
+        let ids = tokens(n);
+        e.decode_logits(&ids[..n.min(4)])?; // warm-up
+        let mut rates = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            e.decode_logits(&ids)?;
+            rates.push(n as f64 / t.elapsed().as_secs_f64());
+        }
+        report(format!("tg{n}"), &rates);
+    }
+    Ok(())
+}

@@ -1,0 +1,386 @@
+//! The decoder-only transformer shared by every supported family.
+//!
+//! `Model::forward` is a pure function of the weights, a flat batch of tokens
+//! (from any number of sequences, each with its own positions and KV block
+//! table) and the KV cache it reads and appends to. Family differences are
+//! data in [`ModelSpec`] and optional weights, not separate code paths.
+
+mod load;
+pub mod ops;
+pub mod spec;
+
+use crate::error::{Error, Result};
+use crate::kv::KvCache;
+use crate::tensor::{matmul, Matrix};
+use crate::threadpool::{SyncPtr, ThreadPool};
+pub use load::{load_gguf, load_hf_folder, LoadedModel};
+use ops::{activate, axpy, dot, softcap, Norm, Rope};
+pub use spec::{Activation, Family, ModelSpec, RopeStyle};
+
+/// A projection: `y = W x (+ b)`.
+pub struct Linear {
+    pub w: Matrix,
+    pub b: Option<Vec<f32>>,
+}
+
+impl Linear {
+    fn forward(&self, x: &[f32], n: usize, pool: &ThreadPool) -> Vec<f32> {
+        let mut y = vec![0f32; n * self.w.rows];
+        matmul(&self.w, x, n, &mut y, pool);
+        if let Some(b) = &self.b {
+            for row in y.chunks_exact_mut(self.w.rows) {
+                for (v, b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+        }
+        y
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Norm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
+    pub o: Linear,
+    pub post_attn_norm: Option<Norm>,
+    /// None for parallel blocks (phi2), where the MLP reads `attn_norm`'s output.
+    pub ffn_norm: Option<Norm>,
+    pub gate: Option<Linear>,
+    pub up: Linear,
+    pub down: Linear,
+    pub post_ffn_norm: Option<Norm>,
+}
+
+pub struct Model {
+    pub spec: ModelSpec,
+    pub embed: Matrix,
+    pub layers: Vec<Layer>,
+    pub final_norm: Norm,
+    pub output: Linear,
+    /// Per-frequency divisors of RoPE (llama 3.1 style `rope_freqs`).
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+/// A flat batch of tokens from one or more sequences.
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    /// Position of each token within its sequence.
+    pub positions: &'a [usize],
+    /// Index into `block_tables` of each token's sequence.
+    pub seq_index: &'a [usize],
+    pub block_tables: &'a [&'a [u32]],
+}
+
+/// What a forward pass returns for the rows it was asked about.
+pub struct Output {
+    /// `rows × vocab` logits.
+    pub logits: Vec<f32>,
+    /// `rows × hidden` final-norm hidden states, when asked for.
+    pub hidden: Option<Vec<f32>>,
+}
+
+impl Model {
+    /// Runs the batch through the model, appending its keys/values to `kv`,
+    /// and returns logits for the batch rows listed in `rows`.
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        kv: &mut KvCache,
+        rows: &[usize],
+        want_hidden: bool,
+        pool: &ThreadPool,
+    ) -> Result<Output> {
+        let s = &self.spec;
+        let n = batch.tokens.len();
+        if batch.positions.len() != n || batch.seq_index.len() != n {
+            return Err(Error::InvalidRequest(
+                "batch arrays differ in length".into(),
+            ));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            return Err(Error::InvalidRequest(format!(
+                "logit row {r} outside a batch of {n}"
+            )));
+        }
+        if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= s.vocab_size) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary of {}",
+                s.vocab_size
+            )));
+        }
+        // Where each token's K/V goes; validated before any state changes.
+        let mut slots = Vec::with_capacity(n);
+        for t in 0..n {
+            let table = batch
+                .block_tables
+                .get(batch.seq_index[t])
+                .ok_or_else(|| Error::InvalidRequest("bad sequence index".into()))?;
+            slots.push(kv.locate(table, batch.positions[t])?);
+        }
+
+        let h = s.hidden;
+        let mut x = vec![0f32; n * h];
+        for (t, row) in x.chunks_exact_mut(h).enumerate() {
+            self.embed.dequantize_row(batch.tokens[t] as usize, row);
+            if let Some(sc) = s.embed_scale {
+                row.iter_mut().for_each(|v| *v *= sc);
+            }
+        }
+
+        let rope_global = Rope::new(
+            batch.positions,
+            s.rope_dim,
+            s.rope_theta,
+            s.rope_scale,
+            self.rope_freqs.as_deref(),
+        );
+        let rope_local = s.rope_theta_local.map(|th| {
+            Rope::new(
+                batch.positions,
+                s.rope_dim,
+                th,
+                s.rope_scale,
+                self.rope_freqs.as_deref(),
+            )
+        });
+
+        let mut normed = vec![0f32; n * h];
+        for (li, layer) in self.layers.iter().enumerate() {
+            let sliding = s.sliding_layers[li];
+            let rope = match (&rope_local, sliding) {
+                (Some(r), true) => r,
+                _ => &rope_global,
+            };
+            layer.attn_norm.apply(&x, &mut normed);
+            let mut q = layer.q.forward(&normed, n, pool);
+            let mut k = layer.k.forward(&normed, n, pool);
+            let v = layer.v.forward(&normed, n, pool);
+            if let Some(qn) = &layer.q_norm {
+                qn.apply_in_place(&mut q);
+            }
+            if let Some(kn) = &layer.k_norm {
+                kn.apply_in_place(&mut k);
+            }
+            let (qd, kd) = (s.q_dim(), s.kv_dim());
+            for t in 0..n {
+                rope.apply(s.rope_style, &mut q[t * qd..(t + 1) * qd], s.head_dim, t);
+                rope.apply(s.rope_style, &mut k[t * kd..(t + 1) * kd], s.head_dim, t);
+                let (b, slot) = slots[t];
+                kv.write(
+                    li,
+                    b,
+                    slot,
+                    &k[t * kd..(t + 1) * kd],
+                    &v[t * kd..(t + 1) * kd],
+                );
+            }
+            let window = if sliding { s.sliding_window } else { None };
+            let attn = self.attention(li, &q, batch, kv, window, pool);
+            let mut o = layer.o.forward(&attn, n, pool);
+            if let Some(pn) = &layer.post_attn_norm {
+                pn.apply_in_place(&mut o);
+            }
+            match &layer.ffn_norm {
+                Some(fnorm) => {
+                    x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+                    fnorm.apply(&x, &mut normed);
+                    let f = self.mlp(layer, &normed, n, pool);
+                    x.iter_mut().zip(&f).for_each(|(x, f)| *x += f);
+                }
+                None => {
+                    // Parallel block: attention and MLP both read the same normed input.
+                    let f = self.mlp(layer, &normed, n, pool);
+                    for i in 0..x.len() {
+                        x[i] += o[i] + f[i];
+                    }
+                }
+            }
+        }
+
+        let mut hidden = vec![0f32; rows.len() * h];
+        for (i, &r) in rows.iter().enumerate() {
+            hidden[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        self.final_norm.apply_in_place(&mut hidden);
+        let mut logits = self.output.forward(&hidden, rows.len(), pool);
+        if let Some(cap) = s.final_softcap {
+            softcap(&mut logits, cap);
+        }
+        Ok(Output {
+            logits,
+            hidden: want_hidden.then_some(hidden),
+        })
+    }
+
+    fn mlp(&self, layer: &Layer, x: &[f32], n: usize, pool: &ThreadPool) -> Vec<f32> {
+        let act = self.spec.activation;
+        let mut up = layer.up.forward(x, n, pool);
+        match &layer.gate {
+            Some(gate) => {
+                let g = gate.forward(x, n, pool);
+                up.iter_mut()
+                    .zip(&g)
+                    .for_each(|(u, g)| *u *= activate(act, *g));
+            }
+            None => up.iter_mut().for_each(|u| *u = activate(act, *u)),
+        }
+        let mut post = layer.down.forward(&up, n, pool);
+        if let Some(pn) = &layer.post_ffn_norm {
+            pn.apply_in_place(&mut post);
+        }
+        post
+    }
+
+    /// Causal (optionally sliding-window) attention of every batch token over
+    /// its sequence's cached keys, read block by block from the paged cache.
+    fn attention(
+        &self,
+        layer: usize,
+        q: &[f32],
+        batch: &Batch,
+        kv: &KvCache,
+        window: Option<usize>,
+        pool: &ThreadPool,
+    ) -> Vec<f32> {
+        let s = &self.spec;
+        let (hd, nh) = (s.head_dim, s.n_heads);
+        let group = nh / s.n_kv_heads;
+        let n = batch.tokens.len();
+        let mut out = vec![0f32; n * nh * hd];
+        let outp = SyncPtr(out.as_mut_ptr());
+        let bs = kv.block_size;
+        pool.for_each_chunk(n * nh, 4, &|range| {
+            let outp = outp;
+            let mut scores = Vec::new();
+            for task in range {
+                let (t, head) = (task / nh, task % nh);
+                let kvh = head / group;
+                let pos = batch.positions[t];
+                let table = batch.block_tables[batch.seq_index[t]];
+                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let qv = &q[(t * nh + head) * hd..(t * nh + head + 1) * hd];
+                scores.clear();
+                let mut p = lo;
+                while p <= pos {
+                    let (bi, first) = (p / bs, p % bs);
+                    let last = (pos - bi * bs).min(bs - 1);
+                    let keys = kv.keys(layer, table[bi] as usize, kvh, last + 1);
+                    for slot in first..=last {
+                        scores.push(dot(qv, &keys[slot * hd..(slot + 1) * hd]) * s.attn_scale);
+                    }
+                    p = bi * bs + last + 1;
+                }
+                if let Some(cap) = s.attn_softcap {
+                    softcap(&mut scores, cap);
+                }
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for v in scores.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                // SAFETY: task (t, head) owns this hd-wide slice of `out` alone.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(outp.0.add((t * nh + head) * hd), hd) };
+                let mut p = lo;
+                let mut si = 0;
+                while p <= pos {
+                    let (bi, first) = (p / bs, p % bs);
+                    let last = (pos - bi * bs).min(bs - 1);
+                    let vals = kv.values(layer, table[bi] as usize, kvh, last + 1);
+                    for slot in first..=last {
+                        axpy(o, scores[si] * inv, &vals[slot * hd..(slot + 1) * hd]);
+                        si += 1;
+                    }
+                    p = bi * bs + last + 1;
+                }
+            }
+        });
+        out
+    }
+
+    /// Whether the output projection is the embedding matrix itself.
+    pub fn is_tied(&self) -> bool {
+        self.output.w.row(0).as_ptr() == self.embed.row(0).as_ptr()
+    }
+
+    /// Every weight matrix once (a tied output is not counted twice).
+    fn matrices_mut(&mut self) -> Vec<&mut Matrix> {
+        let tied = self.is_tied();
+        let mut v: Vec<&mut Matrix> = vec![&mut self.embed];
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.q.w,
+                &mut l.k.w,
+                &mut l.v.w,
+                &mut l.o.w,
+                &mut l.up.w,
+                &mut l.down.w,
+            ]);
+            v.extend(l.gate.as_mut().map(|g| &mut g.w));
+        }
+        if !tied {
+            v.push(&mut self.output.w);
+        }
+        v
+    }
+
+    fn matrices(&self) -> Vec<&Matrix> {
+        let tied = self.is_tied();
+        let mut v: Vec<&Matrix> = vec![&self.embed];
+        for l in &self.layers {
+            v.extend([&l.q.w, &l.k.w, &l.v.w, &l.o.w, &l.up.w, &l.down.w]);
+            v.extend(l.gate.as_ref().map(|g| &g.w));
+        }
+        if !tied {
+            v.push(&self.output.w);
+        }
+        v
+    }
+
+    /// Weight bytes, and how many of them are memory-mapped.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let ms = self.matrices();
+        let total = ms.iter().map(|m| m.nbytes()).sum();
+        let mapped = ms
+            .iter()
+            .filter(|m| m.is_mapped())
+            .map(|m| m.nbytes())
+            .sum();
+        (total, mapped)
+    }
+
+    /// Parameters in the weight matrices.
+    pub fn n_params(&self) -> usize {
+        self.matrices().iter().map(|m| m.rows * m.cols).sum()
+    }
+
+    /// The type holding the most parameters.
+    pub fn dominant_type(&self) -> Option<crate::quant::GgmlType> {
+        let mut by_type: Vec<(crate::quant::GgmlType, usize)> = Vec::new();
+        for m in self.matrices() {
+            match by_type.iter_mut().find(|(t, _)| *t == m.ty) {
+                Some((_, n)) => *n += m.rows * m.cols,
+                None => by_type.push((m.ty, m.rows * m.cols)),
+            }
+        }
+        by_type.into_iter().max_by_key(|(_, n)| *n).map(|(t, _)| t)
+    }
+
+    /// Quantizes F32/F16/BF16 weight matrices to `ty` in memory (in-situ
+    /// quantization). Quantized matrices are left as they are.
+    pub fn quantize_unquantized(&mut self, ty: crate::quant::GgmlType) {
+        let tied = self.is_tied();
+        for m in self.matrices_mut() {
+            m.quantize_to(ty);
+        }
+        if tied {
+            self.output.w = self.embed.clone();
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Element-wise layers shared by every architecture: norms, activations, RoPE.
+
+use super::spec::{Activation, RopeStyle};
+
+/// A normalisation layer's parameters: RMSNorm when `bias` is None and
+/// `layer_norm` is false, LayerNorm (mean-centred, with bias) otherwise.
+#[derive(Clone)]
+pub struct Norm {
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub layer_norm: bool,
+    pub eps: f32,
+}
+
+impl Norm {
+    /// Normalises each `weight.len()`-wide row of `x` into `out`.
+    pub fn apply(&self, x: &[f32], out: &mut [f32]) {
+        let d = self.weight.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            self.apply_row(xr, or);
+        }
+    }
+
+    pub fn apply_in_place(&self, x: &mut [f32]) {
+        let d = self.weight.len();
+        let mut tmp = vec![0f32; d];
+        for xr in x.chunks_exact_mut(d) {
+            self.apply_row(xr, &mut tmp);
+            xr.copy_from_slice(&tmp);
+        }
+    }
+
+    fn apply_row(&self, x: &[f32], out: &mut [f32]) {
+        let n = x.len() as f32;
+        if self.layer_norm {
+            let mean = x.iter().sum::<f32>() / n;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            for i in 0..x.len() {
+                out[i] = (x[i] - mean) * inv * self.weight[i];
+            }
+        } else {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / n;
+            let inv = 1.0 / (ms + self.eps).sqrt();
+            for i in 0..x.len() {
+                out[i] = x[i] * inv * self.weight[i];
+            }
+        }
+        if let Some(b) = &self.bias {
+            for (o, b) in out.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+    }
+}
+
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+pub fn activate(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Silu => silu(x),
+        Activation::GeluTanh => gelu_tanh(x),
+    }
+}
+
+/// Rotary embedding tables for a set of positions: `cos`/`sin` of
+/// `pos · inv_freq[i]`, `rope_dim / 2` values per position.
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    pub fn new(
+        positions: &[usize],
+        rope_dim: usize,
+        theta: f32,
+        scale: f32,
+        freq_factors: Option<&[f32]>,
+    ) -> Self {
+        let half = rope_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = 1.0 / theta.powf((2 * i) as f32 / rope_dim as f32);
+                match freq_factors {
+                    Some(ff) => f / ff[i],
+                    None => f,
+                }
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            let p = p as f32 / scale;
+            for &f in &inv_freq {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Rope { cos, sin, half }
+    }
+
+    /// Rotates the first `2·half` dims of every `head_dim`-wide head in `x`,
+    /// which holds the heads of the token at table row `t`.
+    pub fn apply(&self, style: RopeStyle, x: &mut [f32], head_dim: usize, t: usize) {
+        let (c, s) = (
+            &self.cos[t * self.half..(t + 1) * self.half],
+            &self.sin[t * self.half..(t + 1) * self.half],
+        );
+        for head in x.chunks_exact_mut(head_dim) {
+            match style {
+                RopeStyle::Neox => {
+                    for i in 0..self.half {
+                        let (a, b) = (head[i], head[i + self.half]);
+                        head[i] = a * c[i] - b * s[i];
+                        head[i + self.half] = b * c[i] + a * s[i];
+                    }
+                }
+                RopeStyle::Interleaved => {
+                    for i in 0..self.half {
+                        let (a, b) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = a * c[i] - b * s[i];
+                        head[2 * i + 1] = b * c[i] + a * s[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn softcap(x: &mut [f32], cap: f32) {
+    for v in x {
+        *v = (*v / cap).tanh() * cap;
+    }
+}
+
+/// Dot product in 16 interleaved lanes, vectorised by the compiler.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let n = a.len() / 16 * 16;
+    for (ac, bc) in a[..n].chunks_exact(16).zip(b[..n].chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] += ac[i] * bc[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for i in n..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// `y += a · x`, vectorised by the compiler.
+#[inline]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}

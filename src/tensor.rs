@@ -1,0 +1,179 @@
+//! Weight matrices over memory-mapped or owned data, and the matmul that
+//! drives the kernels across the thread pool.
+
+use crate::quant::kernels::{act_kind, dot_rows, Acts};
+use crate::quant::{dequantize, GgmlType};
+use crate::threadpool::{SyncPtr, ThreadPool};
+use memmap2::Mmap;
+use std::sync::Arc;
+
+/// Bytes of a tensor: a range of a memory map (no copy) or an owned buffer.
+#[derive(Clone)]
+pub enum Storage {
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+    /// f32 values; kept as `f32` so the buffer is aligned for SIMD loads.
+    F32(Arc<Vec<f32>>),
+    Bytes(Arc<Vec<u8>>),
+}
+
+impl Storage {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            Storage::F32(v) => {
+                // SAFETY: f32 has no padding and u8 has alignment 1.
+                unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) }
+            }
+            Storage::Bytes(v) => v,
+        }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, Storage::Mapped { .. })
+    }
+}
+
+/// A row-major `rows × cols` matrix of GGML type `ty` (each row is `cols`
+/// elements, a whole number of blocks). A matrix may be a row range of a
+/// larger tensor, as for fused QKV projections.
+#[derive(Clone)]
+pub struct Matrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    storage: Storage,
+    /// Byte offset of row 0 within `storage`.
+    start: usize,
+}
+
+impl Matrix {
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, storage: Storage) -> Option<Self> {
+        let rb = ty.row_bytes(cols)?;
+        if rb.checked_mul(rows)? != storage.bytes().len() {
+            return None;
+        }
+        Some(Matrix {
+            ty,
+            rows,
+            cols,
+            storage,
+            start: 0,
+        })
+    }
+
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), rows * cols);
+        Matrix {
+            ty: GgmlType::F32,
+            rows,
+            cols,
+            storage: Storage::F32(Arc::new(data)),
+            start: 0,
+        }
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.ty
+            .row_bytes(self.cols)
+            .expect("checked at construction")
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.storage.bytes()[self.start + r * rb..self.start + (r + 1) * rb]
+    }
+
+    /// Rows `r0..r0+n` as a matrix sharing this one's storage.
+    pub fn slice_rows(&self, r0: usize, n: usize) -> Matrix {
+        assert!(r0 + n <= self.rows);
+        Matrix {
+            rows: n,
+            start: self.start + r0 * self.row_bytes(),
+            ..self.clone()
+        }
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.rows * self.row_bytes()
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        self.storage.is_mapped()
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize(self.ty, self.row(r), out);
+    }
+
+    /// Whole matrix as f32 (tests and small tensors).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.rows * self.cols];
+        for (r, o) in v.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, o);
+        }
+        v
+    }
+
+    /// Re-encodes an unquantized matrix as `ty` (only Q8_0 is supported);
+    /// quantized matrices and shapes that are not whole blocks stay as they are.
+    pub fn quantize_to(&mut self, ty: GgmlType) {
+        assert_eq!(
+            ty,
+            GgmlType::Q8_0,
+            "only Q8_0 in-situ quantization is implemented"
+        );
+        if self.ty.is_quantized() || self.cols % ty.block_size() != 0 {
+            return;
+        }
+        let data = crate::quant::quantize_q8_0(&self.to_f32());
+        *self = Matrix::new(ty, self.rows, self.cols, Storage::Bytes(Arc::new(data)))
+            .expect("sizes match");
+    }
+}
+
+/// Weight rows handed to a thread at a time. Small enough to balance two
+/// cores on a 576-row matrix, large enough to amortise the hand-out.
+const ROW_CHUNK: usize = 16;
+
+/// `out[i][j] = Σ_k x[i][k] · w[j][k]` for `n` rows of `x` (`n × w.cols`),
+/// writing `out` as `n × w.rows`.
+pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPool) {
+    let (m, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), n * k, "matmul: input is not n × cols");
+    assert_eq!(out.len(), n * m, "matmul: output is not n × rows");
+    if n == 0 {
+        return;
+    }
+    let acts = Acts::new(act_kind(w.ty), x, n, k);
+    let outp = SyncPtr(out.as_mut_ptr());
+    pool.for_each_chunk(m, ROW_CHUNK, &|rows| {
+        let outp = outp;
+        let mut scratch = Vec::new();
+        let mut tmp = [0f32; 4];
+        let mut i = 0;
+        while i < n {
+            let nr = (n - i).min(4);
+            for j in rows.clone() {
+                dot_rows(
+                    w.ty,
+                    w.row(j),
+                    &acts,
+                    i..i + nr,
+                    &mut tmp[..nr],
+                    &mut scratch,
+                );
+                for (r, &v) in tmp[..nr].iter().enumerate() {
+                    // SAFETY: (i + r, j) is within n × m and each j belongs to
+                    // exactly one chunk, so no two threads write the same element.
+                    unsafe { *outp.0.add((i + r) * m + j) = v };
+                }
+            }
+            i += nr;
+        }
+    });
+}

@@ -1,0 +1,180 @@
+//! A small fork-join thread pool for the model's per-operation parallelism.
+//!
+//! A decode step runs a few hundred small matmuls, so the cost of waking
+//! workers matters more than anything else here: workers spin on a generation
+//! counter for a while after each job (about a millisecond) before parking, so
+//! back-to-back operations hand over in well under a microsecond.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+type Job = *const (dyn Fn(usize) + Sync);
+
+struct Shared {
+    generation: AtomicUsize,
+    pending: AtomicUsize,
+    stop: AtomicBool,
+    sleeping: AtomicUsize,
+    panicked: AtomicBool,
+    job: UnsafeCell<Option<Job>>,
+}
+
+// SAFETY: `job` is written only by the thread inside `ThreadPool::run` before it
+// publishes a new generation (release), and read by workers after they observe
+// that generation (acquire); `run` does not return until every worker is done
+// with it, so the pointee outlives all reads.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    n_threads: usize,
+}
+
+const SPIN_LIMIT: u32 = 200_000;
+
+impl ThreadPool {
+    /// A pool of `n_threads` threads in all, the calling thread included.
+    pub fn new(n_threads: usize) -> Self {
+        let n_threads = n_threads.max(1);
+        let shared = Arc::new(Shared {
+            generation: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            sleeping: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            job: UnsafeCell::new(None),
+        });
+        let workers = (1..n_threads)
+            .map(|idx| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("ruvllm-worker-{idx}"))
+                    .spawn(move || worker(s, idx))
+                    .expect("spawn worker thread")
+            })
+            .collect();
+        ThreadPool {
+            shared,
+            workers,
+            n_threads,
+        }
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
+    /// Runs `f(thread_index)` on every thread of the pool and waits for all.
+    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        if self.n_threads == 1 {
+            f(0);
+            return;
+        }
+        let s = &*self.shared;
+        // SAFETY: see `Shared`; erasing the lifetime is sound because we wait for
+        // `pending == 0` before returning.
+        unsafe {
+            *s.job.get() = Some(std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), Job>(f));
+        }
+        s.pending.store(self.n_threads - 1, Ordering::SeqCst);
+        s.generation.fetch_add(1, Ordering::SeqCst);
+        if s.sleeping.load(Ordering::SeqCst) > 0 {
+            for w in &self.workers {
+                w.thread().unpark();
+            }
+        }
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
+        while s.pending.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, Ordering::SeqCst) {
+            panic!("a worker thread panicked");
+        }
+    }
+
+    /// Splits `0..total` into chunks of `chunk` and hands them out dynamically.
+    pub fn for_each_chunk(
+        &self,
+        total: usize,
+        chunk: usize,
+        f: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) {
+        let chunk = chunk.max(1);
+        if self.n_threads == 1 || total <= chunk {
+            if total > 0 {
+                f(0..total);
+            }
+            return;
+        }
+        let next = AtomicUsize::new(0);
+        self.run(&|_| loop {
+            let start = next.fetch_add(chunk, Ordering::Relaxed);
+            if start >= total {
+                break;
+            }
+            f(start..(start + chunk).min(total));
+        });
+    }
+}
+
+fn worker(s: Arc<Shared>, idx: usize) {
+    let mut seen = 0usize;
+    loop {
+        let mut spins = 0u32;
+        loop {
+            let g = s.generation.load(Ordering::Acquire);
+            if g != seen {
+                seen = g;
+                break;
+            }
+            if s.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            spins += 1;
+            if spins < SPIN_LIMIT {
+                std::hint::spin_loop();
+            } else {
+                s.sleeping.fetch_add(1, Ordering::SeqCst);
+                if s.generation.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst) {
+                    std::thread::park();
+                }
+                s.sleeping.fetch_sub(1, Ordering::SeqCst);
+                spins = 0;
+            }
+        }
+        // SAFETY: see `Shared`.
+        let job = unsafe { (*s.job.get()).expect("job set before generation bump") };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job)(idx) }));
+        if r.is_err() {
+            s.panicked.store(true, Ordering::SeqCst);
+        }
+        s.pending.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for w in &self.workers {
+            w.thread().unpark();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A raw pointer that may be shared between the pool's threads, for writing
+/// disjoint parts of one output buffer.
+#[derive(Clone, Copy)]
+pub struct SyncPtr<T>(pub *mut T);
+// SAFETY: users write only disjoint index sets from different threads.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
