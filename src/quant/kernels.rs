@@ -21,7 +21,9 @@ pub struct Acts<'a> {
     qs: Vec<i8>,
     /// Per-block scale (32- or 256-element blocks, by kind).
     d: Vec<f32>,
-    /// Legacy blocks: scale × sum of the block's ints. K blocks: unused.
+    /// Legacy blocks: sum of the block's ints.
+    isum: Vec<f32>,
+    /// Legacy blocks: scale × sum, rounded to f16 as llama.cpp's Q8_1 stores it.
     dsum: Vec<f32>,
     /// K blocks: sums of each 16 ints.
     bsums: Vec<i16>,
@@ -77,6 +79,7 @@ impl<'a> Acts<'a> {
             f32s: x,
             qs: Vec::new(),
             d: Vec::new(),
+            isum: Vec::new(),
             dsum: Vec::new(),
             bsums: Vec::new(),
         };
@@ -85,6 +88,7 @@ impl<'a> Acts<'a> {
             ActKind::Q8Legacy => {
                 a.qs = vec![0; n * k];
                 a.d = vec![0.0; n * k / QK];
+                a.isum = vec![0.0; n * k / QK];
                 a.dsum = vec![0.0; n * k / QK];
                 for (b, (xb, qb)) in x
                     .chunks_exact(QK)
@@ -92,8 +96,11 @@ impl<'a> Acts<'a> {
                     .enumerate()
                 {
                     let (d, isum) = quantize_block_i8(xb, qb);
-                    a.d[b] = d;
-                    a.dsum[b] = d * isum as f32;
+                    // llama.cpp keeps these scales as f16; doing the same keeps
+                    // our rounding noise the same as the reference's.
+                    a.d[b] = half::f16::from_f32(d).to_f32();
+                    a.isum[b] = isum as f32;
+                    a.dsum[b] = half::f16::from_f32(d * isum as f32).to_f32();
                 }
             }
             ActKind::Q8K => {
@@ -125,10 +132,10 @@ fn quantize_block_i8(x: &[f32], q: &mut [i8]) -> (f32, i32) {
         return (0.0, 0);
     }
     let d = amax / 127.0;
-    let id = 1.0 / d;
+    let id = 127.0 / amax;
     let mut sum = 0;
     for (qv, &v) in q.iter_mut().zip(x) {
-        let r = (v * id).round().clamp(-127.0, 127.0) as i32;
+        let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
         *qv = r as i8;
         sum += r;
     }
@@ -334,7 +341,12 @@ mod x86 {
         let mut corr = [0f32; NR];
         let qs_base: [*const i8; NR] = std::array::from_fn(|r| a.qs.as_ptr().add((r0 + r) * a.k));
         let d_base: [*const f32; NR] = std::array::from_fn(|r| a.d.as_ptr().add((r0 + r) * nb));
-        let s_base: [*const f32; NR] = std::array::from_fn(|r| a.dsum.as_ptr().add((r0 + r) * nb));
+        // Q*_1 types add min × (f16) block sum; the others subtract their
+        // zero point × block sum of ints, exactly.
+        let s_base: [*const f32; NR] = std::array::from_fn(|r| {
+            let v = if T == 1 || T == 3 { &a.dsum } else { &a.isum };
+            v.as_ptr().add((r0 + r) * nb)
+        });
         for b in 0..nb {
             let p = w.as_ptr().add(b * ts);
             let dw = f16(p);
@@ -345,7 +357,7 @@ mod x86 {
                     let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
                     (
                         _mm256_set_m128i(hi, lo),
-                        if T == 0 { -8.0 * dw } else { f16(p.add(2)) },
+                        if T == 0 { -8.0 } else { f16(p.add(2)) },
                     )
                 }
                 2 | 3 => {
@@ -356,19 +368,23 @@ mod x86 {
                     let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
                     let high = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
                     let q = _mm256_or_si256(_mm256_set_m128i(hi, lo), high);
-                    (q, if T == 2 { -16.0 * dw } else { f16(p.add(2)) })
+                    (q, if T == 2 { -16.0 } else { f16(p.add(2)) })
                 }
                 _ => {
                     let raw = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                    (_mm256_xor_si256(raw, _mm256_set1_epi8(-128)), -128.0 * dw)
+                    (_mm256_xor_si256(raw, _mm256_set1_epi8(-128)), -128.0)
                 }
             };
             for r in 0..NR {
                 let av = _mm256_loadu_si256(qs_base[r].add(b * QK) as *const __m256i);
                 let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, av);
-                let scale = _mm256_set1_ps(dw * *d_base[r].add(b));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
-                corr[r] += offset * *s_base[r].add(b);
+                let dd = dw * *d_base[r].add(b);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[r]);
+                corr[r] += if T == 1 || T == 3 {
+                    offset * *s_base[r].add(b)
+                } else {
+                    dd * (offset * *s_base[r].add(b))
+                };
             }
         }
         for r in 0..NR {

@@ -1,0 +1,62 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use ruvllm::engine::{Engine, EngineOptions};
+use std::path::{Path, PathBuf};
+
+/// The reference fixtures: `$RUVLLM_FIXTURES` or `../shared/fixtures`.
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("RUVLLM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
+}
+
+pub fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<f32>) {
+        match v {
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            serde_json::Value::Number(n) => out.push(n.as_f64().unwrap() as f32),
+            other => panic!("not a number: {other}"),
+        }
+    }
+    let mut out = Vec::new();
+    walk(v, &mut out);
+    out
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn engine(path: &Path, threads: usize) -> Engine {
+    Engine::load(
+        path,
+        &EngineOptions {
+            threads,
+            context: Some(512),
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// Largest |a - b|.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -1,0 +1,167 @@
+//! Agreement with Hugging Face transformers on the tiny reference models of
+//! every architecture (`../shared/fixtures/<arch>/`).
+
+mod common;
+use common::*;
+use ruvllm::engine::GenerationRequest;
+use ruvllm::sampling::{argmax, SamplingParams};
+use std::path::Path;
+
+const ARCHS: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "phi", "gemma", "gemma2", "gemma3",
+];
+
+/// Logits, final hidden states, greedy continuation and the cached decode of
+/// one model source against `expected`.
+fn check_f32_source(model: &Path, expected: &serde_json::Value, what: &str) {
+    let mut e = engine(model, 1);
+    let input = ids(&expected["input_ids"]);
+    let vocab = e.model.spec.vocab_size;
+    let rows: Vec<usize> = (0..input.len()).collect();
+    let out = e.forward_sequence(&input, &rows, true).unwrap();
+    let want = floats(&expected["logits"]);
+    let d = max_abs_diff(&out.logits, &want);
+    assert!(d <= 1e-3, "{what}: logits differ by {d}");
+    if let Some(h) = expected.get("final_hidden") {
+        let d = max_abs_diff(out.hidden.as_ref().unwrap(), &floats(h));
+        assert!(d <= 1e-3, "{what}: final hidden states differ by {d}");
+    }
+
+    // Token-by-token through the KV cache gives the same logits.
+    let dec = e.decode_logits(&input).unwrap();
+    let d = max_abs_diff(&dec, &want);
+    assert!(d <= 1e-3, "{what}: cached decode logits differ by {d}");
+
+    // The bf16 fixtures carry logits only.
+    let Some(greedy) = expected.get("greedy").map(ids) else {
+        return;
+    };
+    let req = GenerationRequest {
+        prompt: input.clone(),
+        sampling: SamplingParams::greedy(),
+        max_tokens: greedy.len(),
+        stop: vec![],
+        ignore_eos: true,
+    };
+    let got = e.generate(&req, &mut |_| true).unwrap();
+    assert_eq!(got.tokens, greedy, "{what}: greedy continuation");
+
+    // The last greedy step's logits, computed through the cache.
+    let mut all = input.clone();
+    all.extend_from_slice(&greedy[..greedy.len() - 1]);
+    let last = e.forward_sequence(&all, &[all.len() - 1], false).unwrap();
+    let d = max_abs_diff(&last.logits, &floats(&expected["greedy_logits_last"]));
+    assert!(d <= 1e-3, "{what}: greedy_logits_last differ by {d}");
+    assert_eq!(last.logits.len(), vocab);
+}
+
+fn check_arch(arch: &str) {
+    let dir = fixtures().join(arch);
+    let expected = read_json(&dir.join("expected.json"));
+    check_f32_source(&dir, &expected, &format!("{arch} (HF folder)"));
+    check_f32_source(
+        &dir.join("model-f32.gguf"),
+        &expected,
+        &format!("{arch} (GGUF f32)"),
+    );
+
+    // Q8_0: against HF run on the dequantized weights (f32 activations).
+    let q8 = read_json(&dir.join("expected_q8_0.json"));
+    let mut e = engine(&dir.join("model-q8_0.gguf"), 1);
+    let input = ids(&q8["input_ids"]);
+    let rows: Vec<usize> = (0..input.len()).collect();
+    let got = e.forward_sequence(&input, &rows, false).unwrap().logits;
+    let want = floats(&q8["logits"]);
+    let vocab = e.model.spec.vocab_size;
+    let mean = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / got.len() as f32;
+    let same_top1 = got
+        .chunks(vocab)
+        .zip(want.chunks(vocab))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    assert!(mean <= 0.5, "{arch} q8_0: mean |Δlogit| {mean}");
+    assert!(
+        same_top1 * 4 >= input.len() * 3,
+        "{arch} q8_0: top-1 agrees at {same_top1} of {} positions",
+        input.len()
+    );
+}
+
+#[test]
+fn llama() {
+    check_arch("llama");
+}
+#[test]
+fn mistral() {
+    check_arch("mistral");
+}
+#[test]
+fn qwen2() {
+    check_arch("qwen2");
+}
+#[test]
+fn qwen3() {
+    check_arch("qwen3");
+}
+#[test]
+fn phi3() {
+    check_arch("phi3");
+}
+#[test]
+fn phi() {
+    check_arch("phi");
+}
+#[test]
+fn gemma() {
+    check_arch("gemma");
+}
+#[test]
+fn gemma2() {
+    check_arch("gemma2");
+}
+#[test]
+fn gemma3() {
+    check_arch("gemma3");
+}
+
+#[test]
+fn bf16_folders_widen_exactly() {
+    for arch in ["llama", "qwen3"] {
+        let dir = fixtures().join(arch).join("hf-bf16");
+        let expected = read_json(&dir.join("expected.json"));
+        check_f32_source(&dir, &expected, &format!("{arch} (HF bf16)"));
+    }
+}
+
+#[test]
+fn every_architecture_has_a_test() {
+    for arch in ARCHS {
+        assert!(
+            fixtures().join(arch).join("expected.json").exists(),
+            "{arch}"
+        );
+    }
+}
+
+#[test]
+fn two_threads_match_one() {
+    let dir = fixtures().join("gemma2");
+    let input = ids(&read_json(&dir.join("expected.json"))["input_ids"]);
+    let rows: Vec<usize> = (0..input.len()).collect();
+    for file in ["model-f32.gguf", "model-q8_0.gguf"] {
+        let a = engine(&dir.join(file), 1)
+            .forward_sequence(&input, &rows, false)
+            .unwrap()
+            .logits;
+        let b = engine(&dir.join(file), 2)
+            .forward_sequence(&input, &rows, false)
+            .unwrap()
+            .logits;
+        assert_eq!(a, b, "{file}: thread count changed the logits");
+    }
+}
