@@ -136,9 +136,8 @@ impl Matrix {
     }
 }
 
-/// Weight rows handed to a thread at a time. Small enough to balance two
-/// cores on a 576-row matrix, large enough to amortise the hand-out.
-const ROW_CHUNK: usize = 16;
+const CHUNKS_PER_THREAD: usize = 2;
+const MIN_ROW_CHUNK: usize = 16;
 
 /// `out[i][j] = Σ_k x[i][k] · w[j][k]` for `n` rows of `x` (`n × w.cols`),
 /// writing `out` as `n × w.rows`.
@@ -151,7 +150,10 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPoo
     }
     let acts = Acts::new(act_kind(w.ty), x, n, k);
     let outp = SyncPtr(out.as_mut_ptr());
-    pool.for_each_chunk(m, ROW_CHUNK, &|rows| {
+    // Contiguous row ranges keep each core's weight stream sequential for the
+    // prefetchers; a few chunks per thread still balance uneven progress.
+    let chunk = m.div_ceil(pool.n_threads() * CHUNKS_PER_THREAD).max(MIN_ROW_CHUNK);
+    pool.for_each_chunk(m, chunk, &|rows| {
         let outp = outp;
         let mut scratch = Vec::new();
         let mut tmp = [0f32; 4];
