@@ -148,11 +148,13 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPoo
     if n == 0 {
         return;
     }
-    let acts = Acts::new(act_kind(w.ty), x, n, k);
+    let acts = Acts::new(act_kind(w.ty), x, n, k, pool);
     let outp = SyncPtr(out.as_mut_ptr());
     // Contiguous row ranges keep each core's weight stream sequential for the
     // prefetchers; a few chunks per thread still balance uneven progress.
-    let chunk = m.div_ceil(pool.n_threads() * CHUNKS_PER_THREAD).max(MIN_ROW_CHUNK);
+    let chunk = m
+        .div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
+        .max(MIN_ROW_CHUNK);
     pool.for_each_chunk(m, chunk, &|rows| {
         let outp = outp;
         let mut scratch = Vec::new();

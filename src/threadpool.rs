@@ -124,6 +124,27 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// Calls `f(offset, chunk)` on disjoint `chunk`-sized pieces of `data`
+    /// (the last may be shorter), spread over the pool.
+    pub fn par_chunks_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        let len = data.len();
+        let ptr = SyncPtr(data.as_mut_ptr());
+        self.for_each_chunk(len, chunk, &|range| {
+            let ptr = ptr;
+            // SAFETY: for_each_chunk hands out disjoint ranges within `len`.
+            let piece =
+                unsafe { std::slice::from_raw_parts_mut(ptr.0.add(range.start), range.len()) };
+            f(range.start, piece);
+        });
+    }
+}
+
 fn worker(s: Arc<Shared>, idx: usize) {
     let mut seen = 0usize;
     loop {
@@ -173,8 +194,13 @@ impl Drop for ThreadPool {
 
 /// A raw pointer that may be shared between the pool's threads, for writing
 /// disjoint parts of one output buffer.
-#[derive(Clone, Copy)]
 pub struct SyncPtr<T>(pub *mut T);
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
 // SAFETY: users write only disjoint index sets from different threads.
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}

@@ -17,6 +17,9 @@ pub use load::{load_gguf, load_hf_folder, LoadedModel};
 use ops::{activate, axpy, dot, softcap, Norm, Rope};
 pub use spec::{Activation, Family, ModelSpec, RopeStyle};
 
+/// Elements per task for element-wise work spread over the pool.
+const ELEMENTWISE_CHUNK: usize = 4096;
+
 /// A projection: `y = W x (+ b)`.
 pub struct Linear {
     pub w: Matrix,
@@ -222,11 +225,15 @@ impl Model {
         match &layer.gate {
             Some(gate) => {
                 let g = gate.forward(x, n, pool);
-                up.iter_mut()
-                    .zip(&g)
-                    .for_each(|(u, g)| *u *= activate(act, *g));
+                pool.par_chunks_mut(&mut up, ELEMENTWISE_CHUNK, &|off, u| {
+                    u.iter_mut()
+                        .zip(&g[off..])
+                        .for_each(|(u, g)| *u *= activate(act, *g));
+                });
             }
-            None => up.iter_mut().for_each(|u| *u = activate(act, *u)),
+            None => pool.par_chunks_mut(&mut up, ELEMENTWISE_CHUNK, &|_, u| {
+                u.iter_mut().for_each(|u| *u = activate(act, *u))
+            }),
         }
         let mut post = layer.down.forward(&up, n, pool);
         if let Some(pn) = &layer.post_ffn_norm {

@@ -11,6 +11,7 @@
 //! together, so a token's result does not depend on what it is batched with.
 
 use super::{dequantize, scale_min_k4, GgmlType, QK, QK_K};
+use crate::threadpool::{SyncPtr, ThreadPool};
 
 /// Activations prepared for one weight type: either plain f32 or 8-bit blocks.
 pub struct Acts<'a> {
@@ -70,8 +71,9 @@ pub fn simd_available() -> bool {
 }
 
 impl<'a> Acts<'a> {
-    /// Prepares `n` rows of `k` activations for weights of kind `kind`.
-    pub fn new(kind: ActKind, x: &'a [f32], n: usize, k: usize) -> Self {
+    /// Prepares `n` rows of `k` activations for weights of kind `kind`,
+    /// quantizing blocks in parallel over `pool`.
+    pub fn new(kind: ActKind, x: &'a [f32], n: usize, k: usize, pool: &ThreadPool) -> Self {
         debug_assert_eq!(x.len(), n * k);
         let mut a = Acts {
             k,
@@ -83,63 +85,86 @@ impl<'a> Acts<'a> {
             dsum: Vec::new(),
             bsums: Vec::new(),
         };
-        match kind {
-            ActKind::F32 => {}
-            ActKind::Q8Legacy => {
-                a.qs = vec![0; n * k];
-                a.d = vec![0.0; n * k / QK];
-                a.isum = vec![0.0; n * k / QK];
-                a.dsum = vec![0.0; n * k / QK];
-                for (b, (xb, qb)) in x
-                    .chunks_exact(QK)
-                    .zip(a.qs.chunks_exact_mut(QK))
-                    .enumerate()
-                {
-                    let (d, isum) = quantize_block_i8(xb, qb);
-                    // llama.cpp keeps these scales as f16; doing the same keeps
-                    // our rounding noise the same as the reference's.
-                    a.d[b] = half::f16::from_f32(d).to_f32();
-                    a.isum[b] = isum as f32;
-                    a.dsum[b] = half::f16::from_f32(d * isum as f32).to_f32();
-                }
-            }
-            ActKind::Q8K => {
-                a.qs = vec![0; n * k];
-                a.d = vec![0.0; n * k / QK_K];
-                a.bsums = vec![0; n * k / 16];
-                for (b, (xb, qb)) in x
-                    .chunks_exact(QK_K)
-                    .zip(a.qs.chunks_exact_mut(QK_K))
-                    .enumerate()
-                {
-                    let (d, _) = quantize_block_i8(xb, qb);
-                    a.d[b] = d;
-                    for (j, q16) in qb.chunks_exact(16).enumerate() {
-                        a.bsums[b * 16 + j] = q16.iter().map(|&v| v as i16).sum();
+        let block = match kind {
+            ActKind::F32 => return a,
+            ActKind::Q8Legacy => QK,
+            ActKind::Q8K => QK_K,
+        };
+        let nb = n * k / block;
+        a.qs = vec![0; n * k];
+        a.d = vec![0.0; nb];
+        if kind == ActKind::Q8Legacy {
+            a.isum = vec![0.0; nb];
+            a.dsum = vec![0.0; nb];
+        } else {
+            a.bsums = vec![0; nb * block / 16];
+        }
+        let (qs, d, isum, dsum, bsums) = (
+            SyncPtr(a.qs.as_mut_ptr()),
+            SyncPtr(a.d.as_mut_ptr()),
+            SyncPtr(a.isum.as_mut_ptr()),
+            SyncPtr(a.dsum.as_mut_ptr()),
+            SyncPtr(a.bsums.as_mut_ptr()),
+        );
+        pool.for_each_chunk(nb, (4096 / block).max(1), &|blocks| {
+            let (qs, d, isum, dsum, bsums) = (qs, d, isum, dsum, bsums);
+            for b in blocks {
+                // SAFETY: block b owns qs[b*block..], d[b], isum[b], dsum[b]
+                // and bsums[b*block/16..]; blocks are disjoint across tasks.
+                let (q, bs) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(qs.0.add(b * block), block),
+                        std::slice::from_raw_parts_mut(
+                            bsums.0.add(b * block / 16),
+                            if kind == ActKind::Q8K { block / 16 } else { 0 },
+                        ),
+                    )
+                };
+                let (db, sum) = quantize_block_i8(&x[b * block..(b + 1) * block], q, bs);
+                unsafe {
+                    if kind == ActKind::Q8Legacy {
+                        // llama.cpp keeps these scales as f16; doing the same keeps
+                        // our rounding noise the same as the reference's.
+                        *d.0.add(b) = half::f16::from_f32(db).to_f32();
+                        *isum.0.add(b) = sum as f32;
+                        *dsum.0.add(b) = half::f16::from_f32(db * sum as f32).to_f32();
+                    } else {
+                        *d.0.add(b) = db;
                     }
                 }
             }
-        }
+        });
         a
     }
 }
 
-/// Symmetric 8-bit quantization of one block; returns (scale, sum of ints).
-fn quantize_block_i8(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+/// Symmetric 8-bit quantization of one block (round half to even, as
+/// llama.cpp's SIMD code does); returns (scale, sum of ints) and fills the
+/// per-16 sums when `bsums` is not empty.
+fn quantize_block_i8(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         q.fill(0);
+        bsums.fill(0);
         return (0.0, 0);
     }
-    let d = amax / 127.0;
     let id = 127.0 / amax;
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: features detected; lengths are whole multiples of 16.
+        let sum = unsafe { x86::quantize(x, q, bsums, id) };
+        return (amax / 127.0, sum);
+    }
     let mut sum = 0;
     for (qv, &v) in q.iter_mut().zip(x) {
         let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
         *qv = r as i8;
         sum += r;
     }
-    (d, sum)
+    for (b, q16) in bsums.iter_mut().zip(q.chunks_exact(16)) {
+        *b = q16.iter().map(|&v| v as i16).sum();
+    }
+    (amax / 127.0, sum)
 }
 
 /// Computes `out[r] = dot(weight row, activation row rows.start + r)` for up to
@@ -267,6 +292,25 @@ mod x86 {
             GgmlType::Q6K => dot_q6k::<NR>(w, a, r0, out),
             _ => portable_dot(ty, w, a, r0..r0 + NR, out, scratch),
         }
+    }
+
+    /// Rounds `x · id` to i8 (to nearest even) 16 at a time; returns the sum
+    /// and writes per-16 sums to `bsums` when it is not empty.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn quantize(x: &[f32], q: &mut [i8], bsums: &mut [i16], id: f32) -> i32 {
+        let idv = _mm512_set1_ps(id);
+        let mut sum = 0;
+        for (c, (xc, qc)) in x.chunks_exact(16).zip(q.chunks_exact_mut(16)).enumerate() {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(xc.as_ptr()), idv);
+            let i = _mm512_cvtps_epi32(v);
+            _mm_storeu_si128(qc.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(i));
+            let s = _mm512_reduce_add_epi32(i);
+            if let Some(b) = bsums.get_mut(c) {
+                *b = s as i16;
+            }
+            sum += s;
+        }
+        sum
     }
 
     #[inline(always)]
