@@ -1,0 +1,229 @@
+//! The public library API: tokenizers, sampling, stopping, streaming.
+
+mod common;
+use common::*;
+use futures::StreamExt;
+use ruvllm::backends::*;
+use ruvllm::engine::TextAssembler;
+use ruvllm::sampling::{Sampler, SamplingParams};
+
+#[test]
+fn tokenizer_cases_from_gguf_and_hf_folder() {
+    let cases = read_json(&fixtures().join("tokenizer/cases.json"));
+    for src in ["llama", "llama/model-f32.gguf"] {
+        let e = engine(&fixtures().join(src), 1);
+        for c in cases["cases"].as_array().unwrap() {
+            let text = c["text"].as_str().unwrap();
+            assert_eq!(e.tokenizer.encode(text, true).unwrap(), ids(&c["ids_with_bos"]), "{src}: {text:?}");
+            assert_eq!(e.tokenizer.encode(text, false).unwrap(), ids(&c["ids_no_special"]), "{src}: {text:?}");
+            assert_eq!(
+                e.tokenizer.decode(&ids(&c["ids_with_bos"]), false),
+                c["decoded_skip_special"].as_str().unwrap(),
+                "{src}: decode {text:?}"
+            );
+        }
+        let chat = &cases["chat_template_case"];
+        let msgs: Vec<ruvllm::chat::ChatMessage> = serde_json::from_value(chat["messages"].clone()).unwrap();
+        assert_eq!(e.template.render(&msgs, true).unwrap(), chat["rendered"].as_str().unwrap(), "{src}");
+    }
+}
+
+#[test]
+fn streaming_text_never_splits_a_character_and_cuts_stop_strings() {
+    let mut t = TextAssembler::new(&[]);
+    let bytes = "héllo 😀".as_bytes();
+    let mut out = String::new();
+    for b in bytes {
+        let (piece, stop) = t.push(&[*b]);
+        assert!(!stop);
+        out.push_str(&piece); // each piece is valid UTF-8 by construction
+    }
+    out.push_str(&t.finish());
+    assert_eq!(out, "héllo 😀");
+
+    // A stop string spread over three tokens is neither emitted nor passed.
+    let mut t = TextAssembler::new(&["</end>".to_string()]);
+    let mut seen = String::new();
+    let mut stopped = false;
+    for piece in ["Hello </", "en", "d> more"] {
+        let (p, stop) = t.push(piece.as_bytes());
+        seen.push_str(&p);
+        if stop {
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped);
+    assert_eq!(seen, "Hello ");
+
+    // A partial match that does not complete is released.
+    let mut t = TextAssembler::new(&["STOP".to_string()]);
+    let (a, _) = t.push(b"ST");
+    assert_eq!(a, "");
+    let (b, _) = t.push(b"AR");
+    assert_eq!(b, "STAR");
+}
+
+#[test]
+fn sampling_follows_its_parameters() {
+    let logits: Vec<f32> = (0..50).map(|i| (i as f32) * 0.1).collect();
+    // Greedy takes the maximum.
+    assert_eq!(Sampler::new(SamplingParams::greedy()).sample(&mut logits.clone()), 49);
+    // top_k = 1 is greedy whatever the temperature.
+    let p = SamplingParams { temperature: 5.0, top_k: 1, seed: Some(1), ..Default::default() };
+    for _ in 0..20 {
+        assert_eq!(Sampler::new(p.clone()).sample(&mut logits.clone()), 49);
+    }
+    // top_k = 3 stays within the three best.
+    let p = SamplingParams { temperature: 5.0, top_k: 3, top_p: 1.0, seed: Some(3), ..Default::default() };
+    let mut s = Sampler::new(p);
+    for _ in 0..100 {
+        assert!(s.sample(&mut logits.clone()) >= 47);
+    }
+    // Same seed, same sequence; different seed, different sequence.
+    let draw = |seed| {
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: Some(seed), ..Default::default() };
+        let mut s = Sampler::new(p);
+        (0..30).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(draw(7), draw(7));
+    assert_ne!(draw(7), draw(8));
+    // A large logit bias wins; a repeated token is penalised below its rival.
+    let p = SamplingParams { logit_bias: vec![(3, 100.0)], ..SamplingParams::greedy() };
+    assert_eq!(Sampler::new(p).sample(&mut logits.clone()), 3);
+    let p = SamplingParams { presence_penalty: 1.0, ..SamplingParams::greedy() };
+    let mut s = Sampler::new(p);
+    s.observe(49);
+    assert_eq!(s.sample(&mut logits.clone()), 48);
+    // min_p keeps only tokens close to the best.
+    let mut peaked = vec![0f32; 10];
+    peaked[4] = 10.0;
+    let p = SamplingParams { temperature: 1.0, min_p: 0.5, top_k: 0, top_p: 1.0, seed: Some(2), ..Default::default() };
+    let mut s = Sampler::new(p);
+    for _ in 0..50 {
+        assert_eq!(s.sample(&mut peaked.clone()), 4);
+    }
+    // Nonsense is refused.
+    for bad in [
+        SamplingParams { temperature: -1.0, ..Default::default() },
+        SamplingParams { top_p: 0.0, ..Default::default() },
+        SamplingParams { min_p: 2.0, ..Default::default() },
+        SamplingParams { logit_bias: vec![(10_000_000, 1.0)], ..Default::default() },
+        SamplingParams { temperature: f32::NAN, ..Default::default() },
+    ] {
+        assert!(bad.validate(512).is_err(), "{bad:?}");
+    }
+}
+
+fn backend(model: &str) -> Box<dyn LlmBackend> {
+    let mut b = create_backend();
+    let cfg = ModelConfig { num_threads: Some(1), max_sequence_length: 256, ..Default::default() };
+    b.load_model(&fixtures().join(model).to_string_lossy(), cfg).unwrap();
+    b
+}
+
+#[test]
+fn backend_generates_streams_and_embeds() {
+    let expected = read_json(&fixtures().join("llama/expected.json"));
+    let b = backend("llama/model-f32.gguf");
+    assert!(b.is_model_loaded());
+    let info = b.model_info().unwrap();
+    assert_eq!(info.architecture, ModelArchitecture::Llama);
+    assert_eq!((info.vocab_size, info.hidden_size, info.num_layers), (512, 64, 2));
+
+    let prompt = expected["prompt_text"].as_str().unwrap();
+    let tok = b.tokenizer().unwrap();
+    assert_eq!(tok.encode(prompt).unwrap(), ids(&expected["input_ids"]));
+    let params = GenerateParams::default().with_temperature(0.0).with_repetition_penalty(1.0).with_max_tokens(16);
+    let text = b.generate(prompt, params.clone()).unwrap();
+    assert_eq!(text, expected["greedy_text"].as_str().unwrap());
+
+    // The blocking iterator and the async stream see the same tokens.
+    let mut from_iter = String::new();
+    let mut done = 0;
+    for ev in b.generate_stream_v2(prompt, params.clone()).unwrap() {
+        match ev.unwrap() {
+            StreamEvent::Token(t) => from_iter.push_str(&t.text),
+            StreamEvent::Done { total_tokens, .. } => done = total_tokens,
+            StreamEvent::Error(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((from_iter.as_str(), done), (text.as_str(), 16));
+    let events: Vec<_> = futures::executor::block_on(StreamExt::collect::<Vec<_>>(b.generate_stream_v2(prompt, params.clone()).unwrap()));
+    let from_async: String = events
+        .into_iter()
+        .filter_map(|e| match e.unwrap() {
+            StreamEvent::Token(t) => Some(t.text),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(from_async, text);
+    let legacy: String = b.generate_stream(prompt, params).unwrap().map(|t| t.unwrap().text).collect();
+    assert_eq!(legacy, text);
+
+    // Embeddings: mean of final hidden states, unit length.
+    let e = b.get_embeddings(prompt).unwrap();
+    assert_eq!(e.len(), 64);
+    let norm: f32 = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4);
+    let hidden = floats(&expected["final_hidden"]);
+    let mut mean = vec![0f32; 64];
+    for row in hidden.chunks(64) {
+        mean.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+    }
+    let n: f32 = mean.iter().map(|v| v * v).sum::<f32>().sqrt();
+    mean.iter_mut().for_each(|v| *v /= n);
+    assert!(max_abs_diff(&e, &mean) < 1e-4);
+}
+
+#[test]
+fn dropping_a_stream_cancels_and_frees_the_engine() {
+    let b = backend("gemma3/model-f32.gguf");
+    let params = GenerateParams::default().with_max_tokens(200).with_temperature(0.0);
+    let mut s = b.generate_stream_v2("The", params.clone()).unwrap();
+    assert!(matches!(Iterator::next(&mut s), Some(Ok(StreamEvent::Token(_)))));
+    drop(s);
+    // The engine is free again: a new generation completes.
+    let text = b.generate("The", params.with_max_tokens(4)).unwrap();
+    assert!(!text.is_empty());
+}
+
+#[test]
+fn errors_instead_of_panics() {
+    let mut b = create_backend();
+    assert!(matches!(b.generate("x", GenerateParams::default()), Err(ruvllm::Error::NoModel)));
+    assert!(b.load_model("/no/such/model.gguf", ModelConfig::default()).is_err());
+    let cfg = ModelConfig { device: DeviceType::Cuda(0), ..Default::default() };
+    assert!(b.load_model(&fixtures().join("llama").to_string_lossy(), cfg).is_err());
+    let b = backend("llama");
+    assert!(b.generate("x", GenerateParams::default().with_top_p(-1.0)).is_err());
+}
+
+#[test]
+fn in_situ_q8_quantization_of_an_f32_model() {
+    let expected = read_json(&fixtures().join("qwen2/expected.json"));
+    let mut b = create_backend();
+    let cfg = ModelConfig { quantization: Some(Quantization::Q8), num_threads: Some(1), ..Default::default() };
+    b.load_model(&fixtures().join("qwen2").to_string_lossy(), cfg).unwrap();
+    assert_eq!(b.model_info().unwrap().quantization, Some(Quantization::Q8));
+    let text = b
+        .generate(expected["prompt_text"].as_str().unwrap(), GenerateParams::default().with_temperature(0.0).with_max_tokens(4))
+        .unwrap();
+    assert!(!text.is_empty());
+    let cfg = ModelConfig { quantization: Some(Quantization::Q4K), ..Default::default() };
+    let err = create_backend().load_model(&fixtures().join("qwen2").to_string_lossy(), cfg).unwrap_err();
+    assert!(err.to_string().contains("not implemented"), "{err}");
+}
+
+#[test]
+fn architecture_helpers() {
+    assert_eq!(ModelArchitecture::detect_from_model_id("google/gemma-3-270m"), Some(ModelArchitecture::Gemma3));
+    assert_eq!(ModelArchitecture::detect_from_model_id("SmolLM2-135M"), Some(ModelArchitecture::Llama));
+    assert_eq!(ModelArchitecture::detect_from_model_id("Phi-3-mini"), Some(ModelArchitecture::Phi3));
+    assert_eq!(ModelArchitecture::detect_from_model_id("bert"), None);
+    assert_eq!(ModelArchitecture::Qwen.config_name(), "qwen2");
+    assert!(ModelArchitecture::Mistral.uses_sliding_window() && !ModelArchitecture::Llama.uses_sliding_window());
+    assert!(Quantization::Q4K.is_gguf() && !Quantization::F16.is_gguf());
+    assert_eq!(DeviceType::default(), DeviceType::Cpu);
+    assert_eq!(ModelConfig::default().quantization, None);
+}

@@ -1,0 +1,103 @@
+//! The `ruvllm` command line, run as a user would.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn ruvllm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ruvllm")).args(args).output().unwrap()
+}
+
+fn fixture(p: &str) -> String {
+    fixtures().join(p).to_string_lossy().into_owned()
+}
+
+#[test]
+fn logits_prints_the_reference_logits_both_ways() {
+    let expected = read_json(&fixtures().join("qwen3/expected.json"));
+    let tokens: Vec<String> = ids(&expected["input_ids"]).iter().map(|t| t.to_string()).collect();
+    let want = floats(&expected["logits"]);
+    for decode in [false, true] {
+        let model = fixture("qwen3/model-f32.gguf");
+        let mut args = vec!["logits", "--model", &model, "--tokens"];
+        let joined = tokens.join(",");
+        args.push(&joined);
+        if decode {
+            args.push("--decode");
+        }
+        let out = ruvllm(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["logits"].as_array().unwrap().len(), tokens.len());
+        let d = max_abs_diff(&floats(&json["logits"]), &want);
+        assert!(d <= 1e-3, "decode={decode}: {d}");
+    }
+}
+
+#[test]
+fn tokenize_prints_ids_with_bos_as_the_metadata_says() {
+    let cases = read_json(&fixtures().join("tokenizer/cases.json"));
+    let model = fixture("llama/model-f32.gguf");
+    for case in cases["cases"].as_array().unwrap().iter().filter(|c| !c["text"].as_str().unwrap().is_empty()) {
+        let out = ruvllm(&["tokenize", "--model", &model, "--text", case["text"].as_str().unwrap()]);
+        assert!(out.status.success());
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&json["ids"]), ids(&case["ids_with_bos"]), "{}", case["text"]);
+    }
+}
+
+#[test]
+fn info_describes_the_model() {
+    let out = ruvllm(&["info", "--model", &fixture("gemma2/model-q8_0.gguf")]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["gemma2", "layers:         4", "Q8_0", "sliding window: 8 tokens on 2 of 4 layers"] {
+        assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
+    }
+}
+
+#[test]
+fn damaged_or_missing_models_exit_nonzero_with_a_message() {
+    let dir = std::env::temp_dir().join(format!("ruvllm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.gguf");
+    let good = std::fs::read(fixtures().join("llama/model-f32.gguf")).unwrap();
+    std::fs::write(&bad, &good[..5000]).unwrap();
+    let bad = bad.to_string_lossy().into_owned();
+    for args in [vec!["info", "--model", &bad], vec!["logits", "--model", &bad, "--tokens", "1,2"]] {
+        let out = ruvllm(&args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid GGUF file"), "{err}");
+    }
+    let out = ruvllm(&["info", "--model", "/nonexistent/model.gguf"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model not found"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_tokens_and_parameters_are_errors_not_crashes() {
+    let model = fixture("llama/model-f32.gguf");
+    let out = ruvllm(&["logits", "--model", &model, "--tokens", "1,99999"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the vocabulary"));
+    let out = ruvllm(&["run", "--model", &model, "--prompt", "hi", "--top-p", "7"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
+    let long: String = "the ".repeat(400);
+    let out = ruvllm(&["run", "--model", &model, "--prompt", &long]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context"));
+}
+
+#[test]
+fn run_streams_a_seeded_completion_reproducibly() {
+    let model = fixture("gemma3/model-q8_0.gguf");
+    let args = ["run", "--model", &model, "--prompt", "The quick", "-n", "12", "--temperature", "0.9", "--seed", "42"];
+    let a = ruvllm(&args);
+    let b = ruvllm(&args);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+    assert!(a.stdout.len() > 1);
+}
