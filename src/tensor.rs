@@ -127,7 +127,7 @@ impl Matrix {
             GgmlType::Q8_0,
             "only Q8_0 in-situ quantization is implemented"
         );
-        if self.ty.is_quantized() || self.cols % ty.block_size() != 0 {
+        if self.ty.is_quantized() || !self.cols.is_multiple_of(ty.block_size()) {
             return;
         }
         let data = crate::quant::quantize_q8_0(&self.to_f32());
@@ -156,7 +156,6 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPoo
         .div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
         .max(MIN_ROW_CHUNK);
     pool.for_each_chunk(m, chunk, &|rows| {
-        let outp = outp;
         let mut scratch = Vec::new();
         let mut tmp = [0f32; 4];
         let mut i = 0;
@@ -174,7 +173,7 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPoo
                 for (r, &v) in tmp[..nr].iter().enumerate() {
                     // SAFETY: (i + r, j) is within n × m and each j belongs to
                     // exactly one chunk, so no two threads write the same element.
-                    unsafe { *outp.0.add((i + r) * m + j) = v };
+                    unsafe { *outp.get().add((i + r) * m + j) = v };
                 }
             }
             i += nr;

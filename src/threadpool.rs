@@ -136,10 +136,9 @@ impl ThreadPool {
         let len = data.len();
         let ptr = SyncPtr(data.as_mut_ptr());
         self.for_each_chunk(len, chunk, &|range| {
-            let ptr = ptr;
             // SAFETY: for_each_chunk hands out disjoint ranges within `len`.
             let piece =
-                unsafe { std::slice::from_raw_parts_mut(ptr.0.add(range.start), range.len()) };
+                unsafe { std::slice::from_raw_parts_mut(ptr.get().add(range.start), range.len()) };
             f(range.start, piece);
         });
     }
@@ -201,6 +200,13 @@ impl<T> Clone for SyncPtr<T> {
     }
 }
 impl<T> Copy for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    /// The pointer; a method so closures capture the whole (Sync) wrapper.
+    #[inline]
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
 // SAFETY: users write only disjoint index sets from different threads.
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}

@@ -44,6 +44,7 @@ const EOG_NAMES: &[&str] = &[
     "<|eom_id|>",
 ];
 
+#[allow(clippy::large_enum_variant)] // one per tokenizer, never moved in a hot path
 enum Model {
     /// BPE over fragments between special tokens.
     Bpe(tokenizers::Tokenizer),

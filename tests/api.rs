@@ -14,8 +14,16 @@ fn tokenizer_cases_from_gguf_and_hf_folder() {
         let e = engine(&fixtures().join(src), 1);
         for c in cases["cases"].as_array().unwrap() {
             let text = c["text"].as_str().unwrap();
-            assert_eq!(e.tokenizer.encode(text, true).unwrap(), ids(&c["ids_with_bos"]), "{src}: {text:?}");
-            assert_eq!(e.tokenizer.encode(text, false).unwrap(), ids(&c["ids_no_special"]), "{src}: {text:?}");
+            assert_eq!(
+                e.tokenizer.encode(text, true).unwrap(),
+                ids(&c["ids_with_bos"]),
+                "{src}: {text:?}"
+            );
+            assert_eq!(
+                e.tokenizer.encode(text, false).unwrap(),
+                ids(&c["ids_no_special"]),
+                "{src}: {text:?}"
+            );
             assert_eq!(
                 e.tokenizer.decode(&ids(&c["ids_with_bos"]), false),
                 c["decoded_skip_special"].as_str().unwrap(),
@@ -23,8 +31,13 @@ fn tokenizer_cases_from_gguf_and_hf_folder() {
             );
         }
         let chat = &cases["chat_template_case"];
-        let msgs: Vec<ruvllm::chat::ChatMessage> = serde_json::from_value(chat["messages"].clone()).unwrap();
-        assert_eq!(e.template.render(&msgs, true).unwrap(), chat["rendered"].as_str().unwrap(), "{src}");
+        let msgs: Vec<ruvllm::chat::ChatMessage> =
+            serde_json::from_value(chat["messages"].clone()).unwrap();
+        assert_eq!(
+            e.template.render(&msgs, true).unwrap(),
+            chat["rendered"].as_str().unwrap(),
+            "{src}"
+        );
     }
 }
 
@@ -68,48 +81,98 @@ fn streaming_text_never_splits_a_character_and_cuts_stop_strings() {
 fn sampling_follows_its_parameters() {
     let logits: Vec<f32> = (0..50).map(|i| (i as f32) * 0.1).collect();
     // Greedy takes the maximum.
-    assert_eq!(Sampler::new(SamplingParams::greedy()).sample(&mut logits.clone()), 49);
+    assert_eq!(
+        Sampler::new(SamplingParams::greedy()).sample(&mut logits.clone()),
+        49
+    );
     // top_k = 1 is greedy whatever the temperature.
-    let p = SamplingParams { temperature: 5.0, top_k: 1, seed: Some(1), ..Default::default() };
+    let p = SamplingParams {
+        temperature: 5.0,
+        top_k: 1,
+        seed: Some(1),
+        ..Default::default()
+    };
     for _ in 0..20 {
         assert_eq!(Sampler::new(p.clone()).sample(&mut logits.clone()), 49);
     }
     // top_k = 3 stays within the three best.
-    let p = SamplingParams { temperature: 5.0, top_k: 3, top_p: 1.0, seed: Some(3), ..Default::default() };
+    let p = SamplingParams {
+        temperature: 5.0,
+        top_k: 3,
+        top_p: 1.0,
+        seed: Some(3),
+        ..Default::default()
+    };
     let mut s = Sampler::new(p);
     for _ in 0..100 {
         assert!(s.sample(&mut logits.clone()) >= 47);
     }
     // Same seed, same sequence; different seed, different sequence.
     let draw = |seed| {
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: Some(seed), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: Some(seed),
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
-        (0..30).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+        (0..30)
+            .map(|_| s.sample(&mut logits.clone()))
+            .collect::<Vec<_>>()
     };
     assert_eq!(draw(7), draw(7));
     assert_ne!(draw(7), draw(8));
     // A large logit bias wins; a repeated token is penalised below its rival.
-    let p = SamplingParams { logit_bias: vec![(3, 100.0)], ..SamplingParams::greedy() };
+    let p = SamplingParams {
+        logit_bias: vec![(3, 100.0)],
+        ..SamplingParams::greedy()
+    };
     assert_eq!(Sampler::new(p).sample(&mut logits.clone()), 3);
-    let p = SamplingParams { presence_penalty: 1.0, ..SamplingParams::greedy() };
+    let p = SamplingParams {
+        presence_penalty: 1.0,
+        ..SamplingParams::greedy()
+    };
     let mut s = Sampler::new(p);
     s.observe(49);
     assert_eq!(s.sample(&mut logits.clone()), 48);
     // min_p keeps only tokens close to the best.
     let mut peaked = vec![0f32; 10];
     peaked[4] = 10.0;
-    let p = SamplingParams { temperature: 1.0, min_p: 0.5, top_k: 0, top_p: 1.0, seed: Some(2), ..Default::default() };
+    let p = SamplingParams {
+        temperature: 1.0,
+        min_p: 0.5,
+        top_k: 0,
+        top_p: 1.0,
+        seed: Some(2),
+        ..Default::default()
+    };
     let mut s = Sampler::new(p);
     for _ in 0..50 {
         assert_eq!(s.sample(&mut peaked.clone()), 4);
     }
     // Nonsense is refused.
     for bad in [
-        SamplingParams { temperature: -1.0, ..Default::default() },
-        SamplingParams { top_p: 0.0, ..Default::default() },
-        SamplingParams { min_p: 2.0, ..Default::default() },
-        SamplingParams { logit_bias: vec![(10_000_000, 1.0)], ..Default::default() },
-        SamplingParams { temperature: f32::NAN, ..Default::default() },
+        SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            min_p: 2.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            logit_bias: vec![(10_000_000, 1.0)],
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: f32::NAN,
+            ..Default::default()
+        },
     ] {
         assert!(bad.validate(512).is_err(), "{bad:?}");
     }
@@ -117,8 +180,13 @@ fn sampling_follows_its_parameters() {
 
 fn backend(model: &str) -> Box<dyn LlmBackend> {
     let mut b = create_backend();
-    let cfg = ModelConfig { num_threads: Some(1), max_sequence_length: 256, ..Default::default() };
-    b.load_model(&fixtures().join(model).to_string_lossy(), cfg).unwrap();
+    let cfg = ModelConfig {
+        num_threads: Some(1),
+        max_sequence_length: 256,
+        ..Default::default()
+    };
+    b.load_model(&fixtures().join(model).to_string_lossy(), cfg)
+        .unwrap();
     b
 }
 
@@ -129,12 +197,18 @@ fn backend_generates_streams_and_embeds() {
     assert!(b.is_model_loaded());
     let info = b.model_info().unwrap();
     assert_eq!(info.architecture, ModelArchitecture::Llama);
-    assert_eq!((info.vocab_size, info.hidden_size, info.num_layers), (512, 64, 2));
+    assert_eq!(
+        (info.vocab_size, info.hidden_size, info.num_layers),
+        (512, 64, 2)
+    );
 
     let prompt = expected["prompt_text"].as_str().unwrap();
     let tok = b.tokenizer().unwrap();
     assert_eq!(tok.encode(prompt).unwrap(), ids(&expected["input_ids"]));
-    let params = GenerateParams::default().with_temperature(0.0).with_repetition_penalty(1.0).with_max_tokens(16);
+    let params = GenerateParams::default()
+        .with_temperature(0.0)
+        .with_repetition_penalty(1.0)
+        .with_max_tokens(16);
     let text = b.generate(prompt, params.clone()).unwrap();
     assert_eq!(text, expected["greedy_text"].as_str().unwrap());
 
@@ -149,7 +223,9 @@ fn backend_generates_streams_and_embeds() {
         }
     }
     assert_eq!((from_iter.as_str(), done), (text.as_str(), 16));
-    let events: Vec<_> = futures::executor::block_on(StreamExt::collect::<Vec<_>>(b.generate_stream_v2(prompt, params.clone()).unwrap()));
+    let events: Vec<_> = futures::executor::block_on(StreamExt::collect::<Vec<_>>(
+        b.generate_stream_v2(prompt, params.clone()).unwrap(),
+    ));
     let from_async: String = events
         .into_iter()
         .filter_map(|e| match e.unwrap() {
@@ -158,7 +234,11 @@ fn backend_generates_streams_and_embeds() {
         })
         .collect();
     assert_eq!(from_async, text);
-    let legacy: String = b.generate_stream(prompt, params).unwrap().map(|t| t.unwrap().text).collect();
+    let legacy: String = b
+        .generate_stream(prompt, params)
+        .unwrap()
+        .map(|t| t.unwrap().text)
+        .collect();
     assert_eq!(legacy, text);
 
     // Embeddings: mean of final hidden states, unit length.
@@ -179,9 +259,14 @@ fn backend_generates_streams_and_embeds() {
 #[test]
 fn dropping_a_stream_cancels_and_frees_the_engine() {
     let b = backend("gemma3/model-f32.gguf");
-    let params = GenerateParams::default().with_max_tokens(200).with_temperature(0.0);
+    let params = GenerateParams::default()
+        .with_max_tokens(200)
+        .with_temperature(0.0);
     let mut s = b.generate_stream_v2("The", params.clone()).unwrap();
-    assert!(matches!(Iterator::next(&mut s), Some(Ok(StreamEvent::Token(_)))));
+    assert!(matches!(
+        Iterator::next(&mut s),
+        Some(Ok(StreamEvent::Token(_)))
+    ));
     drop(s);
     // The engine is free again: a new generation completes.
     let text = b.generate("The", params.with_max_tokens(4)).unwrap();
@@ -191,38 +276,77 @@ fn dropping_a_stream_cancels_and_frees_the_engine() {
 #[test]
 fn errors_instead_of_panics() {
     let mut b = create_backend();
-    assert!(matches!(b.generate("x", GenerateParams::default()), Err(ruvllm::Error::NoModel)));
-    assert!(b.load_model("/no/such/model.gguf", ModelConfig::default()).is_err());
-    let cfg = ModelConfig { device: DeviceType::Cuda(0), ..Default::default() };
-    assert!(b.load_model(&fixtures().join("llama").to_string_lossy(), cfg).is_err());
+    assert!(matches!(
+        b.generate("x", GenerateParams::default()),
+        Err(ruvllm::Error::NoModel)
+    ));
+    assert!(b
+        .load_model("/no/such/model.gguf", ModelConfig::default())
+        .is_err());
+    let cfg = ModelConfig {
+        device: DeviceType::Cuda(0),
+        ..Default::default()
+    };
+    assert!(b
+        .load_model(&fixtures().join("llama").to_string_lossy(), cfg)
+        .is_err());
     let b = backend("llama");
-    assert!(b.generate("x", GenerateParams::default().with_top_p(-1.0)).is_err());
+    assert!(b
+        .generate("x", GenerateParams::default().with_top_p(-1.0))
+        .is_err());
 }
 
 #[test]
 fn in_situ_q8_quantization_of_an_f32_model() {
     let expected = read_json(&fixtures().join("qwen2/expected.json"));
     let mut b = create_backend();
-    let cfg = ModelConfig { quantization: Some(Quantization::Q8), num_threads: Some(1), ..Default::default() };
-    b.load_model(&fixtures().join("qwen2").to_string_lossy(), cfg).unwrap();
+    let cfg = ModelConfig {
+        quantization: Some(Quantization::Q8),
+        num_threads: Some(1),
+        ..Default::default()
+    };
+    b.load_model(&fixtures().join("qwen2").to_string_lossy(), cfg)
+        .unwrap();
     assert_eq!(b.model_info().unwrap().quantization, Some(Quantization::Q8));
     let text = b
-        .generate(expected["prompt_text"].as_str().unwrap(), GenerateParams::default().with_temperature(0.0).with_max_tokens(4))
+        .generate(
+            expected["prompt_text"].as_str().unwrap(),
+            GenerateParams::default()
+                .with_temperature(0.0)
+                .with_max_tokens(4),
+        )
         .unwrap();
     assert!(!text.is_empty());
-    let cfg = ModelConfig { quantization: Some(Quantization::Q4K), ..Default::default() };
-    let err = create_backend().load_model(&fixtures().join("qwen2").to_string_lossy(), cfg).unwrap_err();
+    let cfg = ModelConfig {
+        quantization: Some(Quantization::Q4K),
+        ..Default::default()
+    };
+    let err = create_backend()
+        .load_model(&fixtures().join("qwen2").to_string_lossy(), cfg)
+        .unwrap_err();
     assert!(err.to_string().contains("not implemented"), "{err}");
 }
 
 #[test]
 fn architecture_helpers() {
-    assert_eq!(ModelArchitecture::detect_from_model_id("google/gemma-3-270m"), Some(ModelArchitecture::Gemma3));
-    assert_eq!(ModelArchitecture::detect_from_model_id("SmolLM2-135M"), Some(ModelArchitecture::Llama));
-    assert_eq!(ModelArchitecture::detect_from_model_id("Phi-3-mini"), Some(ModelArchitecture::Phi3));
+    assert_eq!(
+        ModelArchitecture::detect_from_model_id("google/gemma-3-270m"),
+        Some(ModelArchitecture::Gemma3)
+    );
+    assert_eq!(
+        ModelArchitecture::detect_from_model_id("SmolLM2-135M"),
+        Some(ModelArchitecture::Llama)
+    );
+    assert_eq!(
+        ModelArchitecture::detect_from_model_id("Phi-3-mini"),
+        Some(ModelArchitecture::Phi3)
+    );
     assert_eq!(ModelArchitecture::detect_from_model_id("bert"), None);
     assert_eq!(ModelArchitecture::Qwen.config_name(), "qwen2");
-    assert!(ModelArchitecture::Mistral.uses_sliding_window() && !ModelArchitecture::Llama.uses_sliding_window());
+    assert!(
+        ModelArchitecture::Mistral.uses_sliding_window()
+            && !ModelArchitecture::Llama.uses_sliding_window()
+    );
     assert!(Quantization::Q4K.is_gguf() && !Quantization::F16.is_gguf());
     assert_eq!(DeviceType::default(), DeviceType::Cpu);
     assert_eq!(ModelConfig::default().quantization, None);

@@ -5,7 +5,10 @@ use common::*;
 use std::process::Command;
 
 fn ruvllm(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ruvllm")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_ruvllm"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn fixture(p: &str) -> String {
@@ -15,7 +18,10 @@ fn fixture(p: &str) -> String {
 #[test]
 fn logits_prints_the_reference_logits_both_ways() {
     let expected = read_json(&fixtures().join("qwen3/expected.json"));
-    let tokens: Vec<String> = ids(&expected["input_ids"]).iter().map(|t| t.to_string()).collect();
+    let tokens: Vec<String> = ids(&expected["input_ids"])
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
     let want = floats(&expected["logits"]);
     for decode in [false, true] {
         let model = fixture("qwen3/model-f32.gguf");
@@ -26,7 +32,11 @@ fn logits_prints_the_reference_logits_both_ways() {
             args.push("--decode");
         }
         let out = ruvllm(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(json["logits"].as_array().unwrap().len(), tokens.len());
         let d = max_abs_diff(&floats(&json["logits"]), &want);
@@ -38,11 +48,27 @@ fn logits_prints_the_reference_logits_both_ways() {
 fn tokenize_prints_ids_with_bos_as_the_metadata_says() {
     let cases = read_json(&fixtures().join("tokenizer/cases.json"));
     let model = fixture("llama/model-f32.gguf");
-    for case in cases["cases"].as_array().unwrap().iter().filter(|c| !c["text"].as_str().unwrap().is_empty()) {
-        let out = ruvllm(&["tokenize", "--model", &model, "--text", case["text"].as_str().unwrap()]);
+    for case in cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["text"].as_str().unwrap().is_empty())
+    {
+        let out = ruvllm(&[
+            "tokenize",
+            "--model",
+            &model,
+            "--text",
+            case["text"].as_str().unwrap(),
+        ]);
         assert!(out.status.success());
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(ids(&json["ids"]), ids(&case["ids_with_bos"]), "{}", case["text"]);
+        assert_eq!(
+            ids(&json["ids"]),
+            ids(&case["ids_with_bos"]),
+            "{}",
+            case["text"]
+        );
     }
 }
 
@@ -51,7 +77,12 @@ fn info_describes_the_model() {
     let out = ruvllm(&["info", "--model", &fixture("gemma2/model-q8_0.gguf")]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for needle in ["gemma2", "layers:         4", "Q8_0", "sliding window: 8 tokens on 2 of 4 layers"] {
+    for needle in [
+        "gemma2",
+        "layers:         4",
+        "Q8_0",
+        "sliding window: 8 tokens on 2 of 4 layers",
+    ] {
         assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
     }
 }
@@ -64,7 +95,10 @@ fn damaged_or_missing_models_exit_nonzero_with_a_message() {
     let good = std::fs::read(fixtures().join("llama/model-f32.gguf")).unwrap();
     std::fs::write(&bad, &good[..5000]).unwrap();
     let bad = bad.to_string_lossy().into_owned();
-    for args in [vec!["info", "--model", &bad], vec!["logits", "--model", &bad, "--tokens", "1,2"]] {
+    for args in [
+        vec!["info", "--model", &bad],
+        vec!["logits", "--model", &bad, "--tokens", "1,2"],
+    ] {
         let out = ruvllm(&args);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
@@ -94,7 +128,19 @@ fn bad_tokens_and_parameters_are_errors_not_crashes() {
 #[test]
 fn run_streams_a_seeded_completion_reproducibly() {
     let model = fixture("gemma3/model-q8_0.gguf");
-    let args = ["run", "--model", &model, "--prompt", "The quick", "-n", "12", "--temperature", "0.9", "--seed", "42"];
+    let args = [
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        "The quick",
+        "-n",
+        "12",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "42",
+    ];
     let a = ruvllm(&args);
     let b = ruvllm(&args);
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));

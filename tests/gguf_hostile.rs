@@ -41,7 +41,7 @@ impl Writer {
     }
     /// Pads to 32 bytes and appends `n` bytes of tensor data.
     fn data(&mut self, n: usize) -> &mut Self {
-        while self.0.len() % 32 != 0 {
+        while !self.0.len().is_multiple_of(32) {
             self.0.push(0);
         }
         self.0.extend(std::iter::repeat_n(0u8, n));
@@ -57,7 +57,10 @@ fn expect_err(bytes: &[u8], needle: &str) {
         Ok(_) => panic!("accepted a bad file (expected an error mentioning '{needle}')"),
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains(needle), "error '{msg}' does not mention '{needle}'");
+            assert!(
+                msg.contains(needle),
+                "error '{msg}' does not mention '{needle}'"
+            );
         }
     }
 }
@@ -141,7 +144,10 @@ fn hostile_tensor_infos() {
     expect_err(&one_tensor(&[1, 1, 1, 1, 1], 0, 0, 128), "dimensions");
     expect_err(&one_tensor(&[32, 0], 0, 0, 128), "dimension 1 is 0");
     expect_err(&one_tensor(&[u64::MAX, 2], 0, 0, 128), "dimension 0");
-    expect_err(&one_tensor(&[1 << 30, 1 << 30, 1 << 30], 0, 0, 128), "too many elements");
+    expect_err(
+        &one_tensor(&[1 << 30, 1 << 30, 1 << 30], 0, 0, 128),
+        "too many elements",
+    );
     expect_err(&one_tensor(&[32], 123, 0, 128), "unsupported type");
     expect_err(&one_tensor(&[33], 8, 0, 128), "block size");
     expect_err(&one_tensor(&[32], 0, 7, 256), "not aligned");
@@ -150,10 +156,14 @@ fn hostile_tensor_infos() {
     expect_err(&one_tensor(&[64], 0, 0, 128), "beyond the end");
 
     let mut w = Writer::header(3, 2, 0);
-    w.tensor("a", &[32], 0, 0).tensor("b", &[32], 0, 64).data(256);
+    w.tensor("a", &[32], 0, 0)
+        .tensor("b", &[32], 0, 64)
+        .data(256);
     expect_err(&w.bytes(), "overlap");
     let mut w = Writer::header(3, 2, 0);
-    w.tensor("a", &[32], 0, 0).tensor("a", &[32], 0, 128).data(256);
+    w.tensor("a", &[32], 0, 0)
+        .tensor("a", &[32], 0, 128)
+        .data(256);
     expect_err(&w.bytes(), "duplicate tensor name");
 }
 
@@ -166,7 +176,11 @@ fn truncation_anywhere_is_an_error() {
     // Every cut inside the header and metadata, and a spread through the data.
     let cuts = (0..data_start).chain((data_start..file.len()).step_by(997));
     for cut in cuts {
-        assert!(parse(&file[..cut]).is_err(), "a file cut at {cut} of {} parsed", file.len());
+        assert!(
+            parse(&file[..cut]).is_err(),
+            "a file cut at {cut} of {} parsed",
+            file.len()
+        );
     }
 }
 
@@ -193,12 +207,17 @@ fn damaged_models_fail_to_load_with_a_message() {
     let dir = std::env::temp_dir().join(format!("ruvllm-hostile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let good = std::fs::read(fixtures().join("gemma3/model-q8_0.gguf")).unwrap();
-    let opts = EngineOptions { threads: 1, context: Some(64) };
+    let opts = EngineOptions {
+        threads: 1,
+        context: Some(64),
+    };
 
     // Truncated in the tensor data.
     let p = dir.join("truncated.gguf");
     std::fs::write(&p, &good[..good.len() - 100]).unwrap();
-    let e = Engine::load(&p, &opts).err().expect("truncated file loaded");
+    let e = Engine::load(&p, &opts)
+        .err()
+        .expect("truncated file loaded");
     assert!(e.to_string().contains("beyond the end"), "{e}");
 
     // Structurally valid but without a model in it.

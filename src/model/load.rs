@@ -34,6 +34,8 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
+    /// (type, dims, storage, file name) of the tensor `key` names.
+    #[allow(clippy::type_complexity)]
     fn find(&self, key: &str) -> Result<Option<(GgmlType, Vec<usize>, Storage, String)>> {
         let name = (self.names)(key);
         Ok(self.src.raw(&name)?.map(|(t, d, s)| (t, d, s, name)))
@@ -302,7 +304,8 @@ impl TensorSource for SafetensorsSource {
         let dims: Vec<usize> = shape.iter().rev().copied().collect();
         // F32 data is read in place only when aligned for f32 loads; a
         // misaligned tensor is copied once.
-        let storage = if *ty == GgmlType::F32 && (map.as_ptr() as usize + offset) % 4 != 0 {
+        let storage = if *ty == GgmlType::F32 && !(map.as_ptr() as usize + offset).is_multiple_of(4)
+        {
             let v = map[*offset..offset + len]
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))

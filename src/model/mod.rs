@@ -261,7 +261,6 @@ impl Model {
         let outp = SyncPtr(out.as_mut_ptr());
         let bs = kv.block_size;
         pool.for_each_chunk(n * nh, 4, &|range| {
-            let outp = outp;
             let mut scores = Vec::new();
             for task in range {
                 let (t, head) = (task / nh, task % nh);
@@ -292,8 +291,9 @@ impl Model {
                 }
                 let inv = 1.0 / sum;
                 // SAFETY: task (t, head) owns this hd-wide slice of `out` alone.
-                let o =
-                    unsafe { std::slice::from_raw_parts_mut(outp.0.add((t * nh + head) * hd), hd) };
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(outp.get().add((t * nh + head) * hd), hd)
+                };
                 let mut p = lo;
                 let mut si = 0;
                 while p <= pos {

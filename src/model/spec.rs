@@ -100,13 +100,13 @@ impl ModelSpec {
                 "hidden size, layer, head and vocabulary counts must be positive: {self:?}"
             )));
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::Config(format!(
                 "{} attention heads cannot be grouped over {} KV heads",
                 self.n_heads, self.n_kv_heads
             )));
         }
-        if self.head_dim == 0 || self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+        if self.head_dim == 0 || self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "bad head_dim {} / rotary dims {}",
                 self.head_dim, self.rope_dim
@@ -297,11 +297,7 @@ impl ModelSpec {
         s.n_kv_heads = uint("num_key_value_heads").unwrap_or(s.n_heads);
         s.ffn = req("intermediate_size")?;
         s.vocab_size = req("vocab_size")?;
-        s.head_dim = uint("head_dim").unwrap_or(if s.n_heads > 0 {
-            s.hidden / s.n_heads
-        } else {
-            0
-        });
+        s.head_dim = uint("head_dim").unwrap_or(s.hidden.checked_div(s.n_heads).unwrap_or(0));
         s.context_length = uint("max_position_embeddings").unwrap_or(2048);
         s.norm_eps = float("rms_norm_eps")
             .or_else(|| float("layer_norm_eps"))

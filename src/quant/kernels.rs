@@ -107,15 +107,14 @@ impl<'a> Acts<'a> {
             SyncPtr(a.bsums.as_mut_ptr()),
         );
         pool.for_each_chunk(nb, (4096 / block).max(1), &|blocks| {
-            let (qs, d, isum, dsum, bsums) = (qs, d, isum, dsum, bsums);
             for b in blocks {
                 // SAFETY: block b owns qs[b*block..], d[b], isum[b], dsum[b]
                 // and bsums[b*block/16..]; blocks are disjoint across tasks.
                 let (q, bs) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(qs.0.add(b * block), block),
+                        std::slice::from_raw_parts_mut(qs.get().add(b * block), block),
                         std::slice::from_raw_parts_mut(
-                            bsums.0.add(b * block / 16),
+                            bsums.get().add(b * block / 16),
                             if kind == ActKind::Q8K { block / 16 } else { 0 },
                         ),
                     )
@@ -125,11 +124,11 @@ impl<'a> Acts<'a> {
                     if kind == ActKind::Q8Legacy {
                         // llama.cpp keeps these scales as f16; doing the same keeps
                         // our rounding noise the same as the reference's.
-                        *d.0.add(b) = half::f16::from_f32(db).to_f32();
-                        *isum.0.add(b) = sum as f32;
-                        *dsum.0.add(b) = half::f16::from_f32(db * sum as f32).to_f32();
+                        *d.get().add(b) = half::f16::from_f32(db).to_f32();
+                        *isum.get().add(b) = sum as f32;
+                        *dsum.get().add(b) = half::f16::from_f32(db * sum as f32).to_f32();
                     } else {
-                        *d.0.add(b) = db;
+                        *d.get().add(b) = db;
                     }
                 }
             }
@@ -250,6 +249,7 @@ pub fn bytemuck_f32(b: &[u8]) -> &[f32] {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // fixed-size register arrays indexed in lockstep
 mod x86 {
     use super::*;
     use std::arch::x86_64::*;
