@@ -14,8 +14,17 @@ use crate::kv::KvCache;
 use crate::tensor::{matmul, Matrix};
 use crate::threadpool::{SyncPtr, ThreadPool};
 pub use load::{load_gguf, load_hf_folder, LoadedModel};
-use ops::{activate, axpy, dot, softcap, Norm, Rope};
+use ops::{activate, axpy, dot, exp, softcap, Norm, Rope};
 pub use spec::{Activation, Family, ModelSpec, RopeStyle};
+
+/// Calls `f(j, block, slot)` for positions `lo..=pos` of a sequence (j counts
+/// from 0), walking its block table.
+#[inline]
+fn for_each_slot(table: &[u32], lo: usize, pos: usize, bs: usize, mut f: impl FnMut(usize, usize, usize)) {
+    for p in lo..=pos {
+        f(p - lo, table[p / bs] as usize, p % bs);
+    }
+}
 
 /// Elements per task for element-wise work spread over the pool.
 const ELEMENTWISE_CHUNK: usize = 4096;
@@ -260,52 +269,50 @@ impl Model {
         let mut out = vec![0f32; n * nh * hd];
         let outp = SyncPtr(out.as_mut_ptr());
         let bs = kv.block_size;
-        pool.for_each_chunk(n * nh, 4, &|range| {
-            let mut scores = Vec::new();
+        // One task per (token, KV head): the group of query heads sharing that
+        // KV head reads each key and value once.
+        pool.for_each_chunk(n * s.n_kv_heads, 2, &|range| {
+            let mut scores: Vec<f32> = Vec::new();
             for task in range {
-                let (t, head) = (task / nh, task % nh);
-                let kvh = head / group;
+                let (t, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
                 let pos = batch.positions[t];
                 let table = batch.block_tables[batch.seq_index[t]];
                 let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let qv = &q[(t * nh + head) * hd..(t * nh + head + 1) * hd];
+                let len = pos + 1 - lo;
+                let h0 = kvh * group;
+                let qs = &q[(t * nh + h0) * hd..(t * nh + h0 + group) * hd];
+                // scores[g * len + j]: head h0 + g against key lo + j.
                 scores.clear();
-                let mut p = lo;
-                while p <= pos {
-                    let (bi, first) = (p / bs, p % bs);
-                    let last = (pos - bi * bs).min(bs - 1);
-                    let keys = kv.keys(layer, table[bi] as usize, kvh, last + 1);
-                    for slot in first..=last {
-                        scores.push(dot(qv, &keys[slot * hd..(slot + 1) * hd]) * s.attn_scale);
+                scores.resize(group * len, 0.0);
+                for_each_slot(table, lo, pos, bs, |j, block, slot| {
+                    let k = &kv.keys(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd];
+                    for (g, qv) in qs.chunks_exact(hd).enumerate() {
+                        scores[g * len + j] = dot(qv, k) * s.attn_scale;
                     }
-                    p = bi * bs + last + 1;
+                });
+                for row in scores.chunks_exact_mut(len) {
+                    if let Some(cap) = s.attn_softcap {
+                        softcap(row, cap);
+                    }
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut sum = 0f32;
+                    for v in row.iter_mut() {
+                        *v = exp(*v - max);
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|v| *v *= inv);
                 }
-                if let Some(cap) = s.attn_softcap {
-                    softcap(&mut scores, cap);
-                }
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f32;
-                for v in scores.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                // SAFETY: task (t, head) owns this hd-wide slice of `out` alone.
+                // SAFETY: task (t, kvh) alone owns the heads h0..h0+group of token t.
                 let o = unsafe {
-                    std::slice::from_raw_parts_mut(outp.get().add((t * nh + head) * hd), hd)
+                    std::slice::from_raw_parts_mut(outp.get().add((t * nh + h0) * hd), group * hd)
                 };
-                let mut p = lo;
-                let mut si = 0;
-                while p <= pos {
-                    let (bi, first) = (p / bs, p % bs);
-                    let last = (pos - bi * bs).min(bs - 1);
-                    let vals = kv.values(layer, table[bi] as usize, kvh, last + 1);
-                    for slot in first..=last {
-                        axpy(o, scores[si] * inv, &vals[slot * hd..(slot + 1) * hd]);
-                        si += 1;
+                for_each_slot(table, lo, pos, bs, |j, block, slot| {
+                    let v = &kv.values(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd];
+                    for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+                        axpy(og, scores[g * len + j], v);
                     }
-                    p = bi * bs + last + 1;
-                }
+                });
             }
         });
         out

@@ -54,17 +54,39 @@ impl Norm {
     }
 }
 
-#[inline]
+/// e^x to within 2 ulp, written without branches or calls so that loops
+/// over it vectorise (libm's expf and tanhf do not).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.3, 88.7);
+    let k = (x * LOG2E).round();
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    // Taylor-derived minimax polynomial of e^r on [-ln2/2, ln2/2].
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_66 + r * (0.041_666_41 + r * (0.008_333_452 + r * 0.001_388_731)))));
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+    let y = C * (x + 0.044715 * x * x * x);
+    // tanh(y) = 1 - 2 / (e^{2y} + 1)
+    let t = 1.0 - 2.0 / (exp(2.0 * y) + 1.0);
+    0.5 * x * (1.0 + t)
 }
 
-#[inline]
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp(-x))
 }
 
+#[inline(always)]
 pub fn activate(act: Activation, x: f32) -> f32 {
     match act {
         Activation::Silu => silu(x),
@@ -141,7 +163,8 @@ impl Rope {
 
 pub fn softcap(x: &mut [f32], cap: f32) {
     for v in x {
-        *v = (*v / cap).tanh() * cap;
+        let t = 1.0 - 2.0 / (exp(2.0 * *v / cap) + 1.0);
+        *v = t * cap;
     }
 }
 

@@ -382,7 +382,6 @@ mod x86 {
         let nb = a.k / QK;
         let m4 = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); NR];
-        let mut corr = [0f32; NR];
         let qs_base: [*const i8; NR] = std::array::from_fn(|r| a.qs.as_ptr().add((r0 + r) * a.k));
         let d_base: [*const f32; NR] = std::array::from_fn(|r| a.d.as_ptr().add((r0 + r) * nb));
         // Q*_1 types add min × (f16) block sum; the others subtract their
@@ -391,48 +390,75 @@ mod x86 {
             let v = if T == 1 || T == 3 { &a.dsum } else { &a.isum };
             v.as_ptr().add((r0 + r) * nb)
         });
-        for b in 0..nb {
-            let p = w.as_ptr().add(b * ts);
-            let dw = f16(p);
-            let (q, offset) = match T {
-                0 | 1 => {
-                    let raw = _mm_loadu_si128(p.add(if T == 0 { 2 } else { 4 }) as *const __m128i);
-                    let lo = _mm_and_si128(raw, m4);
-                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-                    (
-                        _mm256_set_m128i(hi, lo),
-                        if T == 0 { -8.0 } else { f16(p.add(2)) },
-                    )
+        let mut corr = [_mm256_setzero_ps(); NR];
+        let one_minus = T == 1 || T == 3;
+        // Blocks go in groups of eight so that their scales convert, multiply
+        // and enter the offset correction as one vector each.
+        let mut b0 = 0;
+        while b0 < nb {
+            let g = (nb - b0).min(8);
+            let mask: __mmask8 = ((1u32 << g) - 1) as __mmask8;
+            let mut dbits = [0u16; 8];
+            let mut mbits = [0u16; 8];
+            for i in 0..g {
+                let p = w.as_ptr().add((b0 + i) * ts);
+                dbits[i] = (p as *const u16).read_unaligned();
+                if one_minus {
+                    mbits[i] = (p.add(2) as *const u16).read_unaligned();
                 }
-                2 | 3 => {
-                    let o = if T == 2 { 2 } else { 4 };
-                    let qh = (p.add(o) as *const u32).read_unaligned();
-                    let raw = _mm_loadu_si128(p.add(o + 4) as *const __m128i);
-                    let lo = _mm_and_si128(raw, m4);
-                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-                    let high = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
-                    let q = _mm256_or_si256(_mm256_set_m128i(hi, lo), high);
-                    (q, if T == 2 { -16.0 } else { f16(p.add(2)) })
-                }
-                _ => {
-                    let raw = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                    (_mm256_xor_si256(raw, _mm256_set1_epi8(-128)), -128.0)
-                }
-            };
+            }
+            let dwv = _mm256_cvtph_ps(_mm_loadu_si128(dbits.as_ptr() as *const __m128i));
+            let mwv = _mm256_cvtph_ps(_mm_loadu_si128(mbits.as_ptr() as *const __m128i));
+            let offset = _mm256_set1_ps(match T {
+                0 => -8.0,
+                2 => -16.0,
+                _ => -128.0,
+            });
+            let mut dd = [[0f32; 8]; NR];
             for r in 0..NR {
-                let av = _mm256_loadu_si256(qs_base[r].add(b * QK) as *const __m256i);
-                let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, av);
-                let dd = dw * *d_base[r].add(b);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[r]);
-                corr[r] += if T == 1 || T == 3 {
-                    offset * *s_base[r].add(b)
+                let ddv = _mm256_mul_ps(dwv, _mm256_maskz_loadu_ps(mask, d_base[r].add(b0)));
+                _mm256_storeu_ps(dd[r].as_mut_ptr(), ddv);
+                let sv = _mm256_maskz_loadu_ps(mask, s_base[r].add(b0));
+                corr[r] = if one_minus {
+                    _mm256_fmadd_ps(mwv, sv, corr[r])
                 } else {
-                    dd * (offset * *s_base[r].add(b))
+                    _mm256_fmadd_ps(ddv, _mm256_mul_ps(offset, sv), corr[r])
                 };
             }
+            for i in 0..g {
+                let b = b0 + i;
+                let p = w.as_ptr().add(b * ts);
+                let q = match T {
+                    0 | 1 => {
+                        let raw = _mm_loadu_si128(p.add(if T == 0 { 2 } else { 4 }) as *const __m128i);
+                        let lo = _mm_and_si128(raw, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+                        _mm256_set_m128i(hi, lo)
+                    }
+                    2 | 3 => {
+                        let o = if T == 2 { 2 } else { 4 };
+                        let qh = (p.add(o) as *const u32).read_unaligned();
+                        let raw = _mm_loadu_si128(p.add(o + 4) as *const __m128i);
+                        let lo = _mm_and_si128(raw, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+                        let high = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
+                        _mm256_or_si256(_mm256_set_m128i(hi, lo), high)
+                    }
+                    _ => {
+                        let raw = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                        _mm256_xor_si256(raw, _mm256_set1_epi8(-128))
+                    }
+                };
+                for r in 0..NR {
+                    let av = _mm256_loadu_si256(qs_base[r].add(b * QK) as *const __m256i);
+                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, av);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd[r][i]), acc[r]);
+                }
+            }
+            b0 += g;
         }
         for r in 0..NR {
-            out[r] = hsum256(acc[r]) + corr[r];
+            out[r] = hsum256(acc[r]) + hsum256(corr[r]);
         }
     }
 
