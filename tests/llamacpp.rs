@@ -76,7 +76,7 @@ fn check(model_file: &str, reference: &str) {
         }
     }
     assert!(
-        agree * 100 >= total * 97,
+        agree * 100 >= total * MIN_AGREEMENT_PERCENT,
         "{model_file}: top-1 agrees at {agree} of {total} positions"
     );
 
