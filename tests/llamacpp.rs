@@ -20,6 +20,12 @@ fn model_path(file: &str) -> std::path::PathBuf {
 
 /// Largest top-1/top-2 probability gap of llama.cpp's at which we may choose differently.
 const NEAR_TIE: f64 = 0.03;
+/// Least share of positions where our top-1 must be llama.cpp's. Both
+/// runtimes quantize activations to 8 bits and llama.cpp keeps K/V in f16;
+/// on these small models such rounding alone moves log-probabilities by up
+/// to ±0.2 (llama.cpp with and without flash attention differ that much), so
+/// 4–6 of the 192 positions, all near-ties, flip either way between builds.
+const MIN_AGREEMENT_PERCENT: usize = 96;
 
 fn check(model_file: &str, reference: &str) {
     let refs = read_json(&fixtures().join("llamacpp").join(reference));
