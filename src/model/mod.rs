@@ -14,7 +14,7 @@ use crate::kv::KvCache;
 use crate::tensor::{matmul, Matrix};
 use crate::threadpool::{SyncPtr, ThreadPool};
 pub use load::{load_gguf, load_hf_folder, LoadedModel};
-use ops::{activate, axpy, dot, exp, softcap, Norm, Rope};
+use ops::{activate, dot_multi, exp, softcap, weighted_sum_multi, Norm, Rope};
 pub use spec::{Activation, Family, ModelSpec, RopeStyle};
 
 /// Calls `f(j, block, slot)` for positions `lo..=pos` of a sequence (j counts
@@ -273,6 +273,7 @@ impl Model {
         // KV head reads each key and value once.
         pool.for_each_chunk(n * s.n_kv_heads, 2, &|range| {
             let mut scores: Vec<f32> = Vec::new();
+            let mut vals: Vec<&[f32]> = Vec::new();
             for task in range {
                 let (t, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
                 let pos = batch.positions[t];
@@ -281,16 +282,20 @@ impl Model {
                 let len = pos + 1 - lo;
                 let h0 = kvh * group;
                 let qs = &q[(t * nh + h0) * hd..(t * nh + h0 + group) * hd];
-                // scores[g * len + j]: head h0 + g against key lo + j.
+                // scores[j * group + g]: head h0 + g against key lo + j.
                 scores.clear();
                 scores.resize(group * len, 0.0);
                 for_each_slot(table, lo, pos, bs, |j, block, slot| {
                     let k = &kv.keys(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd];
-                    for (g, qv) in qs.chunks_exact(hd).enumerate() {
-                        scores[g * len + j] = dot(qv, k) * s.attn_scale;
-                    }
+                    dot_multi(qs, k, &mut scores[j * group..(j + 1) * group]);
                 });
-                for row in scores.chunks_exact_mut(len) {
+                scores.iter_mut().for_each(|v| *v *= s.attn_scale);
+                let mut rows = vec![0f32; len];
+                for g in 0..group {
+                    for (j, r) in rows.iter_mut().enumerate() {
+                        *r = scores[j * group + g];
+                    }
+                    let row = &mut rows[..];
                     if let Some(cap) = s.attn_softcap {
                         softcap(row, cap);
                     }
@@ -301,18 +306,19 @@ impl Model {
                         sum += *v;
                     }
                     let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|v| *v *= inv);
+                    for (j, r) in row.iter().enumerate() {
+                        scores[j * group + g] = r * inv;
+                    }
                 }
                 // SAFETY: task (t, kvh) alone owns the heads h0..h0+group of token t.
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(outp.get().add((t * nh + h0) * hd), group * hd)
                 };
-                for_each_slot(table, lo, pos, bs, |j, block, slot| {
-                    let v = &kv.values(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd];
-                    for (g, og) in o.chunks_exact_mut(hd).enumerate() {
-                        axpy(og, scores[g * len + j], v);
-                    }
+                vals.clear();
+                for_each_slot(table, lo, pos, bs, |_, block, slot| {
+                    vals.push(&kv.values(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd]);
                 });
+                weighted_sum_multi(o, &scores, &vals, group);
             }
         });
         out

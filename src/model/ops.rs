@@ -185,6 +185,94 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `out[i] = dot(qs[i], k)` for the `M` vectors of `qs` (each `k.len()` long),
+/// reading `k` once: the compiler keeps `M × 8` accumulators in registers.
+#[inline(always)]
+fn dots<const M: usize>(qs: &[f32], k: &[f32], out: &mut [f32]) {
+    let d = k.len();
+    let mut acc = [[0f32; 8]; M];
+    let full = d / 8 * 8;
+    for c in (0..full).step_by(8) {
+        let kc = &k[c..c + 8];
+        for (i, a) in acc.iter_mut().enumerate() {
+            let q = &qs[i * d + c..i * d + c + 8];
+            for l in 0..8 {
+                a[l] += q[l] * kc[l];
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let mut s: f32 = a.iter().sum();
+        for j in full..d {
+            s += qs[i * d + j] * k[j];
+        }
+        out[i] = s;
+    }
+}
+
+/// `out[i] = dot(qs[i], k)` for `out.len()` query vectors stored back to back.
+pub fn dot_multi(qs: &[f32], k: &[f32], out: &mut [f32]) {
+    match out.len() {
+        1 => dots::<1>(qs, k, out),
+        2 => dots::<2>(qs, k, out),
+        3 => dots::<3>(qs, k, out),
+        4 => dots::<4>(qs, k, out),
+        m => {
+            let d = k.len();
+            for i in (0..m).step_by(4) {
+                let n = (m - i).min(4);
+                dot_multi(&qs[i * d..(i + n) * d], k, &mut out[i..i + n]);
+            }
+        }
+    }
+}
+
+/// `ys[i] = Σ_j w[j·M + i] · xs[j]` for the `M` output vectors of `ys`,
+/// eight dimensions at a time so the sums stay in registers.
+#[inline(always)]
+fn weighted_sums<const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
+    let d = ys.len() / M;
+    let full = d / 8 * 8;
+    for c in (0..full).step_by(8) {
+        let mut acc = [[0f32; 8]; M];
+        for (j, x) in xs.iter().enumerate() {
+            let xc = &x[c..c + 8];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wi = w[j * M + i];
+                for l in 0..8 {
+                    a[l] += wi * xc[l];
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            ys[i * d + c..i * d + c + 8].copy_from_slice(a);
+        }
+    }
+    for c in full..d {
+        for i in 0..M {
+            ys[i * d + c] = xs.iter().enumerate().map(|(j, x)| w[j * M + i] * x[c]).sum();
+        }
+    }
+}
+
+/// `ys[i] = Σ_j w[j·m + i] · xs[j]` for the `m = ys.len() / d` output vectors
+/// of `ys` (stored back to back, `d = xs[j].len()`).
+pub fn weighted_sum_multi(ys: &mut [f32], w: &[f32], xs: &[&[f32]], m: usize) {
+    match m {
+        1 => weighted_sums::<1>(ys, w, xs),
+        2 => weighted_sums::<2>(ys, w, xs),
+        3 => weighted_sums::<3>(ys, w, xs),
+        4 => weighted_sums::<4>(ys, w, xs),
+        _ => {
+            let d = ys.len() / m;
+            for (i, y) in ys.chunks_exact_mut(d).enumerate() {
+                let col: Vec<f32> = (0..xs.len()).map(|j| w[j * m + i]).collect();
+                weighted_sums::<1>(y, &col, xs);
+            }
+        }
+    }
+}
+
 /// `y += a · x`, vectorised by the compiler.
 #[inline]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
