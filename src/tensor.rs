@@ -1,7 +1,7 @@
 //! Weight matrices over memory-mapped or owned data, and the matmul that
 //! drives the kernels across the thread pool.
 
-use crate::quant::kernels::{act_kind, dot_rows, Acts};
+use crate::quant::kernels::{act_kind, dot_rows, Acts, MAX_ROWS};
 use crate::quant::{dequantize, GgmlType};
 use crate::threadpool::{SyncPtr, ThreadPool};
 use memmap2::Mmap;
@@ -157,10 +157,10 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPoo
         .max(MIN_ROW_CHUNK);
     pool.for_each_chunk(m, chunk, &|rows| {
         let mut scratch = Vec::new();
-        let mut tmp = [0f32; 4];
+        let mut tmp = [0f32; MAX_ROWS];
         let mut i = 0;
         while i < n {
-            let nr = (n - i).min(4);
+            let nr = (n - i).min(MAX_ROWS);
             for j in rows.clone() {
                 dot_rows(
                     w.ty,

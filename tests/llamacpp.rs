@@ -18,20 +18,34 @@ fn model_path(file: &str) -> std::path::PathBuf {
     p
 }
 
-/// Largest top-1/top-2 probability gap of llama.cpp's at which we may choose differently.
-const NEAR_TIE: f64 = 0.03;
-/// Least share of positions where our top-1 must be llama.cpp's. Both
-/// runtimes quantize activations to 8 bits and llama.cpp keeps K/V in f16;
-/// on these small models such rounding alone moves log-probabilities by up
-/// to ±0.2 (llama.cpp with and without flash attention differ that much), so
-/// 4–6 of the 192 positions, all near-ties, flip either way between builds.
-const MIN_AGREEMENT_PERCENT: usize = 96;
+// Both runtimes quantize activations to 8 bits and llama.cpp keeps K/V in
+// f16; on these small models such rounding alone moves probabilities by a
+// few hundredths (llama.cpp run with and without flash attention differs as
+// much), so near-ties flip either way from build to build. The bounds below
+// sit above that measured noise (mean |Δp| 0.015, worst 0.17, 3–8 flips of
+// 192, each within 0.065 of llama.cpp's top-1) and far below what a real
+// defect produces.
+
+/// Least share of positions where our top-1 is llama.cpp's.
+const MIN_AGREEMENT_PERCENT: usize = 95;
+/// Where we differ, llama.cpp's probability of our choice is at most this far below its top-1.
+const NEAR_TIE: f64 = 0.08;
+/// Largest |Δp| over llama.cpp's top-10 at any position, and its mean.
+const MAX_PROB_DIFF: f64 = 0.25;
+const MEAN_PROB_DIFF: f64 = 0.03;
+
+fn softmax(logits: &[f32]) -> Vec<f64> {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let e: Vec<f64> = logits.iter().map(|&v| (v as f64 - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}
 
 fn check(model_file: &str, reference: &str) {
     let refs = read_json(&fixtures().join("llamacpp").join(reference));
     let mut e = engine(&model_path(model_file), 2);
     let vocab = e.model.spec.vocab_size;
-    let (mut agree, mut total) = (0, 0);
+    let (mut agree, mut total, mut sum_diff) = (0, 0, 0f64);
     for (name, p) in refs["prompts"].as_object().unwrap() {
         let text = p["prompt"].as_str().unwrap();
         let with = ids(&p["prompt_ids_add_special_true"]);
@@ -61,26 +75,40 @@ fn check(model_file: &str, reference: &str) {
             .enumerate()
         {
             total += 1;
+            let probs = softmax(row);
+            let top = pos["top10"].as_array().unwrap();
+            let mut worst = 0f64;
+            for t in top {
+                let id = t["id"].as_u64().unwrap() as usize;
+                worst = worst.max((probs[id] - t["prob"].as_f64().unwrap()).abs());
+            }
+            assert!(
+                worst <= MAX_PROB_DIFF,
+                "{name} step {i}: probabilities differ by {worst:.3}"
+            );
+            sum_diff += worst;
             let ours = argmax(row);
             if ours == generated[i] {
                 agree += 1;
                 continue;
             }
-            let top = pos["top10"].as_array().unwrap();
-            let (p1, p2) = (
-                top[0]["prob"].as_f64().unwrap(),
-                top[1]["prob"].as_f64().unwrap(),
-            );
-            // llama.cpp's own flash-attention and plain-attention runs differ by up
-            // to ±0.2 in these models' log-probabilities, so a near-tie may go
-            // either way; a clear preference may not.
+            let p1 = top[0]["prob"].as_f64().unwrap();
+            let p_ours = top
+                .iter()
+                .find(|t| t["id"].as_u64() == Some(ours as u64))
+                .map_or(0.0, |t| t["prob"].as_f64().unwrap());
             assert!(
-                p1 - p2 <= NEAR_TIE,
-                "{name} step {i}: we chose {ours}, llama.cpp {} with a clear margin ({p1:.4} vs {p2:.4})",
+                p1 - p_ours <= NEAR_TIE,
+                "{name} step {i}: we chose {ours} ({p_ours:.4} to llama.cpp), llama.cpp {} ({p1:.4})",
                 generated[i]
             );
         }
     }
+    let mean = sum_diff / total as f64;
+    assert!(
+        mean <= MEAN_PROB_DIFF,
+        "{model_file}: mean probability difference {mean:.4}"
+    );
     assert!(
         agree * 100 >= total * MIN_AGREEMENT_PERCENT,
         "{model_file}: top-1 agrees at {agree} of {total} positions"

@@ -20,7 +20,13 @@ pub use spec::{Activation, Family, ModelSpec, RopeStyle};
 /// Calls `f(j, block, slot)` for positions `lo..=pos` of a sequence (j counts
 /// from 0), walking its block table.
 #[inline]
-fn for_each_slot(table: &[u32], lo: usize, pos: usize, bs: usize, mut f: impl FnMut(usize, usize, usize)) {
+fn for_each_slot(
+    table: &[u32],
+    lo: usize,
+    pos: usize,
+    bs: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) {
     for p in lo..=pos {
         f(p - lo, table[p / bs] as usize, p % bs);
     }

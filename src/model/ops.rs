@@ -68,7 +68,8 @@ pub fn exp(x: f32) -> f32 {
     let p = 1.0
         + r * (1.0
             + r * (0.5
-                + r * (0.166_666_66 + r * (0.041_666_41 + r * (0.008_333_452 + r * 0.001_388_731)))));
+                + r * (0.166_666_66
+                    + r * (0.041_666_41 + r * (0.008_333_452 + r * 0.001_388_731)))));
     p * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
@@ -250,7 +251,11 @@ fn weighted_sums<const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
     }
     for c in full..d {
         for i in 0..M {
-            ys[i * d + c] = xs.iter().enumerate().map(|(j, x)| w[j * M + i] * x[c]).sum();
+            ys[i * d + c] = xs
+                .iter()
+                .enumerate()
+                .map(|(j, x)| w[j * M + i] * x[c])
+                .sum();
         }
     }
 }

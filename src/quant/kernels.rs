@@ -166,8 +166,12 @@ fn quantize_block_i8(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> (f32, i32) {
     (amax / 127.0, sum)
 }
 
+/// Activation rows one kernel call handles at most: each weight block is
+/// expanded once and used for all of them.
+pub const MAX_ROWS: usize = 8;
+
 /// Computes `out[r] = dot(weight row, activation row rows.start + r)` for up to
-/// four activation rows. `scratch` holds a dequantized row on the portable path.
+/// `MAX_ROWS` activation rows. `scratch` holds a dequantized row on the portable path.
 pub fn dot_rows(
     ty: GgmlType,
     w: &[u8],
@@ -177,7 +181,7 @@ pub fn dot_rows(
     scratch: &mut Vec<f32>,
 ) {
     let nr = rows.len();
-    debug_assert!((1..=4).contains(&nr));
+    debug_assert!((1..=MAX_ROWS).contains(&nr));
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
         // SAFETY: the CPU features these kernels are compiled for were detected
@@ -187,7 +191,11 @@ pub fn dot_rows(
                 1 => return x86::dot::<1>(ty, w, a, rows.start, out, scratch),
                 2 => return x86::dot::<2>(ty, w, a, rows.start, out, scratch),
                 3 => return x86::dot::<3>(ty, w, a, rows.start, out, scratch),
-                _ => return x86::dot::<4>(ty, w, a, rows.start, out, scratch),
+                4 => return x86::dot::<4>(ty, w, a, rows.start, out, scratch),
+                5 => return x86::dot::<5>(ty, w, a, rows.start, out, scratch),
+                6 => return x86::dot::<6>(ty, w, a, rows.start, out, scratch),
+                7 => return x86::dot::<7>(ty, w, a, rows.start, out, scratch),
+                _ => return x86::dot::<8>(ty, w, a, rows.start, out, scratch),
             }
         }
     }
@@ -314,6 +322,14 @@ mod x86 {
     }
 
     #[inline(always)]
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    #[inline(always)]
     unsafe fn hsum256(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -430,7 +446,8 @@ mod x86 {
                 let p = w.as_ptr().add(b * ts);
                 let q = match T {
                     0 | 1 => {
-                        let raw = _mm_loadu_si128(p.add(if T == 0 { 2 } else { 4 }) as *const __m128i);
+                        let raw =
+                            _mm_loadu_si128(p.add(if T == 0 { 2 } else { 4 }) as *const __m128i);
                         let lo = _mm_and_si128(raw, m4);
                         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
                         _mm256_set_m128i(hi, lo)
@@ -452,7 +469,8 @@ mod x86 {
                 for r in 0..NR {
                     let av = _mm256_loadu_si256(qs_base[r].add(b * QK) as *const __m256i);
                     let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, av);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd[r][i]), acc[r]);
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd[r][i]), acc[r]);
                 }
             }
             b0 += g;
@@ -473,12 +491,15 @@ mod x86 {
             let (d, dmin) = (f16(p), f16(p.add(2)));
             let scales = std::slice::from_raw_parts(p.add(4), 12);
             let mut sc = [0i16; 8];
-            let mut mn = [0i32; 8];
+            // Each sub-block's min, once per 16-element half, to meet bsums.
+            let mut mn = [0i16; 16];
             for j in 0..8 {
                 let (s, m) = scale_min_k4(j, scales);
                 sc[j] = s as i16;
-                mn[j] = m as i32;
+                mn[2 * j] = m as i16;
+                mn[2 * j + 1] = m as i16;
             }
+            let mnv = _mm256_loadu_si256(mn.as_ptr() as *const __m256i);
             let mut q = [_mm256_setzero_si256(); 8];
             for j in 0..4 {
                 let raw = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
@@ -497,10 +518,10 @@ mod x86 {
                 let da = *a.d.get_unchecked(row * nb + b);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * da), acc[r]);
                 let bs = a.bsums.as_ptr().add((row * nb + b) * 16);
-                let mut msum = 0i32;
-                for j in 0..8 {
-                    msum += mn[j] * (*bs.add(2 * j) as i32 + *bs.add(2 * j + 1) as i32);
-                }
+                let msum = hsum_i32(_mm256_madd_epi16(
+                    _mm256_loadu_si256(bs as *const __m256i),
+                    mnv,
+                ));
                 corr[r] -= dmin * da * msum as f32;
             }
         }
@@ -520,6 +541,7 @@ mod x86 {
             let p = w.as_ptr().add(b * 210);
             let d = f16(p.add(208));
             let sc = std::slice::from_raw_parts(p.add(192) as *const i8, 16);
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
             // q[c] holds elements 32c..32c+32 as unsigned 0..63.
             let mut q = [_mm256_setzero_si256(); 8];
             let mut scv = [_mm256_setzero_si256(); 8];
@@ -560,10 +582,10 @@ mod x86 {
                 let da = *a.d.get_unchecked(row * nb + b);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * da), acc[r]);
                 let bs = a.bsums.as_ptr().add((row * nb + b) * 16);
-                let mut s = 0i32;
-                for j in 0..16 {
-                    s += sc[j] as i32 * *bs.add(j) as i32;
-                }
+                let s = hsum_i32(_mm256_madd_epi16(
+                    _mm256_loadu_si256(bs as *const __m256i),
+                    sc16,
+                ));
                 corr[r] -= 32.0 * d * da * s as f32;
             }
         }
