@@ -480,6 +480,41 @@ mod x86 {
         }
     }
 
+    /// The per-row half of a K-quant super-block: eight 32-element chunks of
+    /// unsigned weights `q` with 16-bit scales `scv`, scaled by `d`, plus
+    /// `corr_scale` × (per-16 activation sums · `corr_w`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn k_block_rows<const NR: usize>(
+        q: &[__m256i; 8],
+        scv: &[__m256i; 8],
+        d: f32,
+        corr_w: __m256i,
+        corr_scale: f32,
+        a: &Acts,
+        r0: usize,
+        b: usize,
+        acc: &mut [__m256; NR],
+        corr: &mut [f32; NR],
+    ) {
+        let nb = a.k / QK_K;
+        for r in 0..NR {
+            let row = r0 + r;
+            let aq = a.qs.as_ptr().add(row * a.k + b * QK_K);
+            let mut sumi = _mm256_setzero_si256();
+            for c in 0..8 {
+                let av = _mm256_loadu_si256(aq.add(32 * c) as *const __m256i);
+                let p16 = _mm256_maddubs_epi16(q[c], av);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, scv[c]));
+            }
+            let da = *a.d.get_unchecked(row * nb + b);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * da), acc[r]);
+            let bs =
+                _mm256_loadu_si256(a.bsums.as_ptr().add((row * nb + b) * 16) as *const __m256i);
+            corr[r] += corr_scale * da * hsum_i32(_mm256_madd_epi16(bs, corr_w)) as f32;
+        }
+    }
+
     #[inline(always)]
     unsafe fn dot_q4k<const NR: usize>(w: &[u8], a: &Acts, r0: usize, out: &mut [f32]) {
         let nb = a.k / QK_K;
@@ -490,40 +525,23 @@ mod x86 {
             let p = w.as_ptr().add(b * 144);
             let (d, dmin) = (f16(p), f16(p.add(2)));
             let scales = std::slice::from_raw_parts(p.add(4), 12);
-            let mut sc = [0i16; 8];
+            let mut scv = [_mm256_setzero_si256(); 8];
             // Each sub-block's min, once per 16-element half, to meet bsums.
             let mut mn = [0i16; 16];
             for j in 0..8 {
                 let (s, m) = scale_min_k4(j, scales);
-                sc[j] = s as i16;
+                scv[j] = _mm256_set1_epi16(s as i16);
                 mn[2 * j] = m as i16;
                 mn[2 * j + 1] = m as i16;
             }
-            let mnv = _mm256_loadu_si256(mn.as_ptr() as *const __m256i);
             let mut q = [_mm256_setzero_si256(); 8];
             for j in 0..4 {
                 let raw = _mm256_loadu_si256(p.add(16 + 32 * j) as *const __m256i);
                 q[2 * j] = _mm256_and_si256(raw, m4);
                 q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
             }
-            for r in 0..NR {
-                let row = r0 + r;
-                let aq = a.qs.as_ptr().add(row * a.k + b * QK_K);
-                let mut sumi = _mm256_setzero_si256();
-                for j in 0..8 {
-                    let av = _mm256_loadu_si256(aq.add(32 * j) as *const __m256i);
-                    let p16 = _mm256_maddubs_epi16(q[j], av);
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_set1_epi16(sc[j])));
-                }
-                let da = *a.d.get_unchecked(row * nb + b);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * da), acc[r]);
-                let bs = a.bsums.as_ptr().add((row * nb + b) * 16);
-                let msum = hsum_i32(_mm256_madd_epi16(
-                    _mm256_loadu_si256(bs as *const __m256i),
-                    mnv,
-                ));
-                corr[r] -= dmin * da * msum as f32;
-            }
+            let mnv = _mm256_loadu_si256(mn.as_ptr() as *const __m256i);
+            k_block_rows::<NR>(&q, &scv, d, mnv, -dmin, a, r0, b, &mut acc, &mut corr);
         }
         for r in 0..NR {
             out[r] = hsum256(acc[r]) + corr[r];
@@ -541,8 +559,7 @@ mod x86 {
             let p = w.as_ptr().add(b * 210);
             let d = f16(p.add(208));
             let sc = std::slice::from_raw_parts(p.add(192) as *const i8, 16);
-            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
-            // q[c] holds elements 32c..32c+32 as unsigned 0..63.
+            // q[c] holds elements 32c..32c+32 as unsigned 0..63 (value + 32).
             let mut q = [_mm256_setzero_si256(); 8];
             let mut scv = [_mm256_setzero_si256(); 8];
             for n in 0..2 {
@@ -570,24 +587,9 @@ mod x86 {
                     scv[4 * n + c] = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
                 }
             }
-            for r in 0..NR {
-                let row = r0 + r;
-                let aq = a.qs.as_ptr().add(row * a.k + b * QK_K);
-                let mut sumi = _mm256_setzero_si256();
-                for c in 0..8 {
-                    let av = _mm256_loadu_si256(aq.add(32 * c) as *const __m256i);
-                    let p16 = _mm256_maddubs_epi16(q[c], av);
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, scv[c]));
-                }
-                let da = *a.d.get_unchecked(row * nb + b);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * da), acc[r]);
-                let bs = a.bsums.as_ptr().add((row * nb + b) * 16);
-                let s = hsum_i32(_mm256_madd_epi16(
-                    _mm256_loadu_si256(bs as *const __m256i),
-                    sc16,
-                ));
-                corr[r] -= 32.0 * d * da * s as f32;
-            }
+            // The +32 offset comes back out through the activation sums.
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
+            k_block_rows::<NR>(&q, &scv, d, sc16, -32.0 * d, a, r0, b, &mut acc, &mut corr);
         }
         for r in 0..NR {
             out[r] = hsum256(acc[r]) + corr[r];
