@@ -14,6 +14,8 @@ run: models build
 
 test: models
 	cargo test --release
+	# The portable (non-SIMD) kernels against the same references.
+	RUVLLM_NO_SIMD=1 cargo test --release --test fixtures --test quant
 
 bench: models
 	scripts/bench-vs-llamacpp.sh 2 5

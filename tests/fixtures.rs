@@ -165,3 +165,48 @@ fn two_threads_match_one() {
         assert_eq!(a, b, "{file}: thread count changed the logits");
     }
 }
+
+#[test]
+fn sharded_safetensors_folder_loads_like_the_single_file() {
+    // Split the llama fixture's tensors over two files with an index, as
+    // large checkpoints are published.
+    let src = fixtures().join("llama");
+    let dir = std::env::temp_dir().join(format!("ruvllm-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let expected = read_json(&src.join("expected.json"));
+    let input = ids(&expected["input_ids"]);
+    let rows: Vec<usize> = (0..input.len()).collect();
+    let got = engine(&dir, 1)
+        .forward_sequence(&input, &rows, false)
+        .unwrap()
+        .logits;
+    assert!(max_abs_diff(&got, &floats(&expected["logits"])) <= 1e-3);
+    std::fs::remove_dir_all(&dir).ok();
+}
