@@ -3,7 +3,7 @@
 
 use crate::chat::{ChatMessage, ChatTemplate, CHATML, GEMMA};
 use crate::error::{Error, Result};
-use crate::kv::{BlockAllocator, KvCache};
+use crate::kv::{BlockHash, BlockManager, KvCache};
 use crate::model::{load_gguf, load_hf_folder, Batch, Family, Model, Output};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::threadpool::ThreadPool;
@@ -58,7 +58,7 @@ pub struct Engine {
     pub type_mix: Vec<(String, usize)>,
     pool: ThreadPool,
     kv: KvCache,
-    blocks: BlockAllocator,
+    blocks: BlockManager,
     context: usize,
 }
 
@@ -106,6 +106,8 @@ pub struct GenerationSummary {
     pub text: String,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
 }
@@ -205,7 +207,7 @@ impl Engine {
             type_mix,
             pool: ThreadPool::new(opts.threads),
             kv,
-            blocks: BlockAllocator::new(n_blocks),
+            blocks: BlockManager::new(n_blocks, BLOCK_SIZE),
             context,
         })
     }
@@ -264,14 +266,24 @@ impl Engine {
     }
 
     fn new_sequence(&self) -> Sequence {
+        Sequence::default()
+    }
+
+    /// A sequence that starts on the cached blocks of the longest known
+    /// prefix of `prompt`.
+    fn cached_sequence(&mut self, prompt: &[u32]) -> Sequence {
+        let (blocks, hashes) = self.blocks.lookup_prefix(prompt);
+        let len = blocks.len() * BLOCK_SIZE;
         Sequence {
-            blocks: Vec::new(),
-            len: 0,
+            blocks,
+            hashes,
+            tokens: prompt[..len].to_vec(),
+            len,
         }
     }
 
     fn release(&mut self, seq: Sequence) {
-        self.blocks.release(seq.blocks);
+        self.blocks.release(&seq.blocks);
     }
 
     /// Appends `tokens` to `seq` (prefilling in chunks) and returns the
@@ -320,6 +332,18 @@ impl Engine {
                 self.model
                     .forward(&batch, &mut self.kv, &chunk_rows, want_hidden, &self.pool)?;
             seq.len += chunk.len();
+            seq.tokens.extend_from_slice(chunk);
+            // Blocks that just filled up become reusable prefixes.
+            while seq.hashes.len() < seq.len / BLOCK_SIZE {
+                let i = seq.hashes.len();
+                let prev = seq.hashes.last().copied().unwrap_or_default();
+                let h = BlockManager::chain_hash(
+                    &prev,
+                    &seq.tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
+                );
+                self.blocks.register(seq.blocks[i], h);
+                seq.hashes.push(h);
+            }
             out.logits.extend_from_slice(&o.logits);
             if let (Some(h), Some(oh)) = (out.hidden.as_mut(), o.hidden) {
                 h.extend_from_slice(&oh);
@@ -350,10 +374,12 @@ impl Engine {
         let max_tokens = req.max_tokens.min(self.context - req.prompt.len());
         let mut sampler = Sampler::new(req.sampling.clone());
         let mut text = TextAssembler::new(&req.stop);
-        let mut seq = self.new_sequence();
+        let mut seq = self.cached_sequence(&req.prompt);
+        let cached_tokens = seq.len;
         let t0 = std::time::Instant::now();
         let result = (|| {
-            let out = self.extend(&mut seq, &req.prompt, &[req.prompt.len() - 1], false)?;
+            let rest = &req.prompt[cached_tokens..];
+            let out = self.extend(&mut seq, rest, &[rest.len() - 1], false)?;
             let prefill_secs = t0.elapsed().as_secs_f64();
             let t1 = std::time::Instant::now();
             let mut logits = out.logits;
@@ -388,11 +414,20 @@ impl Engine {
                     text: tail,
                 });
             }
+            tracing::debug!(
+                prompt = req.prompt.len(),
+                cached = cached_tokens,
+                generated = tokens.len(),
+                prefill_secs,
+                finish = finish.as_str(),
+                "generation done"
+            );
             Ok(GenerationSummary {
                 tokens,
                 text: text.emitted,
                 finish,
                 prompt_tokens: req.prompt.len(),
+                cached_tokens,
                 prefill_secs,
                 decode_secs: t1.elapsed().as_secs_f64(),
             })
@@ -402,9 +437,12 @@ impl Engine {
     }
 }
 
-/// A sequence's KV blocks and length.
+/// A sequence's KV blocks, tokens and the hashes of its full blocks.
+#[derive(Default)]
 struct Sequence {
     blocks: Vec<u32>,
+    hashes: Vec<BlockHash>,
+    tokens: Vec<u32>,
     len: usize,
 }
 

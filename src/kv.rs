@@ -5,6 +5,7 @@
 //! within a block are contiguous and attention reads them in place.
 
 use crate::error::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
 
 pub struct KvCache {
     pub block_size: usize,
@@ -82,33 +83,169 @@ impl KvCache {
     }
 }
 
-/// Hands out free blocks. Blocks are freed when their owner drops them.
-pub struct BlockAllocator {
-    free: Vec<u32>,
-    total: usize,
+/// Identity of a full block: a hash chained over every token from the
+/// start of the sequence up to the block's end (SHA-256, truncated).
+pub type BlockHash = [u8; 16];
+
+/// Hands out KV blocks with reference counts and prefix caching.
+///
+/// A block that filled up is registered under the chained hash of the tokens
+/// that produced it; a later sequence with the same prefix reuses it instead
+/// of recomputing. Blocks whose last owner left stay cached until the pool
+/// needs them, least recently released first.
+pub struct BlockManager {
+    block_size: usize,
+    refs: Vec<u32>,
+    hash: Vec<Option<BlockHash>>,
+    cached: HashMap<BlockHash, u32>,
+    /// Unowned blocks in hand-out order: uncached ones (negative keys) before
+    /// cached ones, which go oldest release first.
+    idle: BTreeMap<i64, u32>,
+    idle_key: Vec<i64>,
+    clock: i64,
+    front: i64,
 }
 
-impl BlockAllocator {
-    pub fn new(n_blocks: usize) -> Self {
-        BlockAllocator {
-            free: (0..n_blocks as u32).rev().collect(),
-            total: n_blocks,
+impl BlockManager {
+    pub fn new(n_blocks: usize, block_size: usize) -> Self {
+        let mut m = BlockManager {
+            block_size,
+            refs: vec![0; n_blocks],
+            hash: vec![None; n_blocks],
+            cached: HashMap::new(),
+            idle: BTreeMap::new(),
+            idle_key: vec![0; n_blocks],
+            clock: 0,
+            front: 0,
+        };
+        for b in 0..n_blocks as u32 {
+            m.make_idle(b);
         }
-    }
-
-    pub fn allocate(&mut self) -> Option<u32> {
-        self.free.pop()
-    }
-
-    pub fn release(&mut self, blocks: impl IntoIterator<Item = u32>) {
-        self.free.extend(blocks);
-    }
-
-    pub fn n_free(&self) -> usize {
-        self.free.len()
+        m
     }
 
     pub fn total(&self) -> usize {
-        self.total
+        self.refs.len()
+    }
+
+    /// Blocks that can be handed out now (free or cached-but-unowned).
+    pub fn n_available(&self) -> usize {
+        self.idle.len()
+    }
+
+    fn make_idle(&mut self, b: u32) {
+        let key = if self.hash[b as usize].is_some() {
+            self.clock += 1;
+            self.clock
+        } else {
+            self.front -= 1;
+            self.front
+        };
+        self.idle_key[b as usize] = key;
+        self.idle.insert(key, b);
+    }
+
+    /// The hash of a block of `tokens` that follows a block hashed `prev`
+    /// (all zeros for the first block).
+    pub fn chain_hash(prev: &BlockHash, tokens: &[u32]) -> BlockHash {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(prev);
+        for t in tokens {
+            h.update(t.to_le_bytes());
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize()[..16]);
+        out
+    }
+
+    /// A fresh block, evicting the least recently released cached one if need be.
+    pub fn allocate(&mut self) -> Option<u32> {
+        let (_, b) = self.idle.pop_first()?;
+        if let Some(h) = self.hash[b as usize].take() {
+            self.cached.remove(&h);
+        }
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    /// Takes a reference on the cached blocks that hold the longest prefix of
+    /// `tokens` (always leaving at least one token to compute); returns them
+    /// with their hashes.
+    pub fn lookup_prefix(&mut self, tokens: &[u32]) -> (Vec<u32>, Vec<BlockHash>) {
+        let usable = tokens.len().saturating_sub(1);
+        let (mut table, mut hashes) = (Vec::new(), Vec::new());
+        let mut prev = [0u8; 16];
+        for chunk in tokens[..usable].chunks_exact(self.block_size) {
+            let h = Self::chain_hash(&prev, chunk);
+            let Some(&b) = self.cached.get(&h) else { break };
+            if self.refs[b as usize] == 0 {
+                self.idle.remove(&self.idle_key[b as usize]);
+            }
+            self.refs[b as usize] += 1;
+            table.push(b);
+            hashes.push(h);
+            prev = h;
+        }
+        (table, hashes)
+    }
+
+    /// Offers a full block for reuse under hash `h` (unless another block
+    /// already holds that prefix).
+    pub fn register(&mut self, b: u32, h: BlockHash) {
+        if self.hash[b as usize].is_none() && !self.cached.contains_key(&h) {
+            self.hash[b as usize] = Some(h);
+            self.cached.insert(h, b);
+        }
+    }
+
+    /// Drops a sequence's references; unowned blocks stay cached until reused.
+    pub fn release(&mut self, table: &[u32]) {
+        for &b in table {
+            let r = &mut self.refs[b as usize];
+            debug_assert!(*r > 0, "releasing a free block");
+            *r -= 1;
+            if *r == 0 {
+                self.make_idle(b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_blocks_are_shared_then_evicted_oldest_first() {
+        let mut m = BlockManager::new(4, 2);
+        let toks = [1, 2, 3, 4, 5];
+        let (a, b) = (m.allocate().unwrap(), m.allocate().unwrap());
+        let h1 = BlockManager::chain_hash(&[0; 16], &toks[..2]);
+        let h2 = BlockManager::chain_hash(&h1, &toks[2..4]);
+        m.register(a, h1);
+        m.register(b, h2);
+        m.release(&[a, b]);
+        assert_eq!(m.n_available(), 4);
+
+        // A sequence with the same prefix gets both blocks back, shared.
+        let (table, hashes) = m.lookup_prefix(&toks);
+        assert_eq!((table.clone(), hashes), (vec![a, b], vec![h1, h2]));
+        let (again, _) = m.lookup_prefix(&toks);
+        assert_eq!(again, table);
+        assert_eq!(m.n_available(), 2);
+        // A different first token shares nothing: the hash is chained.
+        assert!(m.lookup_prefix(&[9, 2, 3, 4, 5]).0.is_empty());
+        m.release(&table);
+        m.release(&again);
+
+        // Uncached blocks go out first, then cached ones, least recently released first.
+        let order: Vec<u32> = (0..4).map(|_| m.allocate().unwrap()).collect();
+        assert_eq!(&order[2..], &[a, b]);
+        assert!(m.allocate().is_none());
+        assert!(
+            m.lookup_prefix(&toks).0.is_empty(),
+            "evicted blocks are no longer cached"
+        );
     }
 }

@@ -235,8 +235,9 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             println!();
             if verbose {
                 eprintln!(
-                    "prompt: {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens in {:.3}s ({:.1} tok/s); finish: {}",
+                    "prompt: {} tokens ({} from the prefix cache) in {:.3}s ({:.1} tok/s); generated {} tokens in {:.3}s ({:.1} tok/s); finish: {}",
                     s.prompt_tokens,
+                    s.cached_tokens,
                     s.prefill_secs,
                     s.prompt_tokens as f64 / s.prefill_secs,
                     s.tokens.len(),

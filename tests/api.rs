@@ -351,3 +351,63 @@ fn architecture_helpers() {
     assert_eq!(DeviceType::default(), DeviceType::Cpu);
     assert_eq!(ModelConfig::default().quantization, None);
 }
+
+#[test]
+fn prefix_cache_reuses_full_blocks_and_changes_nothing() {
+    use ruvllm::engine::GenerationRequest;
+    let dir = fixtures().join("gemma3/model-f32.gguf");
+    let mut e = ruvllm::engine::Engine::load(
+        &dir,
+        &ruvllm::engine::EngineOptions {
+            threads: 1,
+            context: Some(96),
+        },
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..40).map(|i| 10 + i * 7 % 400).collect();
+    let req = |p: Vec<u32>| GenerationRequest {
+        prompt: p,
+        sampling: SamplingParams::greedy(),
+        max_tokens: 12,
+        stop: vec![],
+        ignore_eos: true,
+    };
+    let first = e.generate(&req(prompt.clone()), &mut |_| true).unwrap();
+    assert_eq!(first.cached_tokens, 0);
+    let again = e.generate(&req(prompt.clone()), &mut |_| true).unwrap();
+    assert_eq!(
+        again.cached_tokens, 32,
+        "two full 16-token blocks of 40 tokens"
+    );
+    assert_eq!(
+        again.tokens, first.tokens,
+        "the cache must not change the output"
+    );
+
+    // A conversation's next turn extends the previous prompt and its answer
+    // (all of which but the last token went through the model: 51 tokens).
+    let mut turn2 = prompt.clone();
+    turn2.extend_from_slice(&first.tokens);
+    turn2.extend_from_slice(&[5, 6, 7]);
+    let t2 = e.generate(&req(turn2.clone()), &mut |_| true).unwrap();
+    assert_eq!(t2.cached_tokens, 48);
+    // Same answer as computed from scratch, in an engine without the cache.
+    let mut fresh = ruvllm::engine::Engine::load(
+        &dir,
+        &ruvllm::engine::EngineOptions {
+            threads: 1,
+            context: Some(96),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        fresh.generate(&req(turn2), &mut |_| true).unwrap().tokens,
+        t2.tokens
+    );
+
+    // Many different prompts through a 6-block cache: old entries are evicted, nothing fails.
+    for k in 0..20u32 {
+        let p: Vec<u32> = (0..70).map(|i| (k * 31 + i * 13) % 500).collect();
+        assert_eq!(e.generate(&req(p), &mut |_| true).unwrap().tokens.len(), 12);
+    }
+}
