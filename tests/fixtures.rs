@@ -210,3 +210,78 @@ fn sharded_safetensors_folder_loads_like_the_single_file() {
     assert!(max_abs_diff(&got, &floats(&expected["logits"])) <= 1e-3);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
+    use ruvllm::kv::KvCache;
+    use ruvllm::model::{load_gguf, Batch};
+    use ruvllm::threadpool::ThreadPool;
+    // gemma2: sliding-window and global layers, soft-capping.
+    let dir = fixtures().join("gemma2");
+    let expected = read_json(&dir.join("expected.json"));
+    let a_tokens = ids(&expected["input_ids"]);
+    let b_tokens: Vec<u32> = a_tokens.iter().rev().take(10).copied().collect();
+    let model = load_gguf(&dir.join("model-f32.gguf")).unwrap().model;
+    let s = &model.spec;
+    let pool = ThreadPool::new(2);
+    let new_cache = || KvCache::new(s.n_layers, s.n_kv_heads, s.head_dim, 4, 32);
+
+    // Each sequence alone, all positions' logits.
+    let alone = |tokens: &[u32], table: &[u32]| {
+        let mut kv = new_cache();
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        let batch = Batch {
+            tokens,
+            positions: &positions,
+            seq_index: &vec![0; tokens.len()],
+            block_tables: &[table],
+        };
+        model
+            .forward(&batch, &mut kv, &rows, false, &pool)
+            .unwrap()
+            .logits
+    };
+    let table_a: Vec<u32> = (0..6).collect();
+    let table_b: Vec<u32> = (10..13).collect();
+    let la = alone(&a_tokens, &table_a);
+    let lb = alone(&b_tokens, &table_b);
+    assert!(max_abs_diff(&la, &floats(&expected["logits"])) <= 1e-3);
+
+    // Both in one flat batch, interleaved, sharing one cache.
+    let mut kv = new_cache();
+    let (mut tokens, mut positions, mut seq_index) = (vec![], vec![], vec![]);
+    for i in 0..a_tokens.len() {
+        tokens.push(a_tokens[i]);
+        positions.push(i);
+        seq_index.push(0);
+        if i < b_tokens.len() {
+            tokens.push(b_tokens[i]);
+            positions.push(i);
+            seq_index.push(1);
+        }
+    }
+    let rows: Vec<usize> = (0..tokens.len()).collect();
+    let batch = Batch {
+        tokens: &tokens,
+        positions: &positions,
+        seq_index: &seq_index,
+        block_tables: &[&table_a, &table_b],
+    };
+    let both = model
+        .forward(&batch, &mut kv, &rows, false, &pool)
+        .unwrap()
+        .logits;
+    let v = s.vocab_size;
+    let (mut ia, mut ib) = (0, 0);
+    for (r, &seq) in seq_index.iter().enumerate() {
+        let got = &both[r * v..(r + 1) * v];
+        if seq == 0 {
+            assert_eq!(got, &la[ia * v..(ia + 1) * v], "sequence A position {ia}");
+            ia += 1;
+        } else {
+            assert_eq!(got, &lb[ib * v..(ib + 1) * v], "sequence B position {ib}");
+            ib += 1;
+        }
+    }
+}
