@@ -42,10 +42,6 @@ impl ChatTemplate {
         Ok(t)
     }
 
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
     fn env(&self) -> Result<minijinja::Environment<'_>> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);

@@ -104,18 +104,10 @@ pub struct TensorInfo {
     pub size: usize,
 }
 
-impl TensorInfo {
-    pub fn n_elements(&self) -> usize {
-        self.dims.iter().product()
-    }
-}
-
 /// A parsed, memory-mapped GGUF file.
 pub struct GgufFile {
     pub version: u32,
     pub metadata: HashMap<String, Value>,
-    /// Keys in file order, for display.
-    pub metadata_keys: Vec<String>,
     pub tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
     map: Arc<Mmap>,
@@ -132,7 +124,7 @@ impl GgufFile {
     }
 
     pub fn from_mmap(map: Arc<Mmap>) -> Result<Self> {
-        let (version, metadata, metadata_keys, tensors) = parse(&map)?;
+        let (version, metadata, tensors) = parse(&map)?;
         let index = tensors
             .iter()
             .enumerate()
@@ -141,7 +133,6 @@ impl GgufFile {
         Ok(GgufFile {
             version,
             metadata,
-            metadata_keys,
             tensors,
             index,
             map,
@@ -163,16 +154,11 @@ impl GgufFile {
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         &self.map[t.offset..t.offset + t.size]
     }
-
-    pub fn file_size(&self) -> usize {
-        self.map.len()
-    }
 }
 
 /// Parses header, metadata and tensor infos of a GGUF image. Public so the
 /// fuzz target can drive it on raw bytes.
-#[allow(clippy::type_complexity)]
-pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<String>, Vec<TensorInfo>)> {
+pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<TensorInfo>)> {
     let mut r = Reader { buf, pos: 0 };
     let magic = r.bytes(4, "magic")?;
     if magic != MAGIC {
@@ -192,7 +178,6 @@ pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<String>, Ve
     r.check_count(n_tensors, 24, "tensor count")?;
 
     let mut metadata = HashMap::new();
-    let mut keys = Vec::new();
     for i in 0..n_kv {
         let key = r.string(&format!("key of metadata entry {i}"))?;
         let ty = r.u32(&format!("type of metadata '{key}'"))?;
@@ -200,7 +185,6 @@ pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<String>, Ve
         if metadata.insert(key.clone(), value).is_some() {
             return Err(bad(format!("duplicate metadata key '{key}'")));
         }
-        keys.push(key);
     }
 
     let alignment = match metadata.get("general.alignment") {
@@ -302,7 +286,7 @@ pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<String>, Ve
             )));
         }
     }
-    Ok((version, metadata, keys, tensors))
+    Ok((version, metadata, tensors))
 }
 
 fn bad(msg: String) -> Error {

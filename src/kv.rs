@@ -124,10 +124,6 @@ impl BlockManager {
         m
     }
 
-    pub fn total(&self) -> usize {
-        self.refs.len()
-    }
-
     /// Blocks that can be handed out now (free or cached-but-unowned).
     pub fn n_available(&self) -> usize {
         self.idle.len()

@@ -246,22 +246,3 @@ pub fn argmax(logits: &[f32]) -> u32 {
     }
     best as u32
 }
-
-/// Log-softmax of the chosen token and the `n` most likely alternatives.
-pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let n = n.min(idx.len());
-    if n == 0 {
-        return Vec::new();
-    }
-    idx.select_nth_unstable_by(n - 1, |&a, &b| {
-        logits[b as usize].total_cmp(&logits[a as usize])
-    });
-    idx.truncate(n);
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    idx.into_iter()
-        .map(|i| (i, logits[i as usize] - lse))
-        .collect()
-}

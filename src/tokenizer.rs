@@ -76,10 +76,6 @@ impl Tokenizer {
         self.texts.get(id as usize).map(|s| s.as_str())
     }
 
-    pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.texts.iter().position(|t| t == text).map(|i| i as u32)
-    }
-
     pub fn is_control(&self, id: u32) -> bool {
         self.is_control.get(id as usize).copied().unwrap_or(false)
     }

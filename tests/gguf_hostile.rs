@@ -73,7 +73,7 @@ fn one_tensor(dims: &[u64], ty: u32, offset: u64, data: usize) -> Vec<u8> {
 
 #[test]
 fn a_valid_minimal_file_parses() {
-    let (v, md, _, tensors) = parse(&one_tensor(&[32, 2], 0, 0, 256)).unwrap();
+    let (v, md, tensors) = parse(&one_tensor(&[32, 2], 0, 0, 256)).unwrap();
     assert_eq!(v, 3);
     assert!(md.is_empty());
     assert_eq!(tensors[0].dims, vec![32, 2]);
@@ -171,7 +171,7 @@ fn hostile_tensor_infos() {
 fn truncation_anywhere_is_an_error() {
     let file = std::fs::read(fixtures().join("llama/model-q8_0.gguf")).unwrap();
     parse(&file).expect("the intact file parses");
-    let (_, _, _, tensors) = parse(&file).unwrap();
+    let (_, _, tensors) = parse(&file).unwrap();
     let data_start = tensors.iter().map(|t| t.offset).min().unwrap();
     // Every cut inside the header and metadata, and a spread through the data.
     let cuts = (0..data_start).chain((data_start..file.len()).step_by(997));
@@ -188,7 +188,7 @@ fn truncation_anywhere_is_an_error() {
 fn corrupt_bytes_never_panic() {
     // Flip bytes across the header; any outcome but a panic is acceptable.
     let file = std::fs::read(fixtures().join("qwen2/model-f32.gguf")).unwrap();
-    let (_, _, _, tensors) = parse(&file).unwrap();
+    let (_, _, tensors) = parse(&file).unwrap();
     let header = tensors.iter().map(|t| t.offset).min().unwrap();
     let mut rng = ruvllm::sampling::Rng::new(7);
     for _ in 0..3000 {

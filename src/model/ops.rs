@@ -169,23 +169,6 @@ pub fn softcap(x: &mut [f32], cap: f32) {
     }
 }
 
-/// Dot product in 16 interleaved lanes, vectorised by the compiler.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let n = a.len() / 16 * 16;
-    for (ac, bc) in a[..n].chunks_exact(16).zip(b[..n].chunks_exact(16)) {
-        for i in 0..16 {
-            acc[i] += ac[i] * bc[i];
-        }
-    }
-    let mut s = acc.iter().sum::<f32>();
-    for i in n..a.len() {
-        s += a[i] * b[i];
-    }
-    s
-}
-
 /// `out[i] = dot(qs[i], k)` for the `M` vectors of `qs` (each `k.len()` long),
 /// reading `k` once: the compiler keeps `M × 8` accumulators in registers.
 #[inline(always)]
@@ -275,13 +258,5 @@ pub fn weighted_sum_multi(ys: &mut [f32], w: &[f32], xs: &[&[f32]], m: usize) {
                 weighted_sums::<1>(y, &col, xs);
             }
         }
-    }
-}
-
-/// `y += a · x`, vectorised by the compiler.
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
     }
 }
