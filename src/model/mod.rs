@@ -280,6 +280,7 @@ impl Model {
         pool.for_each_chunk(n * s.n_kv_heads, 2, &|range| {
             let mut scores: Vec<f32> = Vec::new();
             let mut vals: Vec<&[f32]> = Vec::new();
+            let mut rows: Vec<f32> = Vec::new();
             for task in range {
                 let (t, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
                 let pos = batch.positions[t];
@@ -296,7 +297,8 @@ impl Model {
                     dot_multi(qs, k, &mut scores[j * group..(j + 1) * group]);
                 });
                 scores.iter_mut().for_each(|v| *v *= s.attn_scale);
-                let mut rows = vec![0f32; len];
+                rows.clear();
+                rows.resize(len, 0.0);
                 for g in 0..group {
                     for (j, r) in rows.iter_mut().enumerate() {
                         *r = scores[j * group + g];
