@@ -15,40 +15,22 @@ pub struct Norm {
 impl Norm {
     /// Normalises each `weight.len()`-wide row of `x` into `out`.
     pub fn apply(&self, x: &[f32], out: &mut [f32]) {
-        let d = self.weight.len();
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            self.apply_row(xr, or);
-        }
+        out.copy_from_slice(x);
+        self.apply_in_place(out);
     }
 
     pub fn apply_in_place(&self, x: &mut [f32]) {
-        let d = self.weight.len();
-        let mut tmp = vec![0f32; d];
-        for xr in x.chunks_exact_mut(d) {
-            self.apply_row(xr, &mut tmp);
-            xr.copy_from_slice(&tmp);
-        }
-    }
-
-    fn apply_row(&self, x: &[f32], out: &mut [f32]) {
-        let n = x.len() as f32;
-        if self.layer_norm {
-            let mean = x.iter().sum::<f32>() / n;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        for row in x.chunks_exact_mut(self.weight.len()) {
+            let n = row.len() as f32;
+            // LayerNorm centres on the mean; RMSNorm does not.
+            let shift = if self.layer_norm { row.iter().sum::<f32>() / n } else { 0.0 };
+            let var = row.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>() / n;
             let inv = 1.0 / (var + self.eps).sqrt();
-            for i in 0..x.len() {
-                out[i] = (x[i] - mean) * inv * self.weight[i];
+            for (v, w) in row.iter_mut().zip(&self.weight) {
+                *v = (*v - shift) * inv * w;
             }
-        } else {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / n;
-            let inv = 1.0 / (ms + self.eps).sqrt();
-            for i in 0..x.len() {
-                out[i] = x[i] * inv * self.weight[i];
-            }
-        }
-        if let Some(b) = &self.bias {
-            for (o, b) in out.iter_mut().zip(b) {
-                *o += b;
+            if let Some(b) = &self.bias {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
             }
         }
     }
