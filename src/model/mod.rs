@@ -280,7 +280,6 @@ impl Model {
         pool.for_each_chunk(n * s.n_kv_heads, 2, &|range| {
             let mut scores: Vec<f32> = Vec::new();
             let mut vals: Vec<&[f32]> = Vec::new();
-            let mut rows: Vec<f32> = Vec::new();
             for task in range {
                 let (t, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
                 let pos = batch.positions[t];
@@ -289,21 +288,15 @@ impl Model {
                 let len = pos + 1 - lo;
                 let h0 = kvh * group;
                 let qs = &q[(t * nh + h0) * hd..(t * nh + h0 + group) * hd];
-                // scores[j * group + g]: head h0 + g against key lo + j.
+                // scores[g * len + j]: head h0 + g against key lo + j.
                 scores.clear();
                 scores.resize(group * len, 0.0);
                 for_each_slot(table, lo, pos, bs, |j, block, slot| {
                     let k = &kv.keys(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd];
-                    dot_multi(qs, k, &mut scores[j * group..(j + 1) * group]);
+                    dot_multi(qs, k, &mut scores[j..], len);
                 });
-                scores.iter_mut().for_each(|v| *v *= s.attn_scale);
-                rows.clear();
-                rows.resize(len, 0.0);
-                for g in 0..group {
-                    for (j, r) in rows.iter_mut().enumerate() {
-                        *r = scores[j * group + g];
-                    }
-                    let row = &mut rows[..];
+                for row in scores.chunks_exact_mut(len) {
+                    row.iter_mut().for_each(|v| *v *= s.attn_scale);
                     if let Some(cap) = s.attn_softcap {
                         softcap(row, cap);
                     }
@@ -314,9 +307,7 @@ impl Model {
                         sum += *v;
                     }
                     let inv = 1.0 / sum;
-                    for (j, r) in row.iter().enumerate() {
-                        scores[j * group + g] = r * inv;
-                    }
+                    row.iter_mut().for_each(|v| *v *= inv);
                 }
                 // SAFETY: task (t, kvh) alone owns the heads h0..h0+group of token t.
                 let o = unsafe {
@@ -326,7 +317,7 @@ impl Model {
                 for_each_slot(table, lo, pos, bs, |_, block, slot| {
                     vals.push(&kv.values(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd]);
                 });
-                weighted_sum_multi(o, &scores, &vals, group);
+                weighted_sum_multi(o, &scores, &vals);
             }
         });
         out

@@ -23,7 +23,11 @@ impl Norm {
         for row in x.chunks_exact_mut(self.weight.len()) {
             let n = row.len() as f32;
             // LayerNorm centres on the mean; RMSNorm does not.
-            let shift = if self.layer_norm { row.iter().sum::<f32>() / n } else { 0.0 };
+            let shift = if self.layer_norm {
+                row.iter().sum::<f32>() / n
+            } else {
+                0.0
+            };
             let var = row.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>() / n;
             let inv = 1.0 / (var + self.eps).sqrt();
             for (v, w) in row.iter_mut().zip(&self.weight) {
@@ -151,10 +155,11 @@ pub fn softcap(x: &mut [f32], cap: f32) {
     }
 }
 
-/// `out[i] = dot(qs[i], k)` for the `M` vectors of `qs` (each `k.len()` long),
-/// reading `k` once: the compiler keeps `M × 8` accumulators in registers.
+/// `out[i·stride] = dot(qs[i], k)` for the `M` vectors of `qs` (each
+/// `k.len()` long), reading `k` once: the compiler keeps `M × 8`
+/// accumulators in registers.
 #[inline(always)]
-fn dots<const M: usize>(qs: &[f32], k: &[f32], out: &mut [f32]) {
+fn dots<const M: usize>(qs: &[f32], k: &[f32], out: &mut [f32], stride: usize) {
     let d = k.len();
     let mut acc = [[0f32; 8]; M];
     let full = d / 8 * 8;
@@ -172,39 +177,36 @@ fn dots<const M: usize>(qs: &[f32], k: &[f32], out: &mut [f32]) {
         for j in full..d {
             s += qs[i * d + j] * k[j];
         }
-        out[i] = s;
+        out[i * stride] = s;
     }
 }
 
-/// `out[i] = dot(qs[i], k)` for `out.len()` query vectors stored back to back.
-pub fn dot_multi(qs: &[f32], k: &[f32], out: &mut [f32]) {
-    match out.len() {
-        1 => dots::<1>(qs, k, out),
-        2 => dots::<2>(qs, k, out),
-        3 => dots::<3>(qs, k, out),
-        4 => dots::<4>(qs, k, out),
-        m => {
-            let d = k.len();
-            for i in (0..m).step_by(4) {
-                let n = (m - i).min(4);
-                dot_multi(&qs[i * d..(i + n) * d], k, &mut out[i..i + n]);
-            }
+/// `out[i·stride] = dot(qs[i], k)` for the query vectors stored back to back in `qs`.
+pub fn dot_multi(qs: &[f32], k: &[f32], out: &mut [f32], stride: usize) {
+    let d = k.len();
+    for (c, chunk) in qs.chunks(4 * d).enumerate() {
+        let out = &mut out[c * 4 * stride..];
+        match chunk.len() / d {
+            1 => dots::<1>(chunk, k, out, stride),
+            2 => dots::<2>(chunk, k, out, stride),
+            3 => dots::<3>(chunk, k, out, stride),
+            _ => dots::<4>(chunk, k, out, stride),
         }
     }
 }
 
-/// `ys[i] = Σ_j w[j·M + i] · xs[j]` for the `M` output vectors of `ys`,
-/// eight dimensions at a time so the sums stay in registers.
+/// `ys[i] = Σ_j w[i·n + j] · xs[j]` (n = `xs.len()`) for the `M` output
+/// vectors of `ys`, eight dimensions at a time so the sums stay in registers.
 #[inline(always)]
 fn weighted_sums<const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
-    let d = ys.len() / M;
+    let (d, n) = (ys.len() / M, xs.len());
     let full = d / 8 * 8;
     for c in (0..full).step_by(8) {
         let mut acc = [[0f32; 8]; M];
         for (j, x) in xs.iter().enumerate() {
             let xc = &x[c..c + 8];
             for (i, a) in acc.iter_mut().enumerate() {
-                let wi = w[j * M + i];
+                let wi = w[i * n + j];
                 for l in 0..8 {
                     a[l] += wi * xc[l];
                 }
@@ -219,26 +221,22 @@ fn weighted_sums<const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
             ys[i * d + c] = xs
                 .iter()
                 .enumerate()
-                .map(|(j, x)| w[j * M + i] * x[c])
+                .map(|(j, x)| w[i * n + j] * x[c])
                 .sum();
         }
     }
 }
 
-/// `ys[i] = Σ_j w[j·m + i] · xs[j]` for the `m = ys.len() / d` output vectors
-/// of `ys` (stored back to back, `d = xs[j].len()`).
-pub fn weighted_sum_multi(ys: &mut [f32], w: &[f32], xs: &[&[f32]], m: usize) {
-    match m {
-        1 => weighted_sums::<1>(ys, w, xs),
-        2 => weighted_sums::<2>(ys, w, xs),
-        3 => weighted_sums::<3>(ys, w, xs),
-        4 => weighted_sums::<4>(ys, w, xs),
-        _ => {
-            let d = ys.len() / m;
-            for (i, y) in ys.chunks_exact_mut(d).enumerate() {
-                let col: Vec<f32> = (0..xs.len()).map(|j| w[j * m + i]).collect();
-                weighted_sums::<1>(y, &col, xs);
-            }
+/// `ys[i] = Σ_j w[i·n + j] · xs[j]` for the output vectors stored back to
+/// back in `ys` (each `xs[j].len()` long; n = `xs.len()`).
+pub fn weighted_sum_multi(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
+    let (d, n) = (xs.first().map_or(1, |x| x.len()), xs.len());
+    for (ych, wch) in ys.chunks_mut(4 * d).zip(w.chunks(4 * n)) {
+        match ych.len() / d {
+            1 => weighted_sums::<1>(ych, wch, xs),
+            2 => weighted_sums::<2>(ych, wch, xs),
+            3 => weighted_sums::<3>(ych, wch, xs),
+            _ => weighted_sums::<4>(ych, wch, xs),
         }
     }
 }
