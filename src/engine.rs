@@ -1,28 +1,42 @@
-//! A loaded model with its tokenizer and chat template, running one
-//! generation at a time over the paged KV cache.
+//! A loaded model with its tokenizer and chat template, running any number
+//! of generations at once: each [`Engine::step`] asks the scheduler for a
+//! flat batch of tokens from many sequences, runs it through the model in one
+//! forward pass and turns the logits into tokens.
 
 use crate::chat::{ChatMessage, ChatTemplate, CHATML, GEMMA};
 use crate::error::{Error, Result};
-use crate::kv::{BlockHash, BlockManager, KvCache};
+use crate::kv::KvCache;
 use crate::model::{load_gguf, load_hf_folder, Batch, Family, Model, Output};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId};
 use crate::threadpool::ThreadPool;
 use crate::tokenizer::Tokenizer;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
-pub const BLOCK_SIZE: usize = 16;
-/// Prompts are run through the model this many tokens at a time, bounding
-/// activation memory whatever the prompt length.
-pub const PREFILL_CHUNK: usize = 512;
 /// Context used when the model's own is larger (memory grows with it).
 pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+/// The KV budget when none is given: this many full contexts, at most
+/// [`DEFAULT_KV_CAP_MB`].
+const DEFAULT_KV_CONTEXTS: usize = 4;
+const DEFAULT_KV_CAP_MB: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub threads: usize,
-    /// Tokens of context to allocate KV blocks for (capped by the model's).
+    /// Longest sequence (prompt + output) to accept; capped by the model's
+    /// context and by the KV pool.
     pub context: Option<usize>,
+    /// Memory for the KV block pool.
+    pub kv_cache_mb: Option<usize>,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Tokens one step may run, across all sequences (also the prefill chunk).
+    pub max_batched_tokens: usize,
+    /// Sequences that may run at once.
+    pub max_num_seqs: usize,
 }
 
 impl Default for EngineOptions {
@@ -30,6 +44,10 @@ impl Default for EngineOptions {
         EngineOptions {
             threads: default_threads(),
             context: None,
+            kv_cache_mb: None,
+            block_size: 16,
+            max_batched_tokens: 512,
+            max_num_seqs: 32,
         }
     }
 }
@@ -47,19 +65,6 @@ pub struct Provenance {
     pub file_size: u64,
     pub name: String,
     pub format: &'static str,
-}
-
-pub struct Engine {
-    pub model: Model,
-    pub tokenizer: Arc<Tokenizer>,
-    pub template: ChatTemplate,
-    pub provenance: Provenance,
-    /// A short description of the tensor types, e.g. "Q4_1: 210, F32: 61".
-    pub type_mix: Vec<(String, usize)>,
-    pool: ThreadPool,
-    kv: KvCache,
-    blocks: BlockManager,
-    context: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +87,7 @@ impl FinishReason {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
@@ -90,7 +95,14 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep going past EOS / end-of-turn tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Return the mean of the final hidden states instead of generating.
+    pub embed: bool,
 }
+
+/// Alternatives reported per token at most.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// One generated token and the text it completes (possibly empty while a
 /// multi-byte character or a possible stop string is pending).
@@ -98,7 +110,32 @@ pub struct GenerationRequest {
 pub struct TokenEvent {
     pub id: u32,
     pub text: String,
+    /// The token's log-probability under the model and the most likely
+    /// alternatives, when asked for.
+    pub logprobs: Option<TokenLogprobs>,
 }
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What a request hears from the engine.
+#[derive(Debug)]
+pub enum SeqEvent {
+    Token(TokenEvent),
+    /// Unit-length mean of the prompt's final hidden states.
+    Embedding {
+        vector: Vec<f32>,
+        tokens: usize,
+    },
+    Finished(GenerationSummary),
+    Failed(Error),
+}
+
+/// Receives a request's events; returning false cancels the request.
+pub type Sink = Box<dyn FnMut(SeqEvent) -> bool + Send>;
 
 #[derive(Debug, Clone)]
 pub struct GenerationSummary {
@@ -108,8 +145,49 @@ pub struct GenerationSummary {
     pub prompt_tokens: usize,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_tokens: usize,
+    /// From arrival to the first token.
     pub prefill_secs: f64,
+    /// From the first token to the last.
     pub decode_secs: f64,
+}
+
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Arc<ChatTemplate>,
+    pub provenance: Provenance,
+    /// A short description of the tensor types, e.g. "Q4_1: 210, F32: 61".
+    pub type_mix: Vec<(String, usize)>,
+    pool: ThreadPool,
+    kv: KvCache,
+    sched: Scheduler,
+    requests: HashMap<SeqId, Active>,
+    next_id: SeqId,
+    context: usize,
+    max_batched_tokens: usize,
+    counters: Counters,
+}
+
+/// Totals since the engine started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+}
+
+/// A request the engine is working on.
+struct Active {
+    req: GenerationRequest,
+    sampler: Sampler,
+    text: TextAssembler,
+    max_tokens: usize,
+    generated: Vec<u32>,
+    sink: Sink,
+    arrival: Instant,
+    first_token: Option<Instant>,
+    /// Sum of the prompt's hidden states so far (embedding requests).
+    embed_sum: Vec<f32>,
 }
 
 impl Engine {
@@ -172,19 +250,35 @@ impl Engine {
                 }
             }
         }
-        let context = opts
+        if opts.block_size == 0 || opts.block_size > 1024 {
+            return Err(Error::Config(format!(
+                "block size must be within 1..=1024, got {}",
+                opts.block_size
+            )));
+        }
+        let bs = opts.block_size;
+        let wanted = opts
             .context
             .unwrap_or(DEFAULT_MAX_CONTEXT)
             .min(spec.context_length)
             .max(1);
-        let n_blocks = context.div_ceil(BLOCK_SIZE);
-        let kv = KvCache::new(
-            spec.n_layers,
-            spec.n_kv_heads,
-            spec.head_dim,
-            BLOCK_SIZE,
-            n_blocks,
-        );
+        let per_block =
+            KvCache::bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim) * bs;
+        let n_blocks = match opts.kv_cache_mb {
+            Some(mb) => (mb << 20) / per_block,
+            None => (wanted.div_ceil(bs) * DEFAULT_KV_CONTEXTS)
+                .min((DEFAULT_KV_CAP_MB << 20) / per_block)
+                .max(wanted.div_ceil(bs)),
+        };
+        if n_blocks == 0 {
+            return Err(Error::Config(format!(
+                "a KV budget of {} MiB holds no block of {bs} tokens ({} KiB each)",
+                opts.kv_cache_mb.unwrap_or(0),
+                per_block >> 10
+            )));
+        }
+        let context = wanted.min(n_blocks * bs);
+        let kv = KvCache::new(spec.n_layers, spec.n_kv_heads, spec.head_dim, bs, n_blocks);
         let provenance = Provenance {
             path: path.to_path_buf(),
             file_size: if meta.is_dir() {
@@ -199,16 +293,28 @@ impl Engine {
             }),
             format,
         };
+        let max_batched_tokens = opts.max_batched_tokens.max(1);
         Ok(Engine {
             model,
             tokenizer: Arc::new(tokenizer),
-            template,
+            template: Arc::new(template),
             provenance,
             type_mix,
             pool: ThreadPool::new(opts.threads),
             kv,
-            blocks: BlockManager::new(n_blocks, BLOCK_SIZE),
+            sched: Scheduler::new(
+                n_blocks,
+                bs,
+                SchedulerConfig {
+                    max_batched_tokens,
+                    max_num_seqs: opts.max_num_seqs,
+                },
+            ),
+            requests: HashMap::new(),
+            next_id: 0,
             context,
+            max_batched_tokens,
+            counters: Counters::default(),
         })
     }
 
@@ -216,6 +322,7 @@ impl Engine {
         self.model.spec.family
     }
 
+    /// The longest sequence (prompt + output) a request may reach.
     pub fn context(&self) -> usize {
         self.context
     }
@@ -224,226 +331,463 @@ impl Engine {
         self.pool.n_threads()
     }
 
-    /// Renders a conversation with the model's template and tokenizes it.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
-        // Templates that write the BOS text themselves must not get a second one.
-        let bos_text = self
-            .tokenizer
-            .special
-            .bos
-            .and_then(|b| self.tokenizer.token_text(b));
-        let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(b));
-        self.tokenizer.encode(&text, !has_bos)
+    pub fn block_size(&self) -> usize {
+        self.kv.block_size
     }
 
-    /// Runs `tokens` through the model as one sequence starting at position 0
-    /// and returns the outputs for `rows`. Used for logits, embeddings and
-    /// prompt processing.
+    pub fn stats(&self) -> SchedulerStats {
+        self.sched.stats()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Whether any request is queued or running.
+    pub fn has_work(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    /// Renders a conversation with the model's template and tokenizes it.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        chat_prompt(&self.tokenizer, &self.template, messages)
+    }
+
+    /// A fresh request id (ids may also be chosen by the caller of
+    /// [`Engine::add_request`], as long as they are unique).
+    pub fn new_id(&mut self) -> SeqId {
+        self.next_id += 1;
+        self.next_id | (1 << 63)
+    }
+
+    /// Queues a request under `id`. With `after`, it waits until that
+    /// request has processed its prompt, so that an identical prompt is
+    /// shared through the prefix cache rather than computed twice.
+    pub fn add_request(
+        &mut self,
+        id: SeqId,
+        req: GenerationRequest,
+        after: Option<SeqId>,
+        mut sink: Sink,
+    ) {
+        if let Err(e) = validate(&req, self.context, self.model.spec.vocab_size) {
+            sink(SeqEvent::Failed(e));
+            return;
+        }
+        let max_tokens = req.max_tokens.min(self.context - req.prompt.len());
+        self.sched.add(
+            id,
+            req.prompt.clone(),
+            !req.embed,
+            after.filter(|a| self.requests.contains_key(a)),
+        );
+        let active = Active {
+            sampler: Sampler::new(req.sampling.clone()),
+            text: TextAssembler::new(&req.stop),
+            max_tokens,
+            generated: Vec::new(),
+            sink,
+            arrival: Instant::now(),
+            first_token: None,
+            embed_sum: Vec::new(),
+            req,
+        };
+        self.requests.insert(id, active);
+    }
+
+    /// Stops a request now and frees its blocks; its sink hears `Finished`
+    /// with [`FinishReason::Cancelled`].
+    pub fn abort(&mut self, id: SeqId) {
+        if self.requests.contains_key(&id) {
+            self.finish(id, FinishReason::Cancelled);
+        }
+    }
+
+    /// Runs one batch. Returns false when there was nothing to run.
+    pub fn step(&mut self) -> bool {
+        let chunks = self.sched.schedule();
+        if chunks.is_empty() {
+            return false;
+        }
+        match self.run_chunks(&chunks) {
+            Ok(out) => {
+                self.sched.commit(&chunks);
+                self.process(&chunks, out);
+            }
+            Err(e) => {
+                // Only a bug gets here (requests are validated on entry):
+                // fail the batch's requests rather than the whole engine.
+                tracing::error!("forward pass failed: {e}");
+                for c in &chunks {
+                    if let Some(mut a) = self.requests.remove(&c.id) {
+                        (a.sink)(SeqEvent::Failed(Error::InvalidRequest(e.to_string())));
+                    }
+                    self.sched.finish(c.id);
+                }
+            }
+        }
+        true
+    }
+
+    /// Fails every request (after a panic inside a step, whose state can no
+    /// longer be trusted) and clears the prefix cache.
+    pub fn fail_all(&mut self, why: &str) {
+        for id in self.requests.keys().copied().collect::<Vec<_>>() {
+            if let Some(mut a) = self.requests.remove(&id) {
+                (a.sink)(SeqEvent::Failed(Error::InvalidRequest(why.to_string())));
+            }
+            self.sched.finish(id);
+        }
+        self.sched.drop_cached();
+    }
+
+    /// Forgets the prefix cache and returns its memory to the system.
+    pub fn trim(&mut self) {
+        let blocks = self.sched.drop_cached();
+        self.kv.discard(&blocks);
+        // SAFETY: malloc_trim only returns free heap memory to the system.
+        unsafe { libc::malloc_trim(0) };
+        tracing::debug!(blocks = blocks.len(), "trimmed idle memory");
+    }
+
+    fn run_chunks(&mut self, chunks: &[Chunk]) -> Result<Output> {
+        let n: usize = chunks.iter().map(|c| c.len).sum();
+        let (mut tokens, mut positions, mut seq_index) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut rows, mut hidden_rows) = (Vec::new(), Vec::new());
+        let mut tables = Vec::with_capacity(chunks.len());
+        for (i, c) in chunks.iter().enumerate() {
+            let base = tokens.len();
+            tokens.extend_from_slice(&self.sched.tokens(c.id)[c.start..c.start + c.len]);
+            positions.extend(c.start..c.start + c.len);
+            seq_index.extend(std::iter::repeat_n(i, c.len));
+            tables.push(self.sched.block_table(c.id));
+            if self.requests[&c.id].req.embed {
+                hidden_rows.extend(base..base + c.len);
+            } else if c.completes {
+                rows.push(base + c.len - 1);
+            }
+        }
+        let batch = Batch {
+            tokens: &tokens,
+            positions: &positions,
+            seq_index: &seq_index,
+            block_tables: &tables,
+        };
+        self.model
+            .forward(&batch, &mut self.kv, &rows, &hidden_rows, &self.pool)
+    }
+
+    /// Turns a step's outputs into tokens and embeddings.
+    fn process(&mut self, chunks: &[Chunk], mut out: Output) {
+        let (vocab, h) = (self.model.spec.vocab_size, self.model.spec.hidden);
+        let mut logit_rows = out.logits.chunks_exact_mut(vocab);
+        let mut hidden_rows = out.hidden.chunks_exact(h);
+        for c in chunks {
+            let a = self
+                .requests
+                .get_mut(&c.id)
+                .expect("scheduled requests are active");
+            if a.req.embed {
+                if c.start == 0 {
+                    // Recomputed from the start after a preemption.
+                    a.embed_sum = vec![0.0; h];
+                }
+                for row in hidden_rows.by_ref().take(c.len) {
+                    a.embed_sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                }
+                if c.completes {
+                    let mut v = std::mem::take(&mut a.embed_sum);
+                    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    if norm > 0.0 {
+                        v.iter_mut().for_each(|x| *x /= norm);
+                    }
+                    let tokens = a.req.prompt.len();
+                    (a.sink)(SeqEvent::Embedding { vector: v, tokens });
+                    self.counters.prompt_tokens += tokens as u64;
+                    self.finish(c.id, FinishReason::Stop);
+                }
+                continue;
+            }
+            if !c.completes {
+                continue;
+            }
+            let logits = logit_rows.next().expect("a logit row per completed chunk");
+            if let Some(reason) = self.sample(c.id, logits) {
+                self.finish(c.id, reason);
+            }
+        }
+    }
+
+    /// Picks a sequence's next token and tells its sink; returns why the
+    /// request ends, if it does.
+    fn sample(&mut self, id: SeqId, logits: &mut [f32]) -> Option<FinishReason> {
+        let stop_ids = &self.tokenizer.special.stop;
+        let a = self.requests.get_mut(&id).expect("active");
+        let lp = a.req.logprobs.map(|k| log_softmax_top(logits, k));
+        let tok = a.sampler.sample(logits);
+        a.sampler.observe(tok);
+        a.generated.push(tok);
+        self.counters.generation_tokens += 1;
+        if a.first_token.is_none() {
+            a.first_token = Some(Instant::now());
+            self.counters.prompt_tokens += a.req.prompt.len() as u64;
+            self.counters.prefix_cache_hit_tokens += self.sched.cached_tokens(id) as u64;
+        }
+        if !a.req.ignore_eos && stop_ids.contains(&tok) {
+            return Some(FinishReason::Stop);
+        }
+        let (piece, hit_stop) = a.text.push(self.tokenizer.token_bytes(tok));
+        let logprobs = lp.map(|(all, top)| TokenLogprobs {
+            logprob: all[tok as usize],
+            top,
+        });
+        let alive = (a.sink)(SeqEvent::Token(TokenEvent {
+            id: tok,
+            text: piece,
+            logprobs,
+        }));
+        if !alive {
+            return Some(FinishReason::Cancelled);
+        }
+        if hit_stop {
+            return Some(FinishReason::Stop);
+        }
+        if a.generated.len() >= a.max_tokens {
+            return Some(FinishReason::Length);
+        }
+        self.sched.append(id, tok);
+        None
+    }
+
+    fn finish(&mut self, id: SeqId, finish: FinishReason) {
+        let cached_tokens = self.sched.cached_tokens(id);
+        self.sched.finish(id);
+        let Some(mut a) = self.requests.remove(&id) else {
+            return;
+        };
+        if a.req.embed {
+            return;
+        }
+        let tail = a.text.finish();
+        if !tail.is_empty() && finish != FinishReason::Cancelled {
+            (a.sink)(SeqEvent::Token(TokenEvent {
+                id: *a.generated.last().unwrap_or(&0),
+                text: tail,
+                logprobs: None,
+            }));
+        }
+        let now = Instant::now();
+        let first = a.first_token.unwrap_or(now);
+        tracing::debug!(
+            seq = id,
+            prompt = a.req.prompt.len(),
+            cached = cached_tokens,
+            generated = a.generated.len(),
+            finish = finish.as_str(),
+            "request done"
+        );
+        (a.sink)(SeqEvent::Finished(GenerationSummary {
+            tokens: a.generated,
+            text: a.text.emitted,
+            finish,
+            prompt_tokens: a.req.prompt.len(),
+            cached_tokens,
+            prefill_secs: (first - a.arrival).as_secs_f64(),
+            decode_secs: (now - first).as_secs_f64(),
+        }));
+    }
+
+    /// Generates from `req` alone, calling `on_token` for every token; it
+    /// returns false to cancel. The same path as batched serving.
+    pub fn generate(
+        &mut self,
+        req: &GenerationRequest,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<GenerationSummary> {
+        validate(req, self.context, self.model.spec.vocab_size)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let id = self.new_id();
+        self.add_request(
+            id,
+            req.clone(),
+            None,
+            Box::new(move |ev| tx.send(ev).is_ok()),
+        );
+        loop {
+            self.step();
+            while let Ok(ev) = rx.try_recv() {
+                match ev {
+                    SeqEvent::Token(t) => {
+                        if !on_token(&t) {
+                            self.abort(id);
+                        }
+                    }
+                    SeqEvent::Finished(s) => return Ok(s),
+                    SeqEvent::Failed(e) => return Err(e),
+                    SeqEvent::Embedding { .. } => {}
+                }
+            }
+        }
+    }
+
+    /// Runs `tokens` through the model as one sequence starting at position
+    /// 0 and returns the logits for `rows` (and their final hidden states).
+    /// Used for logits, tests and prompt benchmarks.
     pub fn forward_sequence(
         &mut self,
         tokens: &[u32],
         rows: &[usize],
         want_hidden: bool,
     ) -> Result<Output> {
-        let mut seq = self.new_sequence();
-        let r = self.extend(&mut seq, tokens, rows, want_hidden);
-        self.release(seq);
-        r
+        let hidden_rows = if want_hidden { rows } else { &[] };
+        self.with_sequence(tokens.len(), |e, table| {
+            let mut out = Output {
+                logits: Vec::new(),
+                hidden: Vec::new(),
+            };
+            let chunk = e.max_batched_tokens;
+            for (ci, toks) in tokens.chunks(chunk).enumerate() {
+                let base = ci * chunk;
+                let local = |rs: &[usize]| -> Vec<usize> {
+                    rs.iter()
+                        .filter(|&&r| r >= base && r < base + toks.len())
+                        .map(|&r| r - base)
+                        .collect()
+                };
+                let positions: Vec<usize> = (base..base + toks.len()).collect();
+                let batch = Batch {
+                    tokens: toks,
+                    positions: &positions,
+                    seq_index: &vec![0; toks.len()],
+                    block_tables: &[table],
+                };
+                let o = e.model.forward(
+                    &batch,
+                    &mut e.kv,
+                    &local(rows),
+                    &local(hidden_rows),
+                    &e.pool,
+                )?;
+                out.logits.extend_from_slice(&o.logits);
+                out.hidden.extend_from_slice(&o.hidden);
+            }
+            Ok(out)
+        })
     }
 
     /// Feeds `tokens` one at a time through the KV cache (the first as a
     /// one-token prefill) and returns each step's logits, `n × vocab`.
     pub fn decode_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let mut seq = self.new_sequence();
-        let mut logits = Vec::with_capacity(tokens.len() * self.model.spec.vocab_size);
-        let r = tokens.iter().try_for_each(|&t| {
-            logits.extend(self.extend(&mut seq, &[t], &[0], false)?.logits);
-            Ok(())
-        });
-        self.release(seq);
-        r.map(|_| logits)
-    }
-
-    fn new_sequence(&self) -> Sequence {
-        Sequence::default()
-    }
-
-    /// A sequence that starts on the cached blocks of the longest known
-    /// prefix of `prompt`.
-    fn cached_sequence(&mut self, prompt: &[u32]) -> Sequence {
-        let (blocks, hashes) = self.blocks.lookup_prefix(prompt);
-        let len = blocks.len() * BLOCK_SIZE;
-        Sequence {
-            blocks,
-            hashes,
-            tokens: prompt[..len].to_vec(),
-            len,
-        }
-    }
-
-    fn release(&mut self, seq: Sequence) {
-        self.blocks.release(&seq.blocks);
-    }
-
-    /// Appends `tokens` to `seq` (prefilling in chunks) and returns the
-    /// outputs for `rows` (indices into `tokens`).
-    fn extend(
-        &mut self,
-        seq: &mut Sequence,
-        tokens: &[u32],
-        rows: &[usize],
-        want_hidden: bool,
-    ) -> Result<Output> {
-        if seq.len + tokens.len() > self.context {
-            return Err(Error::InvalidRequest(format!(
-                "{} tokens exceed the context of {} tokens",
-                seq.len + tokens.len(),
-                self.context
-            )));
-        }
-        while seq.blocks.len() * BLOCK_SIZE < seq.len + tokens.len() {
-            let b = self
-                .blocks
-                .allocate()
-                .ok_or_else(|| Error::InvalidRequest("KV cache is full".into()))?;
-            seq.blocks.push(b);
-        }
-        let mut out = Output {
-            logits: Vec::with_capacity(rows.len() * self.model.spec.vocab_size),
-            hidden: want_hidden.then(Vec::new),
-        };
-        for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            let base = ci * PREFILL_CHUNK;
-            let positions: Vec<usize> = (seq.len..seq.len + chunk.len()).collect();
-            let chunk_rows: Vec<usize> = rows
-                .iter()
-                .filter(|&&r| r >= base && r < base + chunk.len())
-                .map(|&r| r - base)
-                .collect();
-            let tables = [seq.blocks.as_slice()];
-            let batch = Batch {
-                tokens: chunk,
-                positions: &positions,
-                seq_index: &vec![0; chunk.len()],
-                block_tables: &tables,
-            };
-            let o =
-                self.model
-                    .forward(&batch, &mut self.kv, &chunk_rows, want_hidden, &self.pool)?;
-            seq.len += chunk.len();
-            seq.tokens.extend_from_slice(chunk);
-            // Blocks that just filled up become reusable prefixes.
-            while seq.hashes.len() < seq.len / BLOCK_SIZE {
-                let i = seq.hashes.len();
-                let prev = seq.hashes.last().copied().unwrap_or_default();
-                let h = BlockManager::chain_hash(
-                    &prev,
-                    &seq.tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
+        self.with_sequence(tokens.len(), |e, table| {
+            let mut logits = Vec::with_capacity(tokens.len() * e.model.spec.vocab_size);
+            for (p, &t) in tokens.iter().enumerate() {
+                let batch = Batch {
+                    tokens: &[t],
+                    positions: &[p],
+                    seq_index: &[0],
+                    block_tables: &[table],
+                };
+                logits.extend(
+                    e.model
+                        .forward(&batch, &mut e.kv, &[0], &[], &e.pool)?
+                        .logits,
                 );
-                self.blocks.register(seq.blocks[i], h);
-                seq.hashes.push(h);
             }
-            out.logits.extend_from_slice(&o.logits);
-            if let (Some(h), Some(oh)) = (out.hidden.as_mut(), o.hidden) {
-                h.extend_from_slice(&oh);
-            }
-        }
-        Ok(out)
+            Ok(logits)
+        })
     }
 
-    /// Generates from `req`, calling `on_token` for every token; it returns
-    /// false to cancel.
-    pub fn generate(
+    /// Lends `f` a block table for a private sequence of `len` tokens.
+    fn with_sequence<T>(
         &mut self,
-        req: &GenerationRequest,
-        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
-    ) -> Result<GenerationSummary> {
-        let vocab = self.model.spec.vocab_size;
-        req.sampling.validate(vocab)?;
-        if req.prompt.is_empty() {
-            return Err(Error::InvalidRequest("the prompt is empty".into()));
-        }
-        if req.prompt.len() >= self.context {
+        len: usize,
+        f: impl FnOnce(&mut Self, &[u32]) -> Result<T>,
+    ) -> Result<T> {
+        if len == 0 || len > self.context {
             return Err(Error::InvalidRequest(format!(
-                "the prompt has {} tokens, but the context holds {} (including at least one generated token)",
-                req.prompt.len(),
+                "{len} tokens: the context holds 1 to {} tokens",
                 self.context
             )));
         }
-        let max_tokens = req.max_tokens.min(self.context - req.prompt.len());
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut text = TextAssembler::new(&req.stop);
-        let mut seq = self.cached_sequence(&req.prompt);
-        let cached_tokens = seq.len;
-        let t0 = std::time::Instant::now();
-        let result = (|| {
-            let rest = &req.prompt[cached_tokens..];
-            let out = self.extend(&mut seq, rest, &[rest.len() - 1], false)?;
-            let prefill_secs = t0.elapsed().as_secs_f64();
-            let t1 = std::time::Instant::now();
-            let mut logits = out.logits;
-            let mut tokens = Vec::new();
-            let mut finish = FinishReason::Length;
-            while tokens.len() < max_tokens {
-                let id = sampler.sample(&mut logits);
-                sampler.observe(id);
-                tokens.push(id);
-                if !req.ignore_eos && self.tokenizer.special.stop.contains(&id) {
-                    finish = FinishReason::Stop;
-                    break;
+        let mut table = Vec::new();
+        while table.len() * self.block_size() < len {
+            match self.sched.blocks.allocate() {
+                Some(b) => table.push(b),
+                None => {
+                    self.sched.blocks.release(&table);
+                    return Err(Error::InvalidRequest("the KV cache is busy".into()));
                 }
-                let (piece, hit_stop) = text.push(self.tokenizer.token_bytes(id));
-                if !on_token(&TokenEvent { id, text: piece }) {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
-                if hit_stop {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                if tokens.len() == max_tokens {
-                    break;
-                }
-                logits = self.extend(&mut seq, &[id], &[0], false)?.logits;
             }
-            let tail = text.finish();
-            if !tail.is_empty() && finish != FinishReason::Cancelled {
-                on_token(&TokenEvent {
-                    id: *tokens.last().unwrap_or(&0),
-                    text: tail,
-                });
-            }
-            tracing::debug!(
-                prompt = req.prompt.len(),
-                cached = cached_tokens,
-                generated = tokens.len(),
-                prefill_secs,
-                finish = finish.as_str(),
-                "generation done"
-            );
-            Ok(GenerationSummary {
-                tokens,
-                text: text.emitted,
-                finish,
-                prompt_tokens: req.prompt.len(),
-                cached_tokens,
-                prefill_secs,
-                decode_secs: t1.elapsed().as_secs_f64(),
-            })
-        })();
-        self.release(seq);
-        result
+        }
+        let r = f(self, &table);
+        self.sched.blocks.release(&table);
+        r
     }
 }
 
-/// A sequence's KV blocks, tokens and the hashes of its full blocks.
-#[derive(Default)]
-struct Sequence {
-    blocks: Vec<u32>,
-    hashes: Vec<BlockHash>,
-    tokens: Vec<u32>,
-    len: usize,
+/// Checks a request against the engine's limits before it is queued.
+pub fn validate(req: &GenerationRequest, context: usize, vocab: usize) -> Result<()> {
+    req.sampling.validate(vocab)?;
+    if req.prompt.is_empty() {
+        return Err(Error::InvalidRequest("the prompt is empty".into()));
+    }
+    if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::InvalidRequest(format!(
+            "token id {t} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let room = if req.embed { 0 } else { 1 };
+    if req.prompt.len() + room > context {
+        return Err(Error::InvalidRequest(format!(
+            "the prompt has {} tokens, but the context holds {context}{}",
+            req.prompt.len(),
+            if req.embed {
+                ""
+            } else {
+                " (including at least one generated token)"
+            }
+        )));
+    }
+    if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+        return Err(Error::InvalidRequest(format!(
+            "at most {MAX_TOP_LOGPROBS} top log-probabilities per token"
+        )));
+    }
+    Ok(())
+}
+
+/// Renders a conversation with a template and tokenizes it.
+pub fn chat_prompt(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+) -> Result<Vec<u32>> {
+    let text = template.render(messages, true)?;
+    // Templates that write the BOS text themselves must not get a second one.
+    let bos_text = tokenizer.special.bos.and_then(|b| tokenizer.token_text(b));
+    let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(b));
+    tokenizer.encode(&text, !has_bos)
+}
+
+/// Log-probabilities of every token (natural log) and the `k` most likely.
+fn log_softmax_top(logits: &[f32], k: usize) -> (Vec<f32>, Vec<(u32, f32)>) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let all: Vec<f32> = logits.iter().map(|&v| v - lse).collect();
+    let mut idx: Vec<u32> = (0..all.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| all[b as usize].total_cmp(&all[a as usize]));
+    }
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| all[b as usize].total_cmp(&all[a as usize]).then(a.cmp(&b)));
+    let top = idx.into_iter().map(|i| (i, all[i as usize])).collect();
+    (all, top)
 }
 
 /// Turns token bytes into text: holds back incomplete UTF-8 and any tail that

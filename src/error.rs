@@ -28,6 +28,10 @@ pub enum Error {
     NoModel,
     #[error("not implemented: {0}")]
     NotImplemented(String),
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

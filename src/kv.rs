@@ -69,6 +69,18 @@ impl KvCache {
         }
     }
 
+    /// Gives the memory of `blocks` back to the operating system; they read
+    /// as zeros until written again.
+    pub fn discard(&mut self, blocks: &[u32]) {
+        let per_block = self.n_kv_heads * self.block_size * self.head_dim;
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            for &b in blocks {
+                let range = &mut layer[b as usize * per_block..(b as usize + 1) * per_block];
+                release_pages(range);
+            }
+        }
+    }
+
     /// Keys (or values) of `head` for slots `0..n` of `block`, contiguous.
     #[inline]
     pub fn keys(&self, layer: usize, block: usize, head: usize, n: usize) -> &[f32] {
@@ -80,6 +92,21 @@ impl KvCache {
     pub fn values(&self, layer: usize, block: usize, head: usize, n: usize) -> &[f32] {
         let i = self.index(block, head, 0);
         &self.v[layer][i..i + n * self.head_dim]
+    }
+}
+
+/// Drops the whole pages inside `data` from memory.
+fn release_pages(data: &mut [f32]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let start = data.as_mut_ptr() as usize;
+    let end = start + std::mem::size_of_val(data);
+    let (lo, hi) = (start.next_multiple_of(page), end / page * page);
+    if hi > lo {
+        // SAFETY: [lo, hi) lies within `data`, which we borrow mutably, so no
+        // one else reads it. MADV_DONTNEED keeps the private anonymous pages
+        // mapped and makes them read as zeros, a valid value for f32.
+        unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
     }
 }
 
@@ -102,6 +129,8 @@ pub struct BlockManager {
     /// cached ones, which go oldest release first.
     idle: BTreeMap<i64, u32>,
     idle_key: Vec<i64>,
+    /// Idle blocks that hold a cached prefix.
+    idle_cached: usize,
     clock: i64,
     front: i64,
 }
@@ -115,6 +144,7 @@ impl BlockManager {
             cached: HashMap::new(),
             idle: BTreeMap::new(),
             idle_key: vec![0; n_blocks],
+            idle_cached: 0,
             clock: 0,
             front: 0,
         };
@@ -124,13 +154,41 @@ impl BlockManager {
         m
     }
 
+    pub fn n_blocks(&self) -> usize {
+        self.refs.len()
+    }
+
     /// Blocks that can be handed out now (free or cached-but-unowned).
     pub fn n_available(&self) -> usize {
         self.idle.len()
     }
 
+    /// Unowned blocks kept for prefix reuse.
+    pub fn n_cached_idle(&self) -> usize {
+        self.idle_cached
+    }
+
+    /// Forgets the prefixes of all unowned blocks and returns those blocks.
+    pub fn evict_idle_cached(&mut self) -> Vec<u32> {
+        let evicted: Vec<u32> = self
+            .idle
+            .values()
+            .copied()
+            .filter(|&b| self.hash[b as usize].is_some())
+            .collect();
+        for &b in &evicted {
+            self.idle.remove(&self.idle_key[b as usize]);
+            let h = self.hash[b as usize].take().expect("cached");
+            self.cached.remove(&h);
+            self.idle_cached -= 1;
+            self.make_idle(b);
+        }
+        evicted
+    }
+
     fn make_idle(&mut self, b: u32) {
         let key = if self.hash[b as usize].is_some() {
+            self.idle_cached += 1;
             self.clock += 1;
             self.clock
         } else {
@@ -160,6 +218,7 @@ impl BlockManager {
         let (_, b) = self.idle.pop_first()?;
         if let Some(h) = self.hash[b as usize].take() {
             self.cached.remove(&h);
+            self.idle_cached -= 1;
         }
         self.refs[b as usize] = 1;
         Some(b)
@@ -177,6 +236,7 @@ impl BlockManager {
             let Some(&b) = self.cached.get(&h) else { break };
             if self.refs[b as usize] == 0 {
                 self.idle.remove(&self.idle_key[b as usize]);
+                self.idle_cached -= 1;
             }
             self.refs[b as usize] += 1;
             table.push(b);

@@ -11,12 +11,16 @@
 pub mod backends;
 pub mod chat;
 pub mod engine;
+pub mod engine_loop;
 pub mod error;
 pub mod gguf;
 pub mod kv;
+pub mod metrics;
 pub mod model;
 pub mod quant;
 pub mod sampling;
+pub mod scheduler;
+pub mod server;
 pub mod tensor;
 pub mod threadpool;
 pub mod tokenizer;

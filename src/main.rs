@@ -1,5 +1,7 @@
 //! The `ruvllm` command line.
 
+mod cli;
+
 use clap::{Args, Parser, Subcommand};
 use ruvllm::chat::ChatMessage;
 use ruvllm::engine::{default_threads, Engine, EngineOptions, GenerationRequest};
@@ -165,6 +167,75 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// OpenAI-compatible HTTP server with continuous batching.
+    Serve(Box<ServeArgs>),
+    /// Load test: concurrent streaming clients against an OpenAI-compatible server.
+    BenchServe {
+        /// Server base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Model name to send (default: none; servers use their only model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Concurrent clients.
+        #[arg(long, short = 'c', default_value_t = 16)]
+        clients: usize,
+        /// Requests in all (default: twice the clients).
+        #[arg(long)]
+        requests: Option<usize>,
+        /// Output tokens per request (EOS is ignored).
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// Name for this run in the report.
+        #[arg(long, default_value = "server")]
+        label: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Memory for the KV block pool (default: 4 full contexts, at most 1 GiB).
+    #[arg(long)]
+    kv_cache_mb: Option<usize>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Tokens one step may run across all sequences (the prefill chunk).
+    #[arg(long, default_value_t = 512)]
+    max_batched_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 32)]
+    max_num_seqs: usize,
+    /// Requests that may wait beyond those running; more get 429.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// Require `Authorization: Bearer KEY` on the API routes.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Allowed CORS origin (repeatable; "*" for any).
+    #[arg(long)]
+    cors: Vec<String>,
+    /// Longest a request may run, in seconds.
+    #[arg(long, default_value_t = 600)]
+    request_timeout_secs: u64,
+    /// Largest request body, in KiB.
+    #[arg(long, default_value_t = 2048)]
+    max_body_kb: usize,
+    /// Another name the model answers to.
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Seconds idle before the prefix cache is dropped and memory returned.
+    #[arg(long, default_value_t = 10)]
+    idle_trim_secs: u64,
 }
 
 fn main() {
@@ -192,11 +263,46 @@ fn load(m: &ModelArgs) -> ruvllm::Result<Engine> {
             m.model.display()
         )));
     }
-    let opts = EngineOptions {
+    Engine::load(&m.model, &engine_options(m))
+}
+
+fn engine_options(m: &ModelArgs) -> EngineOptions {
+    EngineOptions {
         threads: m.threads.unwrap_or_else(default_threads),
         context: m.ctx_size,
-    };
-    Engine::load(&m.model, &opts)
+        ..Default::default()
+    }
+}
+
+fn serve(a: ServeArgs) -> ruvllm::Result<()> {
+    let addr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .map_err(|e| ruvllm::Error::InvalidRequest(format!("bad --host/--port: {e}")))?;
+    if !a.model.model.exists() {
+        load(&a.model)?; // reports the missing file with its hint
+    }
+    cli::serve::run(cli::serve::ServeConfig {
+        model: a.model.model.clone(),
+        addr,
+        engine: EngineOptions {
+            kv_cache_mb: a.kv_cache_mb,
+            block_size: a.block_size,
+            max_batched_tokens: a.max_batched_tokens,
+            max_num_seqs: a.max_num_seqs,
+            ..engine_options(&a.model)
+        },
+        engine_loop: ruvllm::engine_loop::LoopOptions {
+            max_waiting: a.max_waiting,
+            idle_trim: std::time::Duration::from_secs(a.idle_trim_secs),
+        },
+        server: ruvllm::server::ServerOptions {
+            served_model_name: a.served_model_name,
+            api_key: a.api_key,
+            cors: a.cors,
+            request_timeout: std::time::Duration::from_secs(a.request_timeout_secs.max(1)),
+            max_body_bytes: a.max_body_kb.saturating_mul(1024),
+        },
+    })
 }
 
 fn run(cli: Cli) -> ruvllm::Result<()> {
@@ -224,7 +330,7 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
                 sampling: sampling.params(),
                 max_tokens: sampling.max_tokens,
                 stop: sampling.stop.clone(),
-                ignore_eos: false,
+                ..Default::default()
             };
             let mut out = std::io::stdout();
             let s = e.generate(&req, &mut |t| {
@@ -283,6 +389,24 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             repetitions,
             json,
         } => bench(&model, &n_prompt, &n_gen, repetitions, json),
+        Command::Serve(a) => serve(*a),
+        Command::BenchServe {
+            url,
+            model,
+            clients,
+            requests,
+            max_tokens,
+            label,
+            json,
+        } => cli::bench_serve::run(cli::bench_serve::BenchServeConfig {
+            url: url.trim_end_matches('/').to_string(),
+            model,
+            clients: clients.max(1),
+            requests: requests.unwrap_or(2 * clients.max(1)),
+            max_tokens,
+            label,
+            json,
+        }),
     }
 }
 
@@ -316,7 +440,7 @@ fn chat(m: &ModelArgs, s: &SamplingArgs, system: Option<String>) -> ruvllm::Resu
             sampling: s.params(),
             max_tokens: s.max_tokens,
             stop: s.stop.clone(),
-            ignore_eos: false,
+            ..Default::default()
         };
         match e.generate(&req, &mut |t| {
             let _ = out.write_all(t.text.as_bytes());

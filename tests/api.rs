@@ -361,6 +361,7 @@ fn prefix_cache_reuses_full_blocks_and_changes_nothing() {
         &ruvllm::engine::EngineOptions {
             threads: 1,
             context: Some(96),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -371,6 +372,7 @@ fn prefix_cache_reuses_full_blocks_and_changes_nothing() {
         max_tokens: 12,
         stop: vec![],
         ignore_eos: true,
+        ..Default::default()
     };
     let first = e.generate(&req(prompt.clone()), &mut |_| true).unwrap();
     assert_eq!(first.cached_tokens, 0);
@@ -397,6 +399,7 @@ fn prefix_cache_reuses_full_blocks_and_changes_nothing() {
         &ruvllm::engine::EngineOptions {
             threads: 1,
             context: Some(96),
+            ..Default::default()
         },
     )
     .unwrap();

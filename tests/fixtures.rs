@@ -23,7 +23,7 @@ fn check_f32_source(model: &Path, expected: &serde_json::Value, what: &str) {
     let d = max_abs_diff(&out.logits, &want);
     assert!(d <= 1e-3, "{what}: logits differ by {d}");
     if let Some(h) = expected.get("final_hidden") {
-        let d = max_abs_diff(out.hidden.as_ref().unwrap(), &floats(h));
+        let d = max_abs_diff(&out.hidden, &floats(h));
         assert!(d <= 1e-3, "{what}: final hidden states differ by {d}");
     }
 
@@ -42,6 +42,7 @@ fn check_f32_source(model: &Path, expected: &serde_json::Value, what: &str) {
         max_tokens: greedy.len(),
         stop: vec![],
         ignore_eos: true,
+        ..Default::default()
     };
     let got = e.generate(&req, &mut |_| true).unwrap();
     assert_eq!(got.tokens, greedy, "{what}: greedy continuation");
@@ -238,7 +239,7 @@ fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
             block_tables: &[table],
         };
         model
-            .forward(&batch, &mut kv, &rows, false, &pool)
+            .forward(&batch, &mut kv, &rows, &[], &pool)
             .unwrap()
             .logits
     };
@@ -269,7 +270,7 @@ fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
         block_tables: &[&table_a, &table_b],
     };
     let both = model
-        .forward(&batch, &mut kv, &rows, false, &pool)
+        .forward(&batch, &mut kv, &rows, &[], &pool)
         .unwrap()
         .logits;
     let v = s.vocab_size;

@@ -210,6 +210,7 @@ fn damaged_models_fail_to_load_with_a_message() {
     let opts = EngineOptions {
         threads: 1,
         context: Some(64),
+        ..Default::default()
     };
 
     // Truncated in the tensor data.

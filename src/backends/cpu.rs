@@ -1,17 +1,17 @@
-//! The CPU backend: an [`Engine`] behind a mutex, generations on a thread
-//! of their own when streamed.
+//! The CPU backend: the serving engine loop behind the `LlmBackend` API.
+//! Every call is a request to the same loop, so concurrent callers are
+//! batched together.
 
 use super::*;
-use crate::engine::{Engine, EngineOptions, GenerationRequest};
+use crate::engine::{Engine, EngineOptions, GenerationRequest, SeqEvent};
+use crate::engine_loop::{EngineHandle, LoopOptions};
 use crate::error::Error;
 use crate::quant::GgmlType;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 pub struct CpuBackend {
-    engine: Option<Arc<Mutex<Engine>>>,
-    tokenizer: Option<Arc<crate::tokenizer::Tokenizer>>,
+    engine: Option<EngineHandle>,
 }
 
 impl CpuBackend {
@@ -19,29 +19,40 @@ impl CpuBackend {
         Self::default()
     }
 
-    fn engine(&self) -> Result<&Arc<Mutex<Engine>>> {
+    fn engine(&self) -> Result<&EngineHandle> {
         self.engine.as_ref().ok_or(Error::NoModel)
     }
 
-    fn request(
-        engine: &Engine,
-        prompt: &str,
-        params: &GenerateParams,
-    ) -> Result<GenerationRequest> {
-        Ok(GenerationRequest {
-            prompt: engine.tokenizer.encode(prompt, true)?,
-            sampling: params.sampling(),
-            max_tokens: params.max_tokens,
-            stop: params.stop_sequences.clone(),
-            ignore_eos: false,
-        })
+    /// Submits one request and blocks until its terminal event.
+    fn run_blocking(&self, req: GenerationRequest) -> Result<SeqEvent> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _guard = self.engine()?.submit(
+            vec![req],
+            vec![Box::new(move |ev| match ev {
+                SeqEvent::Token(_) => true,
+                ev => tx.send(ev).is_ok(),
+            })],
+        )?;
+        match rx.recv() {
+            Ok(SeqEvent::Failed(e)) => Err(e),
+            Ok(ev) => Ok(ev),
+            Err(_) => Err(Error::Internal("the engine stopped".into())),
+        }
     }
 }
 
-fn lock(e: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
-    // A panic inside a generation leaves the engine usable: its state is
-    // rebuilt per request.
-    e.lock().unwrap_or_else(|p| p.into_inner())
+fn request(
+    engine: &EngineHandle,
+    prompt: &str,
+    params: &GenerateParams,
+) -> Result<GenerationRequest> {
+    Ok(GenerationRequest {
+        prompt: engine.tokenizer.encode(prompt, true)?,
+        sampling: params.sampling(),
+        max_tokens: params.max_tokens,
+        stop: params.stop_sequences.clone(),
+        ..Default::default()
+    })
 }
 
 impl LlmBackend for CpuBackend {
@@ -63,6 +74,7 @@ impl LlmBackend for CpuBackend {
                 .num_threads
                 .unwrap_or_else(crate::engine::default_threads),
             context: Some(config.max_sequence_length),
+            ..Default::default()
         };
         let mut engine = Engine::load(path, &opts)?;
         match config.quantization {
@@ -74,15 +86,20 @@ impl LlmBackend for CpuBackend {
                 )))
             }
         }
-        self.tokenizer = Some(engine.tokenizer.clone());
-        self.engine = Some(Arc::new(Mutex::new(engine)));
+        self.engine = Some(EngineHandle::spawn(
+            engine,
+            LoopOptions::default(),
+            opts.max_num_seqs,
+        )?);
         Ok(())
     }
 
     fn generate(&self, prompt: &str, params: GenerateParams) -> Result<String> {
-        let mut e = lock(self.engine()?);
-        let req = Self::request(&e, prompt, &params)?;
-        Ok(e.generate(&req, &mut |_| true)?.text)
+        let req = request(self.engine()?, prompt, &params)?;
+        match self.run_blocking(req)? {
+            SeqEvent::Finished(s) => Ok(s.text),
+            _ => Err(Error::Internal("unexpected event".into())),
+        }
     }
 
     fn generate_stream(
@@ -100,74 +117,58 @@ impl LlmBackend for CpuBackend {
     }
 
     fn generate_stream_v2(&self, prompt: &str, params: GenerateParams) -> Result<TokenStream> {
-        let engine = self.engine()?.clone();
-        // Validate up front so bad input fails the call, not the stream.
-        let req = {
-            let e = lock(&engine);
-            let req = Self::request(&e, prompt, &params)?;
-            req.sampling.validate(e.model.spec.vocab_size)?;
-            req
-        };
+        let engine = self.engine()?;
+        let req = request(engine, prompt, &params)?;
         let (tx, stream) = TokenStream::channel();
-        std::thread::Builder::new()
-            .name("ruvllm-generate".into())
-            .spawn(move || {
-                let mut e = lock(&engine);
-                let tok = e.tokenizer.clone();
-                let start = Instant::now();
-                let r = e.generate(&req, &mut |t| {
-                    let ev = StreamEvent::Token(GeneratedToken {
-                        id: t.id,
-                        text: t.text.clone(),
-                        logprob: None,
-                        is_special: tok.is_control(t.id),
-                    });
-                    tx.unbounded_send(ev).is_ok()
-                });
-                let last = match r {
-                    Ok(s) => {
-                        let secs = start.elapsed().as_secs_f64();
-                        StreamEvent::Done {
-                            total_tokens: s.tokens.len(),
-                            duration_ms: (secs * 1000.0) as u64,
-                            tokens_per_second: if s.decode_secs > 0.0 {
-                                s.tokens.len() as f64 / s.decode_secs
-                            } else {
-                                0.0
-                            },
-                        }
-                    }
-                    Err(e) => StreamEvent::Error(e.to_string()),
-                };
-                let _ = tx.unbounded_send(last);
-            })
-            .map_err(|e| Error::io("generation thread", e))?;
-        Ok(stream)
+        let tok = engine.tokenizer.clone();
+        let sink = Box::new(move |ev: SeqEvent| {
+            let ev = match ev {
+                SeqEvent::Token(t) => StreamEvent::Token(GeneratedToken {
+                    id: t.id,
+                    is_special: tok.is_control(t.id),
+                    logprob: t.logprobs.map(|l| l.logprob),
+                    text: t.text,
+                }),
+                SeqEvent::Finished(s) => StreamEvent::Done {
+                    total_tokens: s.tokens.len(),
+                    duration_ms: ((s.prefill_secs + s.decode_secs) * 1000.0) as u64,
+                    tokens_per_second: if s.decode_secs > 0.0 {
+                        s.tokens.len().saturating_sub(1) as f64 / s.decode_secs
+                    } else {
+                        0.0
+                    },
+                },
+                SeqEvent::Failed(e) => StreamEvent::Error(e.to_string()),
+                SeqEvent::Embedding { .. } => return true,
+            };
+            tx.unbounded_send(ev).is_ok()
+        });
+        // Invalid requests fail this call, not the stream.
+        let guard = engine.submit(vec![req], vec![sink])?;
+        Ok(stream.with_guard(guard))
     }
 
     fn get_embeddings(&self, text: &str) -> Result<Vec<f32>> {
-        let mut e = lock(self.engine()?);
-        let ids = e.tokenizer.encode(text, true)?;
-        if ids.is_empty() {
+        let engine = self.engine()?;
+        let prompt = engine.tokenizer.encode(text, true)?;
+        if prompt.is_empty() {
             return Err(Error::InvalidRequest("cannot embed empty text".into()));
         }
-        let rows: Vec<usize> = (0..ids.len()).collect();
-        let out = e.forward_sequence(&ids, &rows, true)?;
-        let hidden = out.hidden.expect("asked for hidden states");
-        let h = e.model.spec.hidden;
-        let mut mean = vec![0f32; h];
-        for row in hidden.chunks_exact(h) {
-            mean.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+        let req = GenerationRequest {
+            prompt,
+            embed: true,
+            ..Default::default()
+        };
+        match self.run_blocking(req)? {
+            SeqEvent::Embedding { vector, .. } => Ok(vector),
+            _ => Err(Error::Internal("unexpected event".into())),
         }
-        let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            mean.iter_mut().for_each(|v| *v /= norm);
-        }
-        Ok(mean)
     }
 
     fn tokenizer(&self) -> Option<&dyn Tokenizer> {
-        self.tokenizer.as_deref().map(|t| t as &dyn Tokenizer)
+        self.engine
+            .as_ref()
+            .map(|e| e.tokenizer.as_ref() as &dyn Tokenizer)
     }
 
     fn is_model_loaded(&self) -> bool {
@@ -175,10 +176,9 @@ impl LlmBackend for CpuBackend {
     }
 
     fn model_info(&self) -> Option<ModelInfo> {
-        let e = lock(self.engine.as_ref()?);
-        let s = &e.model.spec;
-        let (bytes, _) = e.model.weight_bytes();
-        let quantization = e.model.dominant_type().and_then(|t| match t {
+        let m = &self.engine.as_ref()?.model;
+        let s = &m.spec;
+        let quantization = m.dominant_type.and_then(|t| match t {
             GgmlType::Q8_0 => Some(Quantization::Q8),
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 Some(Quantization::Q4)
@@ -190,21 +190,20 @@ impl LlmBackend for CpuBackend {
             _ => None,
         });
         Some(ModelInfo {
-            name: e.provenance.name.clone(),
+            name: m.name.clone(),
             architecture: ModelArchitecture::from_family(s.family),
-            num_parameters: e.model.n_params(),
+            num_parameters: m.n_params,
             vocab_size: s.vocab_size,
             hidden_size: s.hidden,
             num_layers: s.n_layers,
             max_context_length: s.context_length,
             quantization,
-            memory_usage: bytes,
+            memory_usage: m.weight_bytes,
         })
     }
 
     fn unload_model(&mut self) {
         self.engine = None;
-        self.tokenizer = None;
     }
 }
 

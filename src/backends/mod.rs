@@ -341,6 +341,8 @@ pub enum StreamEvent {
 /// arrives. Dropping the stream cancels the generation.
 pub struct TokenStream {
     rx: mpsc::UnboundedReceiver<StreamEvent>,
+    /// Cancels the generation when the stream is dropped.
+    _guard: Option<crate::engine_loop::RequestGuard>,
     finished: bool,
     start: Instant,
     tokens: usize,
@@ -353,11 +355,18 @@ impl TokenStream {
             tx,
             TokenStream {
                 rx,
+                _guard: None,
                 finished: false,
                 start: Instant::now(),
                 tokens: 0,
             },
         )
+    }
+
+    /// Ties the generation's lifetime to the stream's.
+    pub(crate) fn with_guard(mut self, guard: crate::engine_loop::RequestGuard) -> Self {
+        self._guard = Some(guard);
+        self
     }
 
     pub fn is_finished(&self) -> bool {

@@ -97,19 +97,20 @@ pub struct Batch<'a> {
 pub struct Output {
     /// `rows × vocab` logits.
     pub logits: Vec<f32>,
-    /// `rows × hidden` final-norm hidden states, when asked for.
-    pub hidden: Option<Vec<f32>>,
+    /// `hidden_rows × hidden` final-norm hidden states.
+    pub hidden: Vec<f32>,
 }
 
 impl Model {
     /// Runs the batch through the model, appending its keys/values to `kv`,
-    /// and returns logits for the batch rows listed in `rows`.
+    /// and returns logits for the batch rows listed in `rows` and final
+    /// hidden states for those in `hidden_rows`.
     pub fn forward(
         &self,
         batch: &Batch,
         kv: &mut KvCache,
         rows: &[usize],
-        want_hidden: bool,
+        hidden_rows: &[usize],
         pool: &ThreadPool,
     ) -> Result<Output> {
         let s = &self.spec;
@@ -119,7 +120,7 @@ impl Model {
                 "batch arrays differ in length".into(),
             ));
         }
-        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+        if let Some(&r) = rows.iter().chain(hidden_rows).find(|&&r| r >= n) {
             return Err(Error::InvalidRequest(format!(
                 "logit row {r} outside a batch of {n}"
             )));
@@ -219,18 +220,21 @@ impl Model {
             }
         }
 
-        let mut hidden = vec![0f32; rows.len() * h];
-        for (i, &r) in rows.iter().enumerate() {
-            hidden[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        self.final_norm.apply_in_place(&mut hidden);
-        let mut logits = self.output.forward(&hidden, rows.len(), pool);
+        let final_rows = |rows: &[usize]| {
+            let mut out = vec![0f32; rows.len() * h];
+            for (i, &r) in rows.iter().enumerate() {
+                out[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
+            }
+            self.final_norm.apply_in_place(&mut out);
+            out
+        };
+        let mut logits = self.output.forward(&final_rows(rows), rows.len(), pool);
         if let Some(cap) = s.final_softcap {
             softcap(&mut logits, cap);
         }
         Ok(Output {
             logits,
-            hidden: want_hidden.then_some(hidden),
+            hidden: final_rows(hidden_rows),
         })
     }
 

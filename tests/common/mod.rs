@@ -47,6 +47,7 @@ pub fn engine(path: &Path, threads: usize) -> Engine {
         &EngineOptions {
             threads,
             context: Some(512),
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))

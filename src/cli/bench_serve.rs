@@ -1,0 +1,195 @@
+//! `ruvllm bench-serve`: N concurrent streaming clients against any
+//! OpenAI-compatible server (ruvllm or llama-server), reporting aggregate
+//! output tokens/s, time to first token and inter-token latency.
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct BenchServeConfig {
+    pub url: String,
+    pub model: Option<String>,
+    pub clients: usize,
+    pub requests: usize,
+    pub max_tokens: usize,
+    pub label: String,
+    pub json: bool,
+}
+
+/// About 90 tokens with SmolLM2's tokenizer; each request gets a distinct
+/// first line so that no two share a cached prefix.
+const PROMPT_BODY: &str = "Write a detailed story about a lighthouse keeper who lives alone on a small rocky island far from the coast. \
+Describe the daily routine of keeping the lamp lit, the storms that come in autumn, the supply boat that arrives once a month, \
+the letters from a sister in the city, and the night a stranger's boat washes up on the shore with nobody aboard.";
+
+struct Sample {
+    ttft: f64,
+    itl: Vec<f64>,
+    tokens: usize,
+    prompt_tokens: Option<usize>,
+}
+
+pub fn run(cfg: BenchServeConfig) -> ruvllm::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ruvllm::Error::io("tokio runtime", e))?;
+    rt.block_on(bench(cfg))
+}
+
+async fn bench(cfg: BenchServeConfig) -> ruvllm::Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(cfg.clients)
+        .build()
+        .map_err(|e| ruvllm::Error::Internal(e.to_string()))?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..cfg.clients {
+        let (client, next) = (client.clone(), next.clone());
+        let (url, model, total, max_tokens) = (
+            cfg.url.clone(),
+            cfg.model.clone(),
+            cfg.requests,
+            cfg.max_tokens,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, String>(out);
+                }
+                out.push(one(&client, &url, model.as_deref(), i, max_tokens).await?);
+            }
+        }));
+    }
+    let mut samples = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(s)) => samples.extend(s),
+            Ok(Err(e)) => return Err(ruvllm::Error::Internal(format!("request failed: {e}"))),
+            Err(e) => return Err(ruvllm::Error::Internal(e.to_string())),
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+    let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
+    let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.itl.iter().copied()).collect();
+    let prompt_tokens = samples.iter().filter_map(|s| s.prompt_tokens).max();
+    let mean_ttft = ttft.iter().sum::<f64>() / ttft.len().max(1) as f64;
+    let r = json!({
+        "label": cfg.label,
+        "clients": cfg.clients,
+        "requests": samples.len(),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_per_s": tokens as f64 / wall,
+        "ttft_mean_s": mean_ttft,
+        "ttft_p50_s": pct(&mut ttft, 0.5),
+        "ttft_p99_s": pct(&mut ttft, 0.99),
+        "itl_p50_s": pct(&mut itl, 0.5),
+        "itl_p99_s": pct(&mut itl, 0.99),
+    });
+    if cfg.json {
+        println!("{r}");
+    } else {
+        println!(
+            "{}: {} clients, {} requests, {} output tokens in {:.1} s = {:.1} tok/s; TTFT p50 {:.3} s p99 {:.3} s; ITL p50 {:.1} ms p99 {:.1} ms",
+            cfg.label,
+            cfg.clients,
+            samples.len(),
+            tokens,
+            wall,
+            tokens as f64 / wall,
+            r["ttft_p50_s"].as_f64().unwrap_or(0.0),
+            r["ttft_p99_s"].as_f64().unwrap_or(0.0),
+            r["itl_p50_s"].as_f64().unwrap_or(0.0) * 1e3,
+            r["itl_p99_s"].as_f64().unwrap_or(0.0) * 1e3,
+        );
+    }
+    Ok(())
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    model: Option<&str>,
+    i: usize,
+    max_tokens: usize,
+) -> Result<Sample, String> {
+    let mut body = json!({
+        "prompt": format!("Story number {i}.\n{PROMPT_BODY}"),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "ignore_eos": true,
+        "stream_options": {"include_usage": true},
+    });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    let t0 = Instant::now();
+    let resp = client
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .timeout(Duration::from_secs(1800))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(format!(
+            "{status}: {}",
+            resp.text().await.unwrap_or_default()
+        ));
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let (mut arrivals, mut usage_tokens, mut prompt_tokens) = (Vec::new(), None, None);
+    'read: while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let line = String::from_utf8_lossy(&event);
+            let Some(data) = line.trim().strip_prefix("data:").map(str::trim) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                break 'read;
+            }
+            let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+            if let Some(e) = v.get("error") {
+                return Err(e.to_string());
+            }
+            let text = v["choices"][0]["text"].as_str().unwrap_or("");
+            if !text.is_empty() {
+                arrivals.push(t0.elapsed().as_secs_f64());
+            }
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                usage_tokens = u["completion_tokens"].as_u64().map(|n| n as usize);
+                prompt_tokens = u["prompt_tokens"].as_u64().map(|n| n as usize);
+            }
+        }
+    }
+    let Some(&first) = arrivals.first() else {
+        return Err("no tokens came back".into());
+    };
+    Ok(Sample {
+        ttft: first,
+        itl: arrivals.windows(2).map(|w| w[1] - w[0]).collect(),
+        tokens: usage_tokens.unwrap_or(arrivals.len()),
+        prompt_tokens,
+    })
+}

@@ -1,0 +1,4 @@
+//! Subcommands of the `ruvllm` binary that need more than a few lines.
+
+pub mod bench_serve;
+pub mod serve;

@@ -1,0 +1,90 @@
+//! `ruvllm serve`: binds first, so that /health answers 503 while the model
+//! loads, then serves until Ctrl-C.
+
+use ruvllm::engine::{Engine, EngineOptions};
+use ruvllm::engine_loop::{EngineHandle, LoopOptions};
+use ruvllm::kv::KvCache;
+use ruvllm::server::{router, AppState, ServerOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub struct ServeConfig {
+    pub model: PathBuf,
+    pub addr: SocketAddr,
+    pub engine: EngineOptions,
+    pub engine_loop: LoopOptions,
+    pub server: ServerOptions,
+}
+
+pub fn run(cfg: ServeConfig) -> ruvllm::Result<()> {
+    let model_id = cfg
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let state = AppState::new(model_id.clone(), cfg.server.clone());
+    // HTTP work is light; the cores belong to the engine's thread pool.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ruvllm::Error::io("tokio runtime", e))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.addr)
+            .await
+            .map_err(|e| ruvllm::Error::io(format!("bind {}", cfg.addr), e))?;
+        eprintln!(
+            "listening on http://{} (loading {})",
+            cfg.addr,
+            cfg.model.display()
+        );
+        let loader_state = state.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let r = load(&cfg.model, &cfg.engine, cfg.engine_loop).map(|h| {
+                let _ = loader_state.engine.set(h);
+            });
+            let _ = done_tx.send(r);
+        });
+        let app = router(state);
+        let server = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("shutting down");
+        });
+        let serving = tokio::spawn(async move { server.await });
+        // A model that fails to load ends the server with its error.
+        match done_rx.await {
+            Ok(Ok(())) => eprintln!("ready: serving '{model_id}'"),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(ruvllm::Error::Internal("the loader thread died".into())),
+        }
+        serving
+            .await
+            .map_err(|e| ruvllm::Error::Internal(e.to_string()))?
+            .map_err(|e| ruvllm::Error::io("server", e))
+    })
+}
+
+fn load(
+    path: &std::path::Path,
+    opts: &EngineOptions,
+    loop_opts: LoopOptions,
+) -> ruvllm::Result<EngineHandle> {
+    let engine = Engine::load(path, opts)?;
+    let s = &engine.model.spec;
+    let stats = engine.stats();
+    let bs = engine.block_size();
+    let mib = (KvCache::bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim)
+        * bs
+        * stats.blocks_total) as f64
+        / (1 << 20) as f64;
+    eprintln!(
+        "KV cache: {} blocks × {bs} tokens = {} tokens ({mib:.0} MiB); context {} tokens; up to {} sequences, {} tokens per step; {} threads",
+        stats.blocks_total,
+        stats.blocks_total * bs,
+        engine.context(),
+        opts.max_num_seqs,
+        opts.max_batched_tokens,
+        engine.threads(),
+    );
+    EngineHandle::spawn(engine, loop_opts, opts.max_num_seqs)
+}

@@ -1,0 +1,413 @@
+//! Decides, step by step, which tokens of which sequences run next.
+//!
+//! The scheduler sees sequences only as token lists and KV block tables; it
+//! knows nothing of the model. Each step it hands out a token budget: first
+//! to running sequences (a decode is one token, an unfinished prompt gets a
+//! chunk), oldest first, then to waiting sequences in arrival order. When
+//! the block pool runs dry it preempts the most recently admitted sequence:
+//! its blocks are released (they stay in the prefix cache while nobody needs
+//! them) and it goes back to the front of the queue to be recomputed later.
+//! The oldest sequence therefore always makes progress, and since no sequence
+//! may outgrow the pool, every one finishes.
+
+use crate::kv::{BlockHash, BlockManager};
+use std::collections::{HashMap, VecDeque};
+
+pub type SeqId = u64;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Tokens one step may run, across all sequences.
+    pub max_batched_tokens: usize,
+    /// Sequences that may hold KV blocks at once.
+    pub max_num_seqs: usize,
+}
+
+/// `len` tokens of sequence `id` from position `start`, to run this step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    pub id: SeqId,
+    pub start: usize,
+    pub len: usize,
+    /// The chunk reaches the end of the sequence's tokens: its last row's
+    /// logits choose the next token.
+    pub completes: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub blocks_total: usize,
+    /// Held by live sequences.
+    pub blocks_used: usize,
+    /// Free but kept for prefix reuse.
+    pub blocks_cached: usize,
+    pub preemptions: u64,
+}
+
+struct Seq {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    hashes: Vec<BlockHash>,
+    use_prefix_cache: bool,
+    /// Not admitted before this sequence has computed its prompt, so that
+    /// the two share the prompt's blocks through the prefix cache.
+    after: Option<SeqId>,
+    /// Prompt tokens that came from the prefix cache at first admission.
+    cached_tokens: Option<usize>,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    block_size: usize,
+    pub blocks: BlockManager,
+    seqs: HashMap<SeqId, Seq>,
+    /// Admitted sequences, oldest first.
+    running: Vec<SeqId>,
+    waiting: VecDeque<SeqId>,
+    preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(n_blocks: usize, block_size: usize, cfg: SchedulerConfig) -> Self {
+        Scheduler {
+            cfg: SchedulerConfig {
+                max_batched_tokens: cfg.max_batched_tokens.max(1),
+                max_num_seqs: cfg.max_num_seqs.max(1),
+            },
+            block_size,
+            blocks: BlockManager::new(n_blocks, block_size),
+            seqs: HashMap::new(),
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            preemptions: 0,
+        }
+    }
+
+    /// Tokens the whole pool holds: no sequence may grow longer.
+    pub fn capacity_tokens(&self) -> usize {
+        self.blocks.n_blocks() * self.block_size
+    }
+
+    /// Queues a sequence. `tokens` must not be empty.
+    pub fn add(
+        &mut self,
+        id: SeqId,
+        tokens: Vec<u32>,
+        use_prefix_cache: bool,
+        after: Option<SeqId>,
+    ) {
+        debug_assert!(!tokens.is_empty());
+        self.seqs.insert(
+            id,
+            Seq {
+                prompt_len: tokens.len(),
+                tokens,
+                computed: 0,
+                blocks: Vec::new(),
+                hashes: Vec::new(),
+                use_prefix_cache,
+                after,
+                cached_tokens: None,
+            },
+        );
+        self.waiting.push_back(id);
+    }
+
+    pub fn tokens(&self, id: SeqId) -> &[u32] {
+        &self.seqs[&id].tokens
+    }
+
+    pub fn block_table(&self, id: SeqId) -> &[u32] {
+        &self.seqs[&id].blocks
+    }
+
+    pub fn cached_tokens(&self, id: SeqId) -> usize {
+        self.seqs
+            .get(&id)
+            .and_then(|s| s.cached_tokens)
+            .unwrap_or(0)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        let total = self.blocks.n_blocks();
+        SchedulerStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            blocks_total: total,
+            blocks_used: total - self.blocks.n_available(),
+            blocks_cached: self.blocks.n_cached_idle(),
+            preemptions: self.preemptions,
+        }
+    }
+
+    /// The chunks to run this step (empty when there is nothing to do).
+    pub fn schedule(&mut self) -> Vec<Chunk> {
+        let mut budget = self.cfg.max_batched_tokens;
+        let mut out = Vec::new();
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let s = &self.seqs[&id];
+            let n = (s.tokens.len() - s.computed).min(budget);
+            let need = (s.computed + n).div_ceil(self.block_size);
+            let mut fits = true;
+            while self.seqs[&id].blocks.len() < need {
+                if let Some(b) = self.blocks.allocate() {
+                    self.seqs.get_mut(&id).expect("running").blocks.push(b);
+                    continue;
+                }
+                // The newest sequence sits at or after `i`, so nothing
+                // already scheduled this step is taken away.
+                let victim = *self.running.last().expect("running is not empty");
+                self.preempt(victim);
+                preempted = true;
+                if victim == id {
+                    fits = false;
+                    break;
+                }
+            }
+            if !fits {
+                break;
+            }
+            let s = &self.seqs[&id];
+            if n > 0 {
+                out.push(Chunk {
+                    id,
+                    start: s.computed,
+                    len: n,
+                    completes: s.computed + n == s.tokens.len(),
+                });
+                budget -= n;
+            }
+            i += 1;
+        }
+        // Admitting anyone right after a preemption would only thrash.
+        if preempted {
+            return out;
+        }
+        let mut w = 0;
+        while w < self.waiting.len() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let id = self.waiting[w];
+            let s = &self.seqs[&id];
+            let blocked = s
+                .after
+                .and_then(|a| self.seqs.get(&a))
+                .is_some_and(|lead| lead.computed < lead.prompt_len);
+            if blocked {
+                w += 1;
+                continue;
+            }
+            let (table, hashes) = if s.use_prefix_cache {
+                self.blocks.lookup_prefix(&s.tokens)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let computed = table.len() * self.block_size;
+            let n = (s.tokens.len() - computed).min(budget);
+            let need = (computed + n).div_ceil(self.block_size) - table.len();
+            // Leave every running sequence a block to grow into.
+            if need + self.running.len() > self.blocks.n_available() {
+                self.blocks.release(&table);
+                break;
+            }
+            let s = self.seqs.get_mut(&id).expect("waiting");
+            s.blocks = table;
+            s.hashes = hashes;
+            s.computed = computed;
+            s.cached_tokens.get_or_insert(computed.min(s.prompt_len));
+            for _ in 0..need {
+                let b = self.blocks.allocate().expect("checked available blocks");
+                s.blocks.push(b);
+            }
+            out.push(Chunk {
+                id,
+                start: computed,
+                len: n,
+                completes: computed + n == s.tokens.len(),
+            });
+            budget -= n;
+            self.waiting.remove(w);
+            self.running.push(id);
+        }
+        out
+    }
+
+    /// Records that `chunks` ran: their tokens are now cached, and blocks
+    /// that filled up become reusable prefixes.
+    pub fn commit(&mut self, chunks: &[Chunk]) {
+        let bs = self.block_size;
+        for c in chunks {
+            let Some(s) = self.seqs.get_mut(&c.id) else {
+                continue;
+            };
+            s.computed = s.computed.max(c.start + c.len);
+            if !s.use_prefix_cache {
+                continue;
+            }
+            while s.hashes.len() < s.computed / bs {
+                let i = s.hashes.len();
+                let prev = s.hashes.last().copied().unwrap_or_default();
+                let h = BlockManager::chain_hash(&prev, &s.tokens[i * bs..(i + 1) * bs]);
+                self.blocks.register(s.blocks[i], h);
+                s.hashes.push(h);
+            }
+        }
+    }
+
+    /// Adds a generated token to a sequence; it runs in the next step.
+    pub fn append(&mut self, id: SeqId, token: u32) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.tokens.push(token);
+        }
+    }
+
+    /// Removes a sequence wherever it is and releases its blocks.
+    pub fn finish(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.remove(&id) {
+            self.blocks.release(&s.blocks);
+        }
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&r| r != id);
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        let s = self.seqs.get_mut(&id).expect("preempting a live sequence");
+        self.blocks.release(&s.blocks);
+        s.blocks.clear();
+        s.hashes.clear();
+        s.computed = 0;
+        self.running.retain(|&r| r != id);
+        self.waiting.push_front(id);
+        self.preemptions += 1;
+        tracing::debug!(seq = id, "preempted");
+    }
+
+    /// Forgets every cached block nobody holds; returns them so that their
+    /// memory can be given back.
+    pub fn drop_cached(&mut self) -> Vec<u32> {
+        self.blocks.evict_idle_cached()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(blocks: usize, budget: usize, seqs: usize) -> Scheduler {
+        Scheduler::new(
+            blocks,
+            4,
+            SchedulerConfig {
+                max_batched_tokens: budget,
+                max_num_seqs: seqs,
+            },
+        )
+    }
+
+    /// Runs steps like an engine that appends token 7 after each completed
+    /// chunk, until every sequence reaches `len` tokens.
+    fn drive(s: &mut Scheduler, len: usize, ids: &[SeqId]) -> usize {
+        let mut steps = 0;
+        while ids.iter().any(|id| s.seqs.contains_key(id)) {
+            let chunks = s.schedule();
+            assert!(!chunks.is_empty(), "no progress");
+            s.commit(&chunks);
+            for c in chunks.iter().filter(|c| c.completes) {
+                if s.tokens(c.id).len() >= len {
+                    s.finish(c.id);
+                } else {
+                    s.append(c.id, 7);
+                }
+            }
+            steps += 1;
+            assert!(steps < 10_000);
+        }
+        steps
+    }
+
+    #[test]
+    fn chunks_respect_the_budget_and_decodes_go_first() {
+        let mut s = sched(64, 8, 4);
+        s.add(1, vec![1; 3], true, None);
+        let c = s.schedule();
+        assert_eq!(
+            c,
+            vec![Chunk {
+                id: 1,
+                start: 0,
+                len: 3,
+                completes: true
+            }]
+        );
+        s.commit(&c);
+        s.append(1, 9);
+        s.add(2, vec![2; 20], true, None);
+        let c = s.schedule();
+        // The decode first, then 7 tokens of the new prompt.
+        assert_eq!(
+            c[0],
+            Chunk {
+                id: 1,
+                start: 3,
+                len: 1,
+                completes: true
+            }
+        );
+        assert_eq!(
+            c[1],
+            Chunk {
+                id: 2,
+                start: 0,
+                len: 7,
+                completes: false
+            }
+        );
+        assert_eq!(c.iter().map(|c| c.len).sum::<usize>(), 8);
+    }
+
+    #[test]
+    fn a_pool_too_small_preempts_and_still_finishes_everything() {
+        // 12 blocks of 4 = 48 tokens; four sequences that grow to 24 each.
+        let mut s = sched(12, 16, 4);
+        for id in 0..4 {
+            s.add(id, vec![id as u32 + 1; 6], true, None);
+        }
+        drive(&mut s, 24, &[0, 1, 2, 3]);
+        assert!(s.stats().preemptions > 0);
+        assert_eq!(s.stats().blocks_used, 0);
+    }
+
+    #[test]
+    fn a_shared_prefix_is_computed_once() {
+        let mut s = sched(32, 64, 4);
+        s.add(1, (0..20).collect(), true, None);
+        s.add(2, (0..20).collect(), true, Some(1));
+        let c = s.schedule();
+        assert_eq!(c.len(), 1, "the sibling waits for the prompt");
+        s.commit(&c);
+        s.append(1, 5);
+        let c = s.schedule();
+        // 16 of 20 tokens come from the cache; the last block is recomputed.
+        assert_eq!(
+            c[1],
+            Chunk {
+                id: 2,
+                start: 16,
+                len: 4,
+                completes: true
+            }
+        );
+        assert_eq!(s.cached_tokens(2), 16);
+        assert_eq!(s.block_table(1)[..4], s.block_table(2)[..4]);
+    }
+}

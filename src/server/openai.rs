@@ -1,0 +1,461 @@
+//! OpenAI request bodies, their validation into engine requests, and the
+//! JSON shapes of responses and errors.
+
+use crate::engine::{FinishReason, GenerationRequest, TokenEvent, MAX_TOP_LOGPROBS};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// Choices one request may ask for (`n` × prompts).
+pub const MAX_CHOICES: usize = 16;
+
+/// An error in OpenAI's shape, with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<&'static str>,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: None,
+            param: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn param(mut self, p: &'static str) -> Self {
+        self.param = Some(p);
+        self
+    }
+
+    pub fn with(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            code: None,
+            param: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        use crate::Error as E;
+        match e {
+            E::InvalidRequest(m) | E::Tokenizer(m) | E::Template(m) => ApiError::bad_request(m),
+            E::Overloaded(m) => ApiError::with(
+                StatusCode::TOO_MANY_REQUESTS,
+                "server_overloaded",
+                format!("the server is at capacity ({m}); retry later"),
+            ),
+            E::NotImplemented(m) => ApiError::bad_request(format!("not implemented: {m}")),
+            other => ApiError::with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+/// A string or a list of strings.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// What a completion or embedding request may give as input.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize, Debug, Clone, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields completions and chat share.
+#[derive(Deserialize, Debug, Clone, Default)]
+pub struct Common {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub seed: Option<i64>,
+    pub stop: Option<OneOrMany>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct CompletionRequest {
+    #[serde(flatten)]
+    pub common: Common,
+    pub prompt: PromptInput,
+    /// Alternatives per token (0 = only the chosen token's log-probability).
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+}
+
+/// Message content: a string or a list of text parts.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct Message {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct ChatRequest {
+    #[serde(flatten)]
+    pub common: Common,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct EmbeddingRequest {
+    pub model: Option<String>,
+    pub input: PromptInput,
+    pub encoding_format: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<Message>>,
+    pub add_special_tokens: Option<bool>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<i64>,
+}
+
+/// Parses a JSON body into `T`, with OpenAI-style errors for bad JSON and
+/// wrong types.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
+impl PromptInput {
+    /// Token lists, one per prompt.
+    pub fn tokenize(self, tok: &Tokenizer, vocab: usize) -> Result<Vec<Vec<u32>>, ApiError> {
+        let lists = match self {
+            PromptInput::Text(s) => vec![encode(tok, &s)?],
+            PromptInput::Texts(v) => v.iter().map(|s| encode(tok, s)).collect::<Result<_, _>>()?,
+            PromptInput::Tokens(t) => vec![t],
+            PromptInput::TokenLists(l) => l,
+        };
+        if lists.is_empty() {
+            return Err(ApiError::bad_request("no prompt was given").param("prompt"));
+        }
+        for l in &lists {
+            if l.is_empty() {
+                return Err(ApiError::bad_request("a prompt is empty").param("prompt"));
+            }
+            if let Some(&t) = l.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::bad_request(format!(
+                    "token id {t} is outside the vocabulary of {vocab}"
+                ))
+                .param("prompt"));
+            }
+        }
+        Ok(lists)
+    }
+}
+
+fn encode(tok: &Tokenizer, s: &str) -> Result<Vec<u32>, ApiError> {
+    tok.encode(s, true).map_err(ApiError::from)
+}
+
+impl Message {
+    pub fn text(&self) -> Result<String, ApiError> {
+        match &self.content {
+            None => Ok(String::new()),
+            Some(Content::Text(s)) => Ok(s.clone()),
+            Some(Content::Parts(parts)) => {
+                let mut out = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => out.push_str(t),
+                        (k, _) => {
+                            return Err(ApiError::bad_request(format!(
+                                "content parts of type '{k}' are not supported (text only)"
+                            ))
+                            .param("messages"))
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The engine request(s) for one prompt and the shared settings.
+pub struct Plan {
+    pub n: usize,
+    pub base: GenerationRequest,
+}
+
+/// Checks the shared fields and builds the engine request for `prompt`.
+/// `default_max` applies when the client gives no limit.
+pub fn plan(
+    c: &Common,
+    prompt: Vec<u32>,
+    logprobs: Option<usize>,
+    default_max: Option<usize>,
+    context: usize,
+    vocab: usize,
+) -> Result<Plan, ApiError> {
+    let bad = |m: String, p: &'static str| ApiError::bad_request(m).param(p);
+    let n = c.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES as i64).contains(&n) {
+        return Err(bad(
+            format!("n must be within 1..={MAX_CHOICES}, got {n}"),
+            "n",
+        ));
+    }
+    let given = c.max_completion_tokens.or(c.max_tokens);
+    if let Some(m) = given {
+        if m < 1 {
+            return Err(bad(
+                format!("max_tokens must be at least 1, got {m}"),
+                "max_tokens",
+            ));
+        }
+    }
+    let room = context.saturating_sub(prompt.len());
+    if room == 0 {
+        return Err(bad(
+            format!(
+                "This model's maximum context length is {context} tokens. However, your prompt has {} tokens, leaving no room for output.",
+                prompt.len()
+            ),
+            "prompt",
+        ));
+    }
+    let max_tokens = match given {
+        Some(m) if m as u64 > room as u64 => {
+            return Err(bad(
+                format!(
+                    "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the prompt, {m} in the completion). Please reduce the prompt or max_tokens.",
+                    prompt.len() as u64 + m as u64,
+                    prompt.len()
+                ),
+                "max_tokens",
+            ))
+        }
+        Some(m) => m as usize,
+        None => default_max.unwrap_or(room).min(room),
+    };
+    let top_k = match c.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(bad(
+                format!("top_k must be -1, 0 or positive, got {k}"),
+                "top_k",
+            ))
+        }
+    };
+    let mut logit_bias = Vec::new();
+    for (k, &b) in c.logit_bias.iter().flatten() {
+        let t: u32 = k.parse().map_err(|_| {
+            bad(
+                format!("logit_bias key '{k}' is not a token id"),
+                "logit_bias",
+            )
+        })?;
+        logit_bias.push((t, b));
+    }
+    logit_bias.sort_by_key(|&(t, _)| t);
+    let sampling = SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_k,
+        top_p: c.top_p.unwrap_or(1.0),
+        min_p: c.min_p.unwrap_or(0.0),
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        logit_bias,
+        seed: c.seed.map(|s| s as u64),
+    };
+    sampling.validate(vocab).map_err(ApiError::from)?;
+    if logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+        return Err(bad(
+            format!("at most {MAX_TOP_LOGPROBS} top log-probabilities per token"),
+            "top_logprobs",
+        ));
+    }
+    let stop = c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
+    if stop.len() > 16 || stop.iter().any(|s| s.len() > 1024) {
+        return Err(bad(
+            "at most 16 stop strings of up to 1024 bytes".into(),
+            "stop",
+        ));
+    }
+    Ok(Plan {
+        n: n as usize,
+        base: GenerationRequest {
+            prompt,
+            sampling,
+            max_tokens,
+            stop,
+            ignore_eos: c.ignore_eos,
+            logprobs,
+            embed: false,
+        },
+    })
+}
+
+impl Plan {
+    /// The `n` sibling requests; with a seed, sibling i samples from seed + i
+    /// so that they differ yet stay reproducible.
+    pub fn requests(&self) -> Vec<GenerationRequest> {
+        (0..self.n)
+            .map(|i| {
+                let mut r = self.base.clone();
+                r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+                r
+            })
+            .collect()
+    }
+}
+
+pub fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        // Only reported when the server cut the request short (timeout).
+        FinishReason::Cancelled => "abort",
+    }
+}
+
+pub fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+fn token_str(tok: &Tokenizer, id: u32) -> String {
+    String::from_utf8_lossy(tok.token_bytes(id)).into_owned()
+}
+
+/// Log-probabilities of some tokens in the completions shape.
+#[derive(Default)]
+pub struct CompletionLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// Adds a token; `offset` is where its text starts in the choice's text.
+    pub fn push(&mut self, tok: &Tokenizer, t: &TokenEvent, offset: usize) {
+        let Some(lp) = &t.logprobs else { return };
+        self.tokens.push(token_str(tok, t.id));
+        self.token_logprobs.push(lp.logprob);
+        let top: serde_json::Map<String, Value> = lp
+            .top
+            .iter()
+            .map(|&(id, l)| (token_str(tok, id), json!(l)))
+            .collect();
+        self.top.push(Value::Object(top));
+        self.offsets.push(offset);
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top,
+            "text_offset": self.offsets,
+        })
+    }
+}
+
+/// One token's entry in the chat `logprobs.content` list.
+pub fn chat_logprob(tok: &Tokenizer, t: &TokenEvent) -> Option<Value> {
+    let lp = t.logprobs.as_ref()?;
+    let entry = |id: u32, l: f32| json!({"token": token_str(tok, id), "logprob": l, "bytes": tok.token_bytes(id)});
+    let mut e = entry(t.id, lp.logprob);
+    e["top_logprobs"] = Value::Array(lp.top.iter().map(|&(id, l)| entry(id, l)).collect());
+    Some(e)
+}
