@@ -653,12 +653,16 @@ async fn embeddings(
 ) -> ApiResult<Response> {
     let req: EmbeddingRequest = parse(&body_bytes(body)?)?;
     st.check_model(&req.model)?;
-    if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
-        return Err(ApiError::bad_request(format!(
-            "encoding_format '{f}' is not supported (float only)"
-        ))
-        .param("encoding_format"));
-    }
+    let as_base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(f) => {
+            return Err(ApiError::bad_request(format!(
+                "encoding_format must be 'float' or 'base64', got '{f}'"
+            ))
+            .param("encoding_format"))
+        }
+    };
     let e = st.engine()?;
     let inputs = req.input.tokenize(&e.tokenizer, e.model.spec.vocab_size)?;
     if inputs.len() > 256 {
@@ -686,7 +690,14 @@ async fn embeddings(
         {
             Some((i, SeqEvent::Embedding { vector, tokens: t })) => {
                 tokens += t;
-                data[i] = json!({"object": "embedding", "index": i, "embedding": vector});
+                let embedding = if as_base64 {
+                    use base64::Engine as _;
+                    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(vector)
+                };
+                data[i] = json!({"object": "embedding", "index": i, "embedding": embedding});
             }
             Some((_, SeqEvent::Failed(err))) => return Err(err.into()),
             _ => return Err(crate::Error::Internal("unexpected engine event".into()).into()),

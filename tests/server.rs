@@ -1,0 +1,406 @@
+//! `ruvllm serve` end to end: a live server on SmolLM2, driven over HTTP.
+
+mod common;
+
+use common::models_dir;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    url: String,
+    /// Servers run one at a time: each wants both cores.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts a server on the default model with `extra` arguments and waits
+/// until it is ready.
+async fn start(extra: &[&str]) -> Server {
+    let turn = TURN.lock().await;
+    let model = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(model.exists(), "run scripts/fetch-models.sh first");
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ruvllm"))
+        .args(["serve", "--port", &port.to_string(), "--threads", "2"])
+        .arg("--model")
+        .arg(&model)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ruvllm serve");
+    let s = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        _turn: turn,
+    };
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("{}/health", s.url)).await {
+            if r.status() == 200 {
+                return s;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "server did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", s.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn metric(s: &Server, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .parse()
+        .unwrap()
+}
+
+fn greedy(prompt: &str, max_tokens: usize) -> Value {
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+fn text(v: &Value) -> String {
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+fn prompts(n: usize) -> Vec<String> {
+    let topics = [
+        "the sea",
+        "a city at night",
+        "mountains",
+        "a library",
+        "winter",
+        "a robot",
+        "the moon",
+        "an old clock",
+    ];
+    (0..n)
+        .map(|i| {
+            format!(
+                "Request {i}. Write {} words about {} and why it matters to the people who live nearby:",
+                10 + i,
+                topics[i % topics.len()]
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_works_against_the_server() {
+    let s = start(&[]).await;
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_client.py"
+        ))
+        .env("OPENAI_BASE_URL", format!("{}/v1", s.url))
+        .env("OPENAI_API_KEY", "unused")
+        .output()
+        .expect("python3 runs (install the client with: pip install openai)");
+    assert!(
+        out.status.success(),
+        "openai client checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_greedy_requests_match_the_same_requests_run_alone() {
+    let s = start(&[]).await;
+    let ps = prompts(32);
+    let mut alone = Vec::new();
+    for p in &ps {
+        let (st, v) = post(&s, "/v1/completions", greedy(p, 24)).await;
+        assert_eq!(st, 200, "{v}");
+        alone.push(text(&v));
+    }
+    // All at once: each lands at some position of shared batches, some with
+    // their prompt's blocks in the prefix cache from the solo run.
+    let together = futures::future::join_all(
+        ps.iter()
+            .map(|p| post(&s, "/v1/completions", greedy(p, 24))),
+    )
+    .await;
+    for (i, ((st, v), want)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(*st, 200, "{v}");
+        assert_eq!(&text(v), want, "request {i} changed when batched");
+    }
+    assert!(metric(&s, "ruvllm_prefix_cache_hit_tokens_total").await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_streams_free_their_blocks_at_once() {
+    let s = start(&[]).await;
+    let client = reqwest::Client::new();
+    let mut streams = Vec::new();
+    for p in prompts(8) {
+        let r = client
+            .post(format!("{}/v1/completions", s.url))
+            .json(&json!({"prompt": p, "max_tokens": 3000, "ignore_eos": true, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r.bytes_stream());
+    }
+    // Read a few chunks of each so that all are running, then hang up.
+    for st in &mut streams {
+        for _ in 0..3 {
+            st.next().await.unwrap().unwrap();
+        }
+    }
+    assert!(metric(&s, "ruvllm_requests_running").await > 0.0);
+    drop(streams);
+    drop(client);
+    let t0 = Instant::now();
+    loop {
+        let running = metric(&s, "ruvllm_requests_running").await;
+        let used = metric(&s, "ruvllm_kv_blocks_used").await;
+        if running == 0.0 && used == 0.0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "{running} requests still running, {used} blocks used"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (st, v) = post(&s, "/v1/completions", greedy("Hello", 4)).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_budget_too_small_for_the_load_preempts_without_changing_outputs() {
+    // 10 MiB holds 14 blocks of 16 tokens (720 KiB each) = 224 tokens; six
+    // requests of ~100 tokens each need three times that.
+    let s = start(&["--kv-cache-mb", "10"]).await;
+    let ps = prompts(6);
+    let mut alone = Vec::new();
+    for p in &ps {
+        let (st, v) = post(&s, "/v1/completions", greedy(p, 80)).await;
+        assert_eq!(st, 200, "{v}");
+        alone.push(text(&v));
+    }
+    assert_eq!(metric(&s, "ruvllm_preemptions_total").await, 0.0);
+    let together = futures::future::join_all(
+        ps.iter()
+            .map(|p| post(&s, "/v1/completions", greedy(p, 80))),
+    )
+    .await;
+    for (i, ((st, v), want)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(*st, 200, "{v}");
+        assert_eq!(&text(v), want, "request {i} changed under preemption");
+    }
+    assert!(metric(&s, "ruvllm_preemptions_total").await > 0.0);
+    // Gauges are published after each step, just after the last answer.
+    let t0 = Instant::now();
+    while metric(&s, "ruvllm_kv_blocks_used").await != 0.0 {
+        assert!(t0.elapsed() < Duration::from_secs(1), "blocks still in use");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_requests_sharing_a_long_prefix_reuse_its_blocks() {
+    let s = start(&[]).await;
+    let tokenize = |text: String| {
+        let s = &s;
+        async move {
+            post(s, "/tokenize", json!({"prompt": text})).await.1["count"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    // A document of about 1,000 tokens, then a different question each time.
+    let mut doc = String::new();
+    let mut i = 0;
+    while tokenize(doc.clone()).await < 1000 {
+        doc.push_str(&format!(
+            "Fact {i}: the number {i} is followed by {}. ",
+            i + 1
+        ));
+        i += 1;
+    }
+    for q in 0..10 {
+        let (st, v) = post(
+            &s,
+            "/v1/completions",
+            greedy(&format!("{doc}\nQuestion {q}: what follows {q}?"), 4),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        if q == 0 {
+            assert_eq!(cached, 0);
+        } else {
+            assert!(cached >= 960, "request {q}: only {cached} cached tokens");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_clear_errors_while_a_stream_keeps_flowing() {
+    let s = start(&["--max-body-kb", "256"]).await;
+    let client = reqwest::Client::new();
+    let stream = client
+        .post(format!("{}/v1/completions", s.url))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": true, "stream": true, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let body = stream.text().await.unwrap();
+        body.matches("\"text\"").count()
+    });
+    let long_prompt: Vec<u32> = (0..5000).map(|i| 100 + i % 1000).collect();
+    let cases: Vec<(&str, &str, String, u16, &str)> = vec![
+        ("bad JSON", "/v1/completions", "{\"prompt\": ".into(), 400, "JSON"),
+        ("not an object", "/v1/completions", "[1, 2]".into(), 400, "object"),
+        ("wrong type", "/v1/completions", json!({"prompt": "x", "max_tokens": "ten"}).to_string(), 400, "invalid"),
+        ("missing prompt", "/v1/completions", json!({"max_tokens": 5}).to_string(), 400, "prompt"),
+        ("negative max_tokens", "/v1/completions", json!({"prompt": "x", "max_tokens": -5}).to_string(), 400, "max_tokens"),
+        ("absurd max_tokens", "/v1/completions", json!({"prompt": "x", "max_tokens": 1_000_000_000u64}).to_string(), 400, "maximum context length"),
+        ("n = 0", "/v1/completions", json!({"prompt": "x", "n": 0}).to_string(), 400, "n must be"),
+        ("absurd n", "/v1/completions", json!({"prompt": "x", "n": 100000}).to_string(), 400, "n must be"),
+        ("absurd logprobs", "/v1/completions", json!({"prompt": "x", "logprobs": 500}).to_string(), 400, "log-probabilities"),
+        ("absurd top_logprobs", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 99}).to_string(), 400, "log-probabilities"),
+        ("empty messages", "/v1/chat/completions", json!({"messages": []}).to_string(), 400, "messages"),
+        ("bad role", "/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "x"}]}).to_string(), 400, "role"),
+        ("unknown model", "/v1/completions", json!({"model": "gpt-9", "prompt": "x"}).to_string(), 400, "gpt-9"),
+        ("prompt longer than the context", "/v1/completions", json!({"prompt": long_prompt}).to_string(), 400, "5000 tokens"),
+        ("token outside the vocabulary", "/v1/completions", json!({"prompt": [1, 99999999]}).to_string(), 400, "vocabulary"),
+        ("negative temperature", "/v1/completions", json!({"prompt": "x", "temperature": -1}).to_string(), 400, "temperature"),
+        ("NaN-like top_p", "/v1/completions", json!({"prompt": "x", "top_p": 7}).to_string(), 400, "top_p"),
+        ("bad logit_bias key", "/v1/completions", json!({"prompt": "x", "logit_bias": {"abc": 1}}).to_string(), 400, "logit_bias"),
+        ("empty prompt", "/v1/completions", json!({"prompt": ""}).to_string(), 400, "empty"),
+        ("empty embedding input", "/v1/embeddings", json!({"input": []}).to_string(), 400, "no prompt"),
+        ("bad detokenize id", "/detokenize", json!({"tokens": [-3]}).to_string(), 400, "vocabulary"),
+        ("body too large", "/v1/completions", format!("{{\"prompt\": \"{}\"}}", "a".repeat(400_000)), 413, ""),
+        ("no such endpoint", "/v1/nothing", "{}".into(), 404, "endpoint"),
+    ];
+    for (what, path, body, status, needle) in cases {
+        let r = client
+            .post(format!("{}{path}", s.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{what}");
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no error message in {v}"));
+        assert!(
+            msg.contains(needle),
+            "{what}: message '{msg}' does not mention '{needle}'"
+        );
+        assert!(v["error"]["type"].is_string(), "{what}: {v}");
+    }
+    // The stream ran to its end meanwhile, and the server still answers.
+    let chunks = reader.await.unwrap();
+    assert!(chunks >= 250, "the stream delivered only {chunks} chunks");
+    let (st, v) = post(&s, "/v1/completions", greedy("Hello", 4)).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_and_the_api_key_is_enforced() {
+    let s = start(&[
+        "--max-num-seqs",
+        "1",
+        "--max-waiting",
+        "1",
+        "--api-key",
+        "sekret",
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/v1/completions", s.url))
+        .json(&greedy("x", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let send = |p: &str| {
+        client
+            .post(format!("{}/v1/completions", s.url))
+            .bearer_auth("sekret")
+            .json(&json!({"prompt": p, "max_tokens": 500, "ignore_eos": true, "stream": true}))
+            .send()
+    };
+    // One running and one waiting fill the server; the third is refused.
+    let (a, b) = (send("one").await.unwrap(), send("two").await.unwrap());
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let c = send("three").await.unwrap();
+    assert_eq!(c.status(), 429);
+    assert!(c.headers().contains_key("retry-after"));
+    let v: Value = c.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("capacity"),
+        "{v}"
+    );
+    drop((a, b));
+    // Once they are gone, requests are accepted again.
+    let t0 = Instant::now();
+    loop {
+        let r = client
+            .post(format!("{}/v1/completions", s.url))
+            .bearer_auth("sekret")
+            .json(&greedy("x", 2))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "still refused: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
