@@ -186,6 +186,10 @@ enum Command {
         /// Output tokens per request (EOS is ignored).
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
+        /// Instead of the load test: requests one after another whose prompts
+        /// share a document of about this many tokens (prefix caching).
+        #[arg(long)]
+        shared_prefix: Option<usize>,
         /// Name for this run in the report.
         #[arg(long, default_value = "server")]
         label: String,
@@ -396,6 +400,7 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             clients,
             requests,
             max_tokens,
+            shared_prefix,
             label,
             json,
         } => cli::bench_serve::run(cli::bench_serve::BenchServeConfig {
@@ -404,6 +409,7 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             clients: clients.max(1),
             requests: requests.unwrap_or(2 * clients.max(1)),
             max_tokens,
+            shared_prefix,
             label,
             json,
         }),

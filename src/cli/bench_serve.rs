@@ -14,6 +14,9 @@ pub struct BenchServeConfig {
     pub clients: usize,
     pub requests: usize,
     pub max_tokens: usize,
+    /// Instead of the load test: one client sends `requests` prompts that
+    /// share a document of about this many tokens, one after another.
+    pub shared_prefix: Option<usize>,
     pub label: String,
     pub json: bool,
 }
@@ -29,6 +32,21 @@ struct Sample {
     itl: Vec<f64>,
     tokens: usize,
     prompt_tokens: Option<usize>,
+    cached_tokens: Option<usize>,
+}
+
+fn load_prompt(i: usize) -> String {
+    format!("Story number {i}.\n{PROMPT_BODY}")
+}
+
+/// A document of about `tokens` tokens (14 per line with common BPE
+/// vocabularies) followed by question `i`.
+fn shared_prompt(tokens: usize, i: usize) -> String {
+    let mut doc: String = (0..tokens / 14)
+        .map(|j| format!("Fact {j}: the number {j} is followed by {}.\n", j + 1))
+        .collect();
+    doc.push_str(&format!("Question {i}: which number follows {}?", 3 * i + 1));
+    doc
 }
 
 pub fn run(cfg: BenchServeConfig) -> ruvllm::Result<()> {
@@ -36,7 +54,53 @@ pub fn run(cfg: BenchServeConfig) -> ruvllm::Result<()> {
         .enable_all()
         .build()
         .map_err(|e| ruvllm::Error::io("tokio runtime", e))?;
-    rt.block_on(bench(cfg))
+    match cfg.shared_prefix {
+        Some(n) => rt.block_on(shared_prefix(cfg, n)),
+        None => rt.block_on(bench(cfg)),
+    }
+}
+
+async fn shared_prefix(cfg: BenchServeConfig, tokens: usize) -> ruvllm::Result<()> {
+    let client = reqwest::Client::new();
+    let mut samples = Vec::new();
+    for i in 0..cfg.requests.max(2) {
+        let prompt = shared_prompt(tokens, i);
+        let s = one(&client, &cfg.url, cfg.model.as_deref(), prompt, cfg.max_tokens)
+            .await
+            .map_err(|e| ruvllm::Error::Internal(format!("request failed: {e}")))?;
+        samples.push(s);
+    }
+    let first = samples[0].ttft;
+    let rest: Vec<f64> = samples[1..].iter().map(|s| s.ttft).collect();
+    let rest_mean = rest.iter().sum::<f64>() / rest.len() as f64;
+    let rest_max = rest.iter().copied().fold(0.0, f64::max);
+    let cached: Vec<Option<usize>> = samples.iter().map(|s| s.cached_tokens).collect();
+    let r = json!({
+        "label": cfg.label,
+        "requests": samples.len(),
+        "prompt_tokens": samples[0].prompt_tokens,
+        "ttft_first_s": first,
+        "ttft_rest_mean_s": rest_mean,
+        "ttft_rest_max_s": rest_max,
+        "rest_over_first": rest_max / first,
+        "cached_tokens": cached,
+    });
+    if cfg.json {
+        println!("{r}");
+    } else {
+        println!(
+            "{}: {} requests sharing a {:?}-token prompt prefix; TTFT first {:.3} s, later mean {:.3} s, max {:.3} s ({:.0}% of the first); cached tokens {:?}",
+            cfg.label,
+            samples.len(),
+            samples[0].prompt_tokens,
+            first,
+            rest_mean,
+            rest_max,
+            100.0 * rest_max / first,
+            cached
+        );
+    }
+    Ok(())
 }
 
 async fn bench(cfg: BenchServeConfig) -> ruvllm::Result<()> {
@@ -62,7 +126,7 @@ async fn bench(cfg: BenchServeConfig) -> ruvllm::Result<()> {
                 if i >= total {
                     return Ok::<_, String>(out);
                 }
-                out.push(one(&client, &url, model.as_deref(), i, max_tokens).await?);
+                out.push(one(&client, &url, model.as_deref(), load_prompt(i), max_tokens).await?);
             }
         }));
     }
@@ -126,11 +190,11 @@ async fn one(
     client: &reqwest::Client,
     url: &str,
     model: Option<&str>,
-    i: usize,
+    prompt: String,
     max_tokens: usize,
 ) -> Result<Sample, String> {
     let mut body = json!({
-        "prompt": format!("Story number {i}.\n{PROMPT_BODY}"),
+        "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": true,
@@ -157,7 +221,8 @@ async fn one(
     }
     let mut stream = resp.bytes_stream();
     let mut buf = Vec::new();
-    let (mut arrivals, mut usage_tokens, mut prompt_tokens) = (Vec::new(), None, None);
+    let (mut arrivals, mut usage_tokens, mut prompt_tokens, mut cached_tokens) =
+        (Vec::new(), None, None, None);
     'read: while let Some(chunk) = stream.next().await {
         buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
@@ -180,6 +245,9 @@ async fn one(
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                 usage_tokens = u["completion_tokens"].as_u64().map(|n| n as usize);
                 prompt_tokens = u["prompt_tokens"].as_u64().map(|n| n as usize);
+                cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .map(|n| n as usize);
             }
         }
     }
@@ -191,5 +259,6 @@ async fn one(
         itl: arrivals.windows(2).map(|w| w[1] - w[0]).collect(),
         tokens: usage_tokens.unwrap_or(arrivals.len()),
         prompt_tokens,
+        cached_tokens,
     })
 }
