@@ -5,7 +5,7 @@
 
 use crate::chat::{ChatMessage, ChatTemplate, CHATML, GEMMA};
 use crate::error::{Error, Result};
-use crate::kv::KvCache;
+use crate::kv::{bytes_per_token, AnyKvCache, KvDtype};
 use crate::model::{load_gguf, load_hf_folder, Batch, Family, Model, Output};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId};
@@ -37,6 +37,8 @@ pub struct EngineOptions {
     pub max_batched_tokens: usize,
     /// Sequences that may run at once.
     pub max_num_seqs: usize,
+    /// How keys and values are stored: f32 is exact, f16 halves the memory.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineOptions {
@@ -48,6 +50,7 @@ impl Default for EngineOptions {
             block_size: 16,
             max_batched_tokens: 512,
             max_num_seqs: 32,
+            kv_dtype: KvDtype::F32,
         }
     }
 }
@@ -159,7 +162,7 @@ pub struct Engine {
     /// A short description of the tensor types, e.g. "Q4_1: 210, F32: 61".
     pub type_mix: Vec<(String, usize)>,
     pool: ThreadPool,
-    kv: KvCache,
+    kv: AnyKvCache,
     sched: Scheduler,
     requests: HashMap<SeqId, Active>,
     next_id: SeqId,
@@ -263,7 +266,7 @@ impl Engine {
             .min(spec.context_length)
             .max(1);
         let per_block =
-            KvCache::bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim) * bs;
+            bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, opts.kv_dtype) * bs;
         let n_blocks = match opts.kv_cache_mb {
             Some(mb) => (mb << 20) / per_block,
             None => (wanted.div_ceil(bs) * DEFAULT_KV_CONTEXTS)
@@ -278,7 +281,14 @@ impl Engine {
             )));
         }
         let context = wanted.min(n_blocks * bs);
-        let kv = KvCache::new(spec.n_layers, spec.n_kv_heads, spec.head_dim, bs, n_blocks);
+        let kv = AnyKvCache::new(
+            opts.kv_dtype,
+            spec.n_layers,
+            spec.n_kv_heads,
+            spec.head_dim,
+            bs,
+            n_blocks,
+        );
         let provenance = Provenance {
             path: path.to_path_buf(),
             file_size: if meta.is_dir() {
@@ -331,8 +341,15 @@ impl Engine {
         self.pool.n_threads()
     }
 
+    pub fn kv_dtype(&self) -> KvDtype {
+        match self.kv {
+            AnyKvCache::F32(_) => KvDtype::F32,
+            AnyKvCache::F16(_) => KvDtype::F16,
+        }
+    }
+
     pub fn block_size(&self) -> usize {
-        self.kv.block_size
+        self.kv.block_size()
     }
 
     pub fn stats(&self) -> SchedulerStats {
@@ -441,13 +458,18 @@ impl Engine {
         self.sched.drop_cached();
     }
 
-    /// Forgets the prefix cache and returns its memory to the system.
+    /// When no request is live: forgets the prefix cache and returns the
+    /// memory of every KV block and of freed activations to the system.
     pub fn trim(&mut self) {
-        let blocks = self.sched.drop_cached();
-        self.kv.discard(&blocks);
+        if self.has_work() {
+            return;
+        }
+        let cached = self.sched.drop_cached().len();
+        let all: Vec<u32> = (0..self.sched.stats().blocks_total as u32).collect();
+        self.kv.discard(&all);
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe { libc::malloc_trim(0) };
-        tracing::debug!(blocks = blocks.len(), "trimmed idle memory");
+        tracing::debug!(cached, "trimmed idle memory");
     }
 
     fn run_chunks(&mut self, chunks: &[Chunk]) -> Result<Output> {
@@ -478,7 +500,7 @@ impl Engine {
             block_tables: &tables,
         };
         self.model
-            .forward(&batch, &mut self.kv, &rows, &hidden_rows, &self.pool)
+            .forward_any(&batch, &mut self.kv, &rows, &hidden_rows, &self.pool)
     }
 
     /// Turns a step's outputs into tokens and embeddings.
@@ -665,7 +687,7 @@ impl Engine {
                     seq_index: &vec![0; toks.len()],
                     block_tables: &[table],
                 };
-                let o = e.model.forward(
+                let o = e.model.forward_any(
                     &batch,
                     &mut e.kv,
                     &local(rows),
@@ -693,7 +715,7 @@ impl Engine {
                 };
                 logits.extend(
                     e.model
-                        .forward(&batch, &mut e.kv, &[0], &[], &e.pool)?
+                        .forward_any(&batch, &mut e.kv, &[0], &[], &e.pool)?
                         .logits,
                 );
             }

@@ -2,21 +2,116 @@
 //! sequences, addressed through per-sequence block tables.
 //!
 //! Layout per layer: `[block][kv_head][slot][head_dim]`, so one head's keys
-//! within a block are contiguous and attention reads them in place.
+//! within a block are contiguous and attention reads them in place. Keys and
+//! values are stored as f32 (exact) or f16 (as llama.cpp does by default:
+//! half the memory and half the bandwidth of decode attention).
 
 use crate::error::{Error, Result};
+use half::f16;
 use std::collections::{BTreeMap, HashMap};
 
-pub struct KvCache {
+/// An element type of the KV cache: a float type whose all-zero bit
+/// pattern is the value zero.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// The first eight elements of `s` as floats.
+    fn load8(s: &[Self]) -> [f32; 8];
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn load8(s: &[Self]) -> [f32; 8] {
+        s[..8].try_into().expect("eight elements")
+    }
+}
+
+impl KvElem for f16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    /// One F16C instruction where the target has it.
+    #[inline(always)]
+    fn load8(s: &[Self]) -> [f32; 8] {
+        let s = &s[..8];
+        #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
+        {
+            use std::arch::x86_64::{__m128i, __m256, _mm256_cvtph_ps, _mm_loadu_si128};
+            // SAFETY: `s` holds 8 halves = 16 bytes, read unaligned; F16C is
+            // enabled at compile time (the cfg above).
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+                std::mem::transmute::<__m256, [f32; 8]>(_mm256_cvtph_ps(h))
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "f16c")))]
+        {
+            std::array::from_fn(|l| s[l].to_f32())
+        }
+    }
+}
+
+/// `n` zeros from the allocator's zeroed memory: the pages stay untouched,
+/// and so not resident, until written (`vec![x; n]` writes every element
+/// unless `x` is a primitive zero).
+fn zeroed<T: KvElem>(n: usize) -> Vec<T> {
+    let layout = std::alloc::Layout::array::<T>(n).expect("KV cache size overflows");
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the layout has a non-zero size; a null result is handled; the
+    // memory is allocated by the global allocator with T's layout for n
+    // elements, so Vec may own and free it; all-zero bits are a valid T
+    // (KvElem's contract: f32 and f16 zeros).
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut T;
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(p, n, n)
+    }
+}
+
+/// How keys and values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+pub struct KvCache<T: KvElem> {
     pub block_size: usize,
     pub n_blocks: usize,
     n_kv_heads: usize,
     head_dim: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
 }
 
-impl KvCache {
+impl<T: KvElem> KvCache<T> {
     /// Allocates `n_blocks` blocks for every layer. Pages of the allocation are
     /// only touched (and so only become resident) as blocks are written.
     pub fn new(
@@ -32,14 +127,9 @@ impl KvCache {
             n_blocks,
             n_kv_heads,
             head_dim,
-            k: (0..n_layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..n_layers).map(|_| vec![0.0; per_layer]).collect(),
+            k: (0..n_layers).map(|_| zeroed(per_layer)).collect(),
+            v: (0..n_layers).map(|_| zeroed(per_layer)).collect(),
         }
-    }
-
-    /// Bytes one token takes across all layers.
-    pub fn bytes_per_token(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
-        2 * n_layers * n_kv_heads * head_dim * std::mem::size_of::<f32>()
     }
 
     #[inline]
@@ -64,8 +154,13 @@ impl KvCache {
         let hd = self.head_dim;
         for h in 0..self.n_kv_heads {
             let i = self.index(block, h, slot);
-            self.k[layer][i..i + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
-            self.v[layer][i..i + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+            let (kd, vd) = (&mut self.k[layer][i..i + hd], &mut self.v[layer][i..i + hd]);
+            for (d, s) in kd.iter_mut().zip(&k[h * hd..(h + 1) * hd]) {
+                *d = T::from_f32(*s);
+            }
+            for (d, s) in vd.iter_mut().zip(&v[h * hd..(h + 1) * hd]) {
+                *d = T::from_f32(*s);
+            }
         }
     }
 
@@ -73,30 +168,40 @@ impl KvCache {
     /// as zeros until written again.
     pub fn discard(&mut self, blocks: &[u32]) {
         let per_block = self.n_kv_heads * self.block_size * self.head_dim;
+        // Runs of adjacent blocks: a block may be smaller than a page.
+        let mut sorted = blocks.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for b in sorted.into_iter().map(|b| b as usize) {
+            match runs.last_mut() {
+                Some((_, end)) if *end == b => *end = b + 1,
+                _ => runs.push((b, b + 1)),
+            }
+        }
         for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            for &b in blocks {
-                let range = &mut layer[b as usize * per_block..(b as usize + 1) * per_block];
-                release_pages(range);
+            for &(lo, hi) in &runs {
+                release_pages(&mut layer[lo * per_block..hi * per_block]);
             }
         }
     }
 
     /// Keys (or values) of `head` for slots `0..n` of `block`, contiguous.
     #[inline]
-    pub fn keys(&self, layer: usize, block: usize, head: usize, n: usize) -> &[f32] {
+    pub fn keys(&self, layer: usize, block: usize, head: usize, n: usize) -> &[T] {
         let i = self.index(block, head, 0);
         &self.k[layer][i..i + n * self.head_dim]
     }
 
     #[inline]
-    pub fn values(&self, layer: usize, block: usize, head: usize, n: usize) -> &[f32] {
+    pub fn values(&self, layer: usize, block: usize, head: usize, n: usize) -> &[T] {
         let i = self.index(block, head, 0);
         &self.v[layer][i..i + n * self.head_dim]
     }
 }
 
 /// Drops the whole pages inside `data` from memory.
-fn release_pages(data: &mut [f32]) {
+fn release_pages<T>(data: &mut [T]) {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let start = data.as_mut_ptr() as usize;
@@ -105,9 +210,60 @@ fn release_pages(data: &mut [f32]) {
     if hi > lo {
         // SAFETY: [lo, hi) lies within `data`, which we borrow mutably, so no
         // one else reads it. MADV_DONTNEED keeps the private anonymous pages
-        // mapped and makes them read as zeros, a valid value for f32.
+        // mapped and makes them read as zeros, a valid value for the
+        // float types the cache holds.
         unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
     }
+}
+
+/// A KV cache of either element type, chosen at load time.
+pub enum AnyKvCache {
+    F32(KvCache<f32>),
+    F16(KvCache<f16>),
+}
+
+impl AnyKvCache {
+    pub fn new(
+        dtype: KvDtype,
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        n_blocks: usize,
+    ) -> Self {
+        match dtype {
+            KvDtype::F32 => AnyKvCache::F32(KvCache::new(
+                n_layers, n_kv_heads, head_dim, block_size, n_blocks,
+            )),
+            KvDtype::F16 => AnyKvCache::F16(KvCache::new(
+                n_layers, n_kv_heads, head_dim, block_size, n_blocks,
+            )),
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        match self {
+            AnyKvCache::F32(c) => c.block_size,
+            AnyKvCache::F16(c) => c.block_size,
+        }
+    }
+
+    pub fn discard(&mut self, blocks: &[u32]) {
+        match self {
+            AnyKvCache::F32(c) => c.discard(blocks),
+            AnyKvCache::F16(c) => c.discard(blocks),
+        }
+    }
+}
+
+/// Bytes one token takes across all layers.
+pub fn bytes_per_token(
+    n_layers: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    dtype: KvDtype,
+) -> usize {
+    2 * n_layers * n_kv_heads * head_dim * dtype.size()
 }
 
 /// Identity of a full block: a hash chained over every token from the

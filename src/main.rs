@@ -240,6 +240,9 @@ struct ServeArgs {
     /// Seconds idle before the prefix cache is dropped and memory returned.
     #[arg(long, default_value_t = 10)]
     idle_trim_secs: u64,
+    /// KV cache element type: f16 (half the memory, llama.cpp's default) or f32 (exact).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    kv_dtype: String,
 }
 
 fn main() {
@@ -293,6 +296,11 @@ fn serve(a: ServeArgs) -> ruvllm::Result<()> {
             block_size: a.block_size,
             max_batched_tokens: a.max_batched_tokens,
             max_num_seqs: a.max_num_seqs,
+            kv_dtype: if a.kv_dtype == "f32" {
+                ruvllm::kv::KvDtype::F32
+            } else {
+                ruvllm::kv::KvDtype::F16
+            },
             ..engine_options(&a.model)
         },
         engine_loop: ruvllm::engine_loop::LoopOptions {
@@ -475,7 +483,8 @@ fn info(m: &ModelArgs) -> ruvllm::Result<()> {
         .iter()
         .map(|(t, n)| format!("{t}: {n}"))
         .collect();
-    let kv_per_tok = ruvllm::kv::KvCache::bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim);
+    let kv_per_tok =
+        ruvllm::kv::bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim, e.kv_dtype());
     println!("model:          {}", e.provenance.name);
     println!(
         "file:           {} ({}, {:.1} MiB)",

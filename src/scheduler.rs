@@ -292,8 +292,7 @@ impl Scheduler {
         tracing::debug!(seq = id, "preempted");
     }
 
-    /// Forgets every cached block nobody holds; returns them so that their
-    /// memory can be given back.
+    /// Forgets every cached block nobody holds and returns them.
     pub fn drop_cached(&mut self) -> Vec<u32> {
         self.blocks.evict_idle_cached()
     }

@@ -225,7 +225,7 @@ fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
     let model = load_gguf(&dir.join("model-f32.gguf")).unwrap().model;
     let s = &model.spec;
     let pool = ThreadPool::new(2);
-    let new_cache = || KvCache::new(s.n_layers, s.n_kv_heads, s.head_dim, 4, 32);
+    let new_cache = || KvCache::<f32>::new(s.n_layers, s.n_kv_heads, s.head_dim, 4, 32);
 
     // Each sequence alone, all positions' logits.
     let alone = |tokens: &[u32], table: &[u32]| {
@@ -284,5 +284,44 @@ fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
             assert_eq!(got, &lb[ib * v..(ib + 1) * v], "sequence B position {ib}");
             ib += 1;
         }
+    }
+}
+
+/// An f16 KV cache (the server's default) rounds keys and values to half
+/// precision: logits move by a few hundredths at most and the greedy
+/// continuations of every architecture stay the same.
+#[test]
+fn an_f16_kv_cache_stays_close_to_the_reference() {
+    for arch in ARCHS {
+        let dir = fixtures().join(arch);
+        let expected = read_json(&dir.join("expected.json"));
+        let mut e = ruvllm::engine::Engine::load(
+            &dir.join("model-f32.gguf"),
+            &ruvllm::engine::EngineOptions {
+                threads: 1,
+                context: Some(512),
+                kv_dtype: ruvllm::kv::KvDtype::F16,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let input = ids(&expected["input_ids"]);
+        let rows: Vec<usize> = (0..input.len()).collect();
+        let got = e.forward_sequence(&input, &rows, false).unwrap().logits;
+        let d = max_abs_diff(&got, &floats(&expected["logits"]));
+        assert!(d <= 0.1, "{arch}: f16 KV logits differ by {d}");
+        let greedy = ids(&expected["greedy"]);
+        let req = GenerationRequest {
+            prompt: input,
+            sampling: SamplingParams::greedy(),
+            max_tokens: greedy.len(),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            e.generate(&req, &mut |_| true).unwrap().tokens,
+            greedy,
+            "{arch}"
+        );
     }
 }

@@ -210,9 +210,9 @@ async fn dropped_streams_free_their_blocks_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kv_budget_too_small_for_the_load_preempts_without_changing_outputs() {
-    // 10 MiB holds 14 blocks of 16 tokens (720 KiB each) = 224 tokens; six
-    // requests of ~100 tokens each need three times that.
-    let s = start(&["--kv-cache-mb", "10"]).await;
+    // 5 MiB holds 14 blocks of 16 tokens (360 KiB each in f16) = 224
+    // tokens; six requests of ~100 tokens each need almost three times that.
+    let s = start(&["--kv-cache-mb", "5"]).await;
     let ps = prompts(6);
     let mut alone = Vec::new();
     for p in &ps {

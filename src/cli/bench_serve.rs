@@ -45,7 +45,10 @@ fn shared_prompt(tokens: usize, i: usize) -> String {
     let mut doc: String = (0..tokens / 14)
         .map(|j| format!("Fact {j}: the number {j} is followed by {}.\n", j + 1))
         .collect();
-    doc.push_str(&format!("Question {i}: which number follows {}?", 3 * i + 1));
+    doc.push_str(&format!(
+        "Question {i}: which number follows {}?",
+        3 * i + 1
+    ));
     doc
 }
 
@@ -65,9 +68,15 @@ async fn shared_prefix(cfg: BenchServeConfig, tokens: usize) -> ruvllm::Result<(
     let mut samples = Vec::new();
     for i in 0..cfg.requests.max(2) {
         let prompt = shared_prompt(tokens, i);
-        let s = one(&client, &cfg.url, cfg.model.as_deref(), prompt, cfg.max_tokens)
-            .await
-            .map_err(|e| ruvllm::Error::Internal(format!("request failed: {e}")))?;
+        let s = one(
+            &client,
+            &cfg.url,
+            cfg.model.as_deref(),
+            prompt,
+            cfg.max_tokens,
+        )
+        .await
+        .map_err(|e| ruvllm::Error::Internal(format!("request failed: {e}")))?;
         samples.push(s);
     }
     let first = samples[0].ttft;

@@ -3,7 +3,7 @@
 
 use ruvllm::engine::{Engine, EngineOptions};
 use ruvllm::engine_loop::{EngineHandle, LoopOptions};
-use ruvllm::kv::KvCache;
+use ruvllm::kv::bytes_per_token;
 use ruvllm::server::{router, AppState, ServerOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,14 +73,15 @@ fn load(
     let s = &engine.model.spec;
     let stats = engine.stats();
     let bs = engine.block_size();
-    let mib = (KvCache::bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim)
+    let mib = (bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim, engine.kv_dtype())
         * bs
         * stats.blocks_total) as f64
         / (1 << 20) as f64;
     eprintln!(
-        "KV cache: {} blocks × {bs} tokens = {} tokens ({mib:.0} MiB); context {} tokens; up to {} sequences, {} tokens per step; {} threads",
+        "KV cache: {} blocks × {bs} tokens = {} tokens ({mib:.0} MiB, {:?}); context {} tokens; up to {} sequences, {} tokens per step; {} threads",
         stats.blocks_total,
         stats.blocks_total * bs,
+        engine.kv_dtype(),
         engine.context(),
         opts.max_num_seqs,
         opts.max_batched_tokens,

@@ -10,25 +10,30 @@ pub mod ops;
 pub mod spec;
 
 use crate::error::{Error, Result};
-use crate::kv::KvCache;
+use crate::kv::{AnyKvCache, KvCache, KvElem};
 use crate::tensor::{matmul, Matrix};
 use crate::threadpool::{SyncPtr, ThreadPool};
 pub use load::{load_gguf, load_hf_folder, LoadedModel};
 use ops::{activate, dot_multi, exp, softcap, weighted_sum_multi, Norm, Rope};
 pub use spec::{Activation, Family, ModelSpec, RopeStyle};
 
-/// Calls `f(j, block, slot)` for positions `lo..=pos` of a sequence (j counts
-/// from 0), walking its block table.
+/// Calls `f(j, block, slots)` for each block holding positions `lo..=pos`
+/// of a sequence, where `slots` are the block's slots in that range and `j`
+/// counts positions from `lo`.
 #[inline]
-fn for_each_slot(
+fn for_each_block(
     table: &[u32],
     lo: usize,
     pos: usize,
     bs: usize,
-    mut f: impl FnMut(usize, usize, usize),
+    mut f: impl FnMut(usize, usize, std::ops::Range<usize>),
 ) {
-    for p in lo..=pos {
-        f(p - lo, table[p / bs] as usize, p % bs);
+    let mut p = lo;
+    while p <= pos {
+        let end = (p / bs + 1) * bs;
+        let hi = end.min(pos + 1);
+        f(p - lo, table[p / bs] as usize, p % bs..p % bs + (hi - p));
+        p = hi;
     }
 }
 
@@ -105,10 +110,10 @@ impl Model {
     /// Runs the batch through the model, appending its keys/values to `kv`,
     /// and returns logits for the batch rows listed in `rows` and final
     /// hidden states for those in `hidden_rows`.
-    pub fn forward(
+    pub fn forward<T: KvElem>(
         &self,
         batch: &Batch,
-        kv: &mut KvCache,
+        kv: &mut KvCache<T>,
         rows: &[usize],
         hidden_rows: &[usize],
         pool: &ThreadPool,
@@ -263,12 +268,12 @@ impl Model {
 
     /// Causal (optionally sliding-window) attention of every batch token over
     /// its sequence's cached keys, read block by block from the paged cache.
-    fn attention(
+    fn attention<T: KvElem>(
         &self,
         layer: usize,
         q: &[f32],
         batch: &Batch,
-        kv: &KvCache,
+        kv: &KvCache<T>,
         window: Option<usize>,
         pool: &ThreadPool,
     ) -> Vec<f32> {
@@ -283,7 +288,7 @@ impl Model {
         // KV head reads each key and value once.
         pool.for_each_chunk(n * s.n_kv_heads, 2, &|range| {
             let mut scores: Vec<f32> = Vec::new();
-            let mut vals: Vec<&[f32]> = Vec::new();
+            let mut vals: Vec<&[T]> = Vec::new();
             for task in range {
                 let (t, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
                 let pos = batch.positions[t];
@@ -295,9 +300,11 @@ impl Model {
                 // scores[g * len + j]: head h0 + g against key lo + j.
                 scores.clear();
                 scores.resize(group * len, 0.0);
-                for_each_slot(table, lo, pos, bs, |j, block, slot| {
-                    let k = &kv.keys(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd];
-                    dot_multi(qs, k, &mut scores[j..], len);
+                for_each_block(table, lo, pos, bs, |j, block, slots| {
+                    let keys = kv.keys(layer, block, kvh, slots.end);
+                    for (i, k) in keys[slots.start * hd..].chunks_exact(hd).enumerate() {
+                        dot_multi(qs, k, &mut scores[j + i..], len);
+                    }
                 });
                 for row in scores.chunks_exact_mut(len) {
                     row.iter_mut().for_each(|v| *v *= s.attn_scale);
@@ -318,13 +325,29 @@ impl Model {
                     std::slice::from_raw_parts_mut(outp.get().add((t * nh + h0) * hd), group * hd)
                 };
                 vals.clear();
-                for_each_slot(table, lo, pos, bs, |_, block, slot| {
-                    vals.push(&kv.values(layer, block, kvh, slot + 1)[slot * hd..(slot + 1) * hd]);
+                for_each_block(table, lo, pos, bs, |_, block, slots| {
+                    let values = kv.values(layer, block, kvh, slots.end);
+                    vals.extend(values[slots.start * hd..].chunks_exact(hd));
                 });
                 weighted_sum_multi(o, &scores, &vals);
             }
         });
         out
+    }
+
+    /// [`Model::forward`] over a cache of either element type.
+    pub fn forward_any(
+        &self,
+        batch: &Batch,
+        kv: &mut AnyKvCache,
+        rows: &[usize],
+        hidden_rows: &[usize],
+        pool: &ThreadPool,
+    ) -> Result<Output> {
+        match kv {
+            AnyKvCache::F32(c) => self.forward(batch, c, rows, hidden_rows, pool),
+            AnyKvCache::F16(c) => self.forward(batch, c, rows, hidden_rows, pool),
+        }
     }
 
     /// Whether the output projection is the embedding matrix itself.

@@ -1,6 +1,7 @@
 //! Element-wise layers shared by every architecture: norms, activations, RoPE.
 
 use super::spec::{Activation, RopeStyle};
+use crate::kv::KvElem;
 
 /// A normalisation layer's parameters: RMSNorm when `bias` is None and
 /// `layer_norm` is false, LayerNorm (mean-centred, with bias) otherwise.
@@ -159,12 +160,12 @@ pub fn softcap(x: &mut [f32], cap: f32) {
 /// `k.len()` long), reading `k` once: the compiler keeps `M × 8`
 /// accumulators in registers.
 #[inline(always)]
-fn dots<const M: usize>(qs: &[f32], k: &[f32], out: &mut [f32], stride: usize) {
+fn dots<T: KvElem, const M: usize>(qs: &[f32], k: &[T], out: &mut [f32], stride: usize) {
     let d = k.len();
     let mut acc = [[0f32; 8]; M];
     let full = d / 8 * 8;
     for c in (0..full).step_by(8) {
-        let kc = &k[c..c + 8];
+        let kc = T::load8(&k[c..]);
         for (i, a) in acc.iter_mut().enumerate() {
             let q = &qs[i * d + c..i * d + c + 8];
             for l in 0..8 {
@@ -175,22 +176,22 @@ fn dots<const M: usize>(qs: &[f32], k: &[f32], out: &mut [f32], stride: usize) {
     for (i, a) in acc.iter().enumerate() {
         let mut s: f32 = a.iter().sum();
         for j in full..d {
-            s += qs[i * d + j] * k[j];
+            s += qs[i * d + j] * k[j].to_f32();
         }
         out[i * stride] = s;
     }
 }
 
 /// `out[i·stride] = dot(qs[i], k)` for the query vectors stored back to back in `qs`.
-pub fn dot_multi(qs: &[f32], k: &[f32], out: &mut [f32], stride: usize) {
+pub fn dot_multi<T: KvElem>(qs: &[f32], k: &[T], out: &mut [f32], stride: usize) {
     let d = k.len();
     for (c, chunk) in qs.chunks(4 * d).enumerate() {
         let out = &mut out[c * 4 * stride..];
         match chunk.len() / d {
-            1 => dots::<1>(chunk, k, out, stride),
-            2 => dots::<2>(chunk, k, out, stride),
-            3 => dots::<3>(chunk, k, out, stride),
-            _ => dots::<4>(chunk, k, out, stride),
+            1 => dots::<T, 1>(chunk, k, out, stride),
+            2 => dots::<T, 2>(chunk, k, out, stride),
+            3 => dots::<T, 3>(chunk, k, out, stride),
+            _ => dots::<T, 4>(chunk, k, out, stride),
         }
     }
 }
@@ -198,13 +199,13 @@ pub fn dot_multi(qs: &[f32], k: &[f32], out: &mut [f32], stride: usize) {
 /// `ys[i] = Σ_j w[i·n + j] · xs[j]` (n = `xs.len()`) for the `M` output
 /// vectors of `ys`, eight dimensions at a time so the sums stay in registers.
 #[inline(always)]
-fn weighted_sums<const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
+fn weighted_sums<T: KvElem, const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[T]]) {
     let (d, n) = (ys.len() / M, xs.len());
     let full = d / 8 * 8;
     for c in (0..full).step_by(8) {
         let mut acc = [[0f32; 8]; M];
         for (j, x) in xs.iter().enumerate() {
-            let xc = &x[c..c + 8];
+            let xc = T::load8(&x[c..]);
             for (i, a) in acc.iter_mut().enumerate() {
                 let wi = w[i * n + j];
                 for l in 0..8 {
@@ -221,7 +222,7 @@ fn weighted_sums<const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
             ys[i * d + c] = xs
                 .iter()
                 .enumerate()
-                .map(|(j, x)| w[i * n + j] * x[c])
+                .map(|(j, x)| w[i * n + j] * x[c].to_f32())
                 .sum();
         }
     }
@@ -229,14 +230,14 @@ fn weighted_sums<const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
 
 /// `ys[i] = Σ_j w[i·n + j] · xs[j]` for the output vectors stored back to
 /// back in `ys` (each `xs[j].len()` long; n = `xs.len()`).
-pub fn weighted_sum_multi(ys: &mut [f32], w: &[f32], xs: &[&[f32]]) {
+pub fn weighted_sum_multi<T: KvElem>(ys: &mut [f32], w: &[f32], xs: &[&[T]]) {
     let (d, n) = (xs.first().map_or(1, |x| x.len()), xs.len());
     for (ych, wch) in ys.chunks_mut(4 * d).zip(w.chunks(4 * n)) {
         match ych.len() / d {
-            1 => weighted_sums::<1>(ych, wch, xs),
-            2 => weighted_sums::<2>(ych, wch, xs),
-            3 => weighted_sums::<3>(ych, wch, xs),
-            _ => weighted_sums::<4>(ych, wch, xs),
+            1 => weighted_sums::<T, 1>(ych, wch, xs),
+            2 => weighted_sums::<T, 2>(ych, wch, xs),
+            3 => weighted_sums::<T, 3>(ych, wch, xs),
+            _ => weighted_sums::<T, 4>(ych, wch, xs),
         }
     }
 }
