@@ -113,8 +113,10 @@ async fn shared_prefix(cfg: BenchServeConfig, tokens: usize) -> ruvllm::Result<(
 }
 
 async fn bench(cfg: BenchServeConfig) -> ruvllm::Result<()> {
+    // A fresh connection per request: servers that close a streamed
+    // response's connection would otherwise race the pool's reuse of it.
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(cfg.clients)
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| ruvllm::Error::Internal(e.to_string()))?;
     let next = Arc::new(AtomicUsize::new(0));
