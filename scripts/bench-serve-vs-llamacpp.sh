@@ -20,11 +20,12 @@ cargo build --release --quiet
 R=target/release/ruvllm
 out=$(mktemp)
 
-start() { # engine
+start() { # engine [slots] [context per slot]: llama-server splits its context among slots
+    local np=${2:-$N} per=${3:-256}
     case $1 in
     ruvllm) $R serve -m "$MODEL" -t "$T" --port $PORT --idle-trim-secs 5 >/dev/null 2>&1 & ;;
-    llama-server) .bench/llama.cpp/build/bin/llama-server -m "$MODEL" -t "$T" -np "$N" \
-        -c $((N * 256)) --port $PORT >/dev/null 2>&1 & ;;
+    llama-server) .bench/llama.cpp/build/bin/llama-server -m "$MODEL" -t "$T" -np "$np" \
+        -c $((np * per)) --port $PORT >/dev/null 2>&1 & ;;
     esac
     PID=$!
     for _ in $(seq 300); do
@@ -65,7 +66,7 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 for engine in llama-server ruvllm; do
-    start $engine
+    start $engine 1 4096
     $R bench-serve --url http://127.0.0.1:$PORT --shared-prefix 1000 --requests 10 --max-tokens 4 --label $engine --json >>"$out"
     kill $PID
     wait $PID 2>/dev/null || true
