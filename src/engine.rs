@@ -304,6 +304,10 @@ impl Engine {
             format,
         };
         let max_batched_tokens = opts.max_batched_tokens.max(1);
+        // Only when no layer attends further back can old blocks go.
+        let window = spec
+            .sliding_window
+            .filter(|_| spec.sliding_layers.iter().all(|&s| s));
         Ok(Engine {
             model,
             tokenizer: Arc::new(tokenizer),
@@ -318,6 +322,7 @@ impl Engine {
                 SchedulerConfig {
                     max_batched_tokens,
                     max_num_seqs: opts.max_num_seqs,
+                    window,
                 },
             ),
             requests: HashMap::new(),

@@ -160,6 +160,9 @@ enum Command {
             default_value = "128"
         )]
         n_gen: Vec<usize>,
+        /// Also decode with this many sequences in shared batches (tgNxB).
+        #[arg(short = 'b', long, value_delimiter = ',')]
+        batch: Vec<usize>,
         /// Repetitions of each test.
         #[arg(short = 'r', long, default_value_t = 5)]
         repetitions: usize,
@@ -398,9 +401,10 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             model,
             n_prompt,
             n_gen,
+            batch,
             repetitions,
             json,
-        } => bench(&model, &n_prompt, &n_gen, repetitions, json),
+        } => bench(&model, &n_prompt, &n_gen, &batch, repetitions, json),
         Command::Serve(a) => serve(*a),
         Command::BenchServe {
             url,
@@ -550,6 +554,7 @@ fn bench(
     m: &ModelArgs,
     n_prompt: &[usize],
     n_gen: &[usize],
+    batch: &[usize],
     reps: usize,
     json: bool,
 ) -> ruvllm::Result<()> {
@@ -600,6 +605,54 @@ fn bench(
             rates.push(n as f64 / t.elapsed().as_secs_f64());
         }
         report(format!("tg{n}"), &rates);
+        for &b in batch.iter().filter(|&&b| b > 1) {
+            let mut rates = Vec::new();
+            for _ in 0..reps {
+                let prompts: Vec<Vec<u32>> = (0..b).map(|_| tokens(32)).collect();
+                rates.push(batched_decode_rate(&mut e, prompts, n));
+            }
+            report(format!("tg{n}x{b}"), &rates);
+        }
     }
     Ok(())
+}
+
+/// Aggregate tokens/s of `prompts.len()` sequences decoding `n` tokens
+/// each in shared steps, counted from when all have their first token.
+fn batched_decode_rate(e: &mut Engine, prompts: Vec<Vec<u32>>, n: usize) -> f64 {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let b = prompts.len();
+    let started = Arc::new(AtomicUsize::new(0));
+    for prompt in prompts {
+        let id = e.new_id();
+        let started = started.clone();
+        let mut first = true;
+        let req = GenerationRequest {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_tokens: n,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        e.add_request(
+            id,
+            req,
+            None,
+            Box::new(move |ev| {
+                if matches!(ev, ruvllm::engine::SeqEvent::Token(_)) && std::mem::take(&mut first) {
+                    started.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }),
+        );
+    }
+    while started.load(Ordering::Relaxed) < b {
+        e.step();
+    }
+    let t = Instant::now();
+    while e.has_work() {
+        e.step();
+    }
+    (b * (n - 1)) as f64 / t.elapsed().as_secs_f64()
 }

@@ -21,7 +21,14 @@ pub struct SchedulerConfig {
     pub max_batched_tokens: usize,
     /// Sequences that may hold KV blocks at once.
     pub max_num_seqs: usize,
+    /// When every position attends to at most this many recent positions
+    /// (a model whose layers all use one sliding window), blocks that fell
+    /// out of the window are released while the sequence runs.
+    pub window: Option<usize>,
 }
+
+/// A block-table entry whose block was released (out of the window).
+pub const RELEASED: u32 = u32::MAX;
 
 /// `len` tokens of sequence `id` from position `start`, to run this step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +85,7 @@ impl Scheduler {
             cfg: SchedulerConfig {
                 max_batched_tokens: cfg.max_batched_tokens.max(1),
                 max_num_seqs: cfg.max_num_seqs.max(1),
+                window: cfg.window.filter(|&w| w > 0),
             },
             block_size,
             blocks: BlockManager::new(n_blocks, block_size),
@@ -251,15 +259,25 @@ impl Scheduler {
                 continue;
             };
             s.computed = s.computed.max(c.start + c.len);
-            if !s.use_prefix_cache {
-                continue;
+            if s.use_prefix_cache {
+                while s.hashes.len() < s.computed / bs {
+                    let i = s.hashes.len();
+                    let prev = s.hashes.last().copied().unwrap_or_default();
+                    let h = BlockManager::chain_hash(&prev, &s.tokens[i * bs..(i + 1) * bs]);
+                    self.blocks.register(s.blocks[i], h);
+                    s.hashes.push(h);
+                }
             }
-            while s.hashes.len() < s.computed / bs {
-                let i = s.hashes.len();
-                let prev = s.hashes.last().copied().unwrap_or_default();
-                let h = BlockManager::chain_hash(&prev, &s.tokens[i * bs..(i + 1) * bs]);
-                self.blocks.register(s.blocks[i], h);
-                s.hashes.push(h);
+            // The next position attends back to computed + 1 - window at
+            // the earliest; blocks wholly before that are never read again.
+            if let Some(w) = self.cfg.window {
+                let needed_from = (s.computed + 1).saturating_sub(w);
+                for b in s.blocks.iter_mut().take(needed_from / bs) {
+                    if *b != RELEASED {
+                        self.blocks.release(&[*b]);
+                        *b = RELEASED;
+                    }
+                }
             }
         }
     }
@@ -274,7 +292,7 @@ impl Scheduler {
     /// Removes a sequence wherever it is and releases its blocks.
     pub fn finish(&mut self, id: SeqId) {
         if let Some(s) = self.seqs.remove(&id) {
-            self.blocks.release(&s.blocks);
+            self.release(&s.blocks);
         }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&r| r != id);
@@ -282,14 +300,21 @@ impl Scheduler {
 
     fn preempt(&mut self, id: SeqId) {
         let s = self.seqs.get_mut(&id).expect("preempting a live sequence");
-        self.blocks.release(&s.blocks);
-        s.blocks.clear();
+        let blocks = std::mem::take(&mut s.blocks);
         s.hashes.clear();
         s.computed = 0;
+        self.release(&blocks);
         self.running.retain(|&r| r != id);
         self.waiting.push_front(id);
         self.preemptions += 1;
         tracing::debug!(seq = id, "preempted");
+    }
+
+    /// Releases a block table's blocks (skipping those already released).
+    fn release(&mut self, table: &[u32]) {
+        for &b in table.iter().filter(|&&b| b != RELEASED) {
+            self.blocks.release(&[b]);
+        }
     }
 
     /// Forgets every cached block nobody holds and returns them.
@@ -309,6 +334,7 @@ mod tests {
             SchedulerConfig {
                 max_batched_tokens: budget,
                 max_num_seqs: seqs,
+                window: None,
             },
         )
     }
@@ -383,6 +409,25 @@ mod tests {
         }
         drive(&mut s, 24, &[0, 1, 2, 3]);
         assert!(s.stats().preemptions > 0);
+        assert_eq!(s.stats().blocks_used, 0);
+    }
+
+    #[test]
+    fn blocks_out_of_a_sliding_window_are_released() {
+        let mut s = sched(32, 64, 4);
+        s.cfg.window = Some(6);
+        s.add(1, (0..20).collect(), true, None);
+        let c = s.schedule();
+        s.commit(&c);
+        // 20 computed: the next position (20) reads 15.., so blocks 0..=2
+        // (positions 0..12) are released and block 3 (12..16) is kept.
+        assert_eq!(
+            &s.block_table(1)[..4],
+            &[RELEASED, RELEASED, RELEASED, s.block_table(1)[3]]
+        );
+        assert_eq!(s.stats().blocks_used, 2);
+        s.append(1, 3);
+        drive(&mut s, 40, &[1]);
         assert_eq!(s.stats().blocks_used, 0);
     }
 

@@ -325,3 +325,59 @@ fn an_f16_kv_cache_stays_close_to_the_reference() {
         );
     }
 }
+
+/// Mistral's layers all use an 8-token sliding window, so the engine
+/// releases blocks behind it while generating: a 100-token sequence holds a
+/// handful of 4-token blocks instead of 25, and its tokens are those of a
+/// full-cache forward pass over the same text.
+#[test]
+fn releasing_blocks_behind_a_sliding_window_changes_nothing() {
+    use ruvllm::engine::{Engine, EngineOptions, SeqEvent};
+    use std::sync::{Arc, Mutex};
+    let dir = fixtures().join("mistral");
+    let opts = EngineOptions {
+        threads: 1,
+        context: Some(128),
+        block_size: 4,
+        ..Default::default()
+    };
+    let mut e = Engine::load(&dir.join("model-f32.gguf"), &opts).unwrap();
+    let prompt = ids(&read_json(&dir.join("expected.json"))["input_ids"]);
+    let req = GenerationRequest {
+        prompt: prompt.clone(),
+        sampling: SamplingParams::greedy(),
+        max_tokens: 100 - prompt.len(),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let sink_out = out.clone();
+    let id = e.new_id();
+    e.add_request(
+        id,
+        req,
+        None,
+        Box::new(move |ev| {
+            if let SeqEvent::Finished(s) = ev {
+                *sink_out.lock().unwrap() = s.tokens;
+            }
+            true
+        }),
+    );
+    let mut peak = 0;
+    while e.has_work() {
+        e.step();
+        peak = peak.max(e.stats().blocks_used);
+    }
+    assert!(peak <= 5, "{peak} blocks held at once");
+    assert_eq!(e.stats().blocks_used, 0);
+    let out = out.lock().unwrap().clone();
+    assert_eq!(out.len(), 100 - prompt.len());
+    let mut all = prompt.clone();
+    all.extend_from_slice(&out[..out.len() - 1]);
+    let rows: Vec<usize> = (prompt.len() - 1..all.len()).collect();
+    let logits = e.forward_sequence(&all, &rows, false).unwrap().logits;
+    let vocab = e.model.spec.vocab_size;
+    let want: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
+    assert_eq!(out, want);
+}
