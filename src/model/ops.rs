@@ -202,7 +202,30 @@ pub fn dot_multi<T: KvElem>(qs: &[f32], k: &[T], out: &mut [f32], stride: usize)
 fn weighted_sums<T: KvElem, const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[T]]) {
     let (d, n) = (ys.len() / M, xs.len());
     let full = d / 8 * 8;
-    for c in (0..full).step_by(8) {
+    // Four 8-wide chunks at once: 4·M independent sums per value row keep
+    // the FMA units busy (one chunk's M sums would wait on add latency).
+    // Every sum still runs over j in order, so results do not change.
+    let wide = d / 32 * 32;
+    for c in (0..wide).step_by(32) {
+        let mut acc = [[[0f32; 8]; 4]; M];
+        for (j, x) in xs.iter().enumerate() {
+            let xc: [[f32; 8]; 4] = std::array::from_fn(|q| T::load8(&x[c + 8 * q..]));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wi = w[i * n + j];
+                for q in 0..4 {
+                    for l in 0..8 {
+                        a[q][l] += wi * xc[q][l];
+                    }
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (q, aq) in a.iter().enumerate() {
+                ys[i * d + c + 8 * q..i * d + c + 8 * q + 8].copy_from_slice(aq);
+            }
+        }
+    }
+    for c in (wide..full).step_by(8) {
         let mut acc = [[0f32; 8]; M];
         for (j, x) in xs.iter().enumerate() {
             let xc = T::load8(&x[c..]);
