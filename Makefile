@@ -1,7 +1,7 @@
 # Quick start: `make run` chats with the default model; `make test` runs every test.
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run test models pydeps build bench bench-serve lint
+.PHONY: run serve test models pydeps build bench bench-serve lint
 
 models:
 	@scripts/fetch-models.sh
@@ -21,8 +21,14 @@ test: models pydeps
 	# The portable (non-SIMD) kernels against the same references.
 	RUVLLM_NO_SIMD=1 cargo test --release --test fixtures --test quant
 
+serve: models build
+	target/release/ruvllm serve --model $(MODEL)
+
 bench: models
 	scripts/bench-vs-llamacpp.sh 2 5
+
+bench-serve: models
+	scripts/bench-serve-vs-llamacpp.sh 2 16 3
 
 lint:
 	cargo fmt --all -- --check

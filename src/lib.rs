@@ -1,12 +1,19 @@
-//! ruvllm: an LLM inference runtime for GGUF and Hugging Face models.
+//! ruvllm: an LLM inference and serving runtime for GGUF and Hugging Face
+//! models.
 //!
 //! Layers, each depending only on those above it:
 //! - [`gguf`], [`quant`], [`tensor`]: model files, block formats, SIMD kernels;
-//! - [`model`]: pure forward functions over a flat batch of tokens;
-//! - [`kv`]: the paged KV cache those forwards read and append to;
+//! - [`kv`]: the paged KV cache and its block manager (prefix caching);
+//! - [`model`]: pure forward functions over a flat batch of tokens, reading
+//!   and appending to the KV cache;
 //! - [`tokenizer`], [`chat`], [`sampling`]: text in, tokens out;
-//! - [`engine`]: a loaded model with its tokenizer, running generations;
-//! - [`backends`]: the public `LlmBackend` API.
+//! - [`scheduler`]: which tokens of which sequences run each step (token
+//!   budget, chunked prefill, preemption); it knows no model;
+//! - [`engine`]: a loaded model stepping the scheduler's flat batches;
+//! - [`engine_loop`], [`metrics`]: the thread that owns the engine, and what
+//!   it reports;
+//! - [`server`], [`backends`]: the OpenAI-compatible HTTP server and the
+//!   public `LlmBackend` API, both in front of the engine loop.
 
 pub mod backends;
 pub mod chat;
