@@ -168,7 +168,7 @@ async fn concurrent_greedy_requests_match_the_same_requests_run_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_streams_free_their_blocks_at_once() {
+async fn dropped_requests_free_their_blocks_at_once() {
     let s = start(&[]).await;
     let client = reqwest::Client::new();
     let mut streams = Vec::new();
@@ -182,14 +182,33 @@ async fn dropped_streams_free_their_blocks_at_once() {
         assert_eq!(r.status(), 200);
         streams.push(r.bytes_stream());
     }
-    // Read a few chunks of each so that all are running, then hang up.
+    // Two that wait for a whole answer, abandoned by their clients too.
+    let waiting: Vec<_> = prompts(2)
+        .into_iter()
+        .map(|p| {
+            let (client, url) = (client.clone(), s.url.clone());
+            tokio::spawn(async move {
+                client
+                    .post(format!("{url}/v1/completions"))
+                    .json(&json!({"prompt": p, "max_tokens": 3000, "ignore_eos": true}))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    // Read a few chunks of each stream so that all are running, then hang up.
     for st in &mut streams {
         for _ in 0..3 {
             st.next().await.unwrap().unwrap();
         }
     }
-    assert!(metric(&s, "ruvllm_requests_running").await > 0.0);
+    let t0 = Instant::now();
+    while metric(&s, "ruvllm_requests_running").await < 10.0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "not all ten started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(streams);
+    waiting.iter().for_each(|w| w.abort());
     drop(client);
     let t0 = Instant::now();
     loop {
