@@ -137,6 +137,10 @@ impl Matrix {
 }
 
 const CHUNKS_PER_THREAD: usize = 2;
+/// Batches of this many rows or more are compute-bound: finer chunks there
+/// balance the threads better than long prefetch-friendly ranges.
+const BATCH_ROWS: usize = 8;
+const BATCH_CHUNKS_PER_THREAD: usize = 8;
 const MIN_ROW_CHUNK: usize = 16;
 
 /// `out[i][j] = Σ_k x[i][k] · w[j][k]` for `n` rows of `x` (`n × w.cols`),
@@ -152,9 +156,12 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPoo
     let outp = SyncPtr(out.as_mut_ptr());
     // Contiguous row ranges keep each core's weight stream sequential for the
     // prefetchers; a few chunks per thread still balance uneven progress.
-    let chunk = m
-        .div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
-        .max(MIN_ROW_CHUNK);
+    let per_thread = if n >= BATCH_ROWS {
+        BATCH_CHUNKS_PER_THREAD
+    } else {
+        CHUNKS_PER_THREAD
+    };
+    let chunk = m.div_ceil(pool.n_threads() * per_thread).max(MIN_ROW_CHUNK);
     pool.for_each_chunk(m, chunk, &|rows| {
         let mut scratch = Vec::new();
         let mut tmp = [0f32; MAX_ROWS];
