@@ -277,7 +277,6 @@ pub type BlockHash = [u8; 16];
 /// of recomputing. Blocks whose last owner left stay cached until the pool
 /// needs them, least recently released first.
 pub struct BlockManager {
-    block_size: usize,
     refs: Vec<u32>,
     hash: Vec<Option<BlockHash>>,
     cached: HashMap<BlockHash, u32>,
@@ -292,9 +291,8 @@ pub struct BlockManager {
 }
 
 impl BlockManager {
-    pub fn new(n_blocks: usize, block_size: usize) -> Self {
+    pub fn new(n_blocks: usize) -> Self {
         let mut m = BlockManager {
-            block_size,
             refs: vec![0; n_blocks],
             hash: vec![None; n_blocks],
             cached: HashMap::new(),
@@ -380,26 +378,20 @@ impl BlockManager {
         Some(b)
     }
 
-    /// Takes a reference on the cached blocks that hold the longest prefix of
-    /// `tokens` (always leaving at least one token to compute); returns them
-    /// with their hashes.
-    pub fn lookup_prefix(&mut self, tokens: &[u32]) -> (Vec<u32>, Vec<BlockHash>) {
-        let usable = tokens.len().saturating_sub(1);
-        let (mut table, mut hashes) = (Vec::new(), Vec::new());
-        let mut prev = [0u8; 16];
-        for chunk in tokens[..usable].chunks_exact(self.block_size) {
-            let h = Self::chain_hash(&prev, chunk);
-            let Some(&b) = self.cached.get(&h) else { break };
+    /// Takes a reference on the cached blocks of the longest prefix of
+    /// `hashes` (chained block hashes, first block first) and returns them.
+    pub fn lookup_prefix(&mut self, hashes: &[BlockHash]) -> Vec<u32> {
+        let mut table = Vec::new();
+        for h in hashes {
+            let Some(&b) = self.cached.get(h) else { break };
             if self.refs[b as usize] == 0 {
                 self.idle.remove(&self.idle_key[b as usize]);
                 self.idle_cached -= 1;
             }
             self.refs[b as usize] += 1;
             table.push(b);
-            hashes.push(h);
-            prev = h;
         }
-        (table, hashes)
+        table
     }
 
     /// Offers a full block for reuse under hash `h` (unless another block
@@ -430,7 +422,7 @@ mod tests {
 
     #[test]
     fn cached_blocks_are_shared_then_evicted_oldest_first() {
-        let mut m = BlockManager::new(4, 2);
+        let mut m = BlockManager::new(4);
         let toks = [1, 2, 3, 4, 5];
         let (a, b) = (m.allocate().unwrap(), m.allocate().unwrap());
         let h1 = BlockManager::chain_hash(&[0; 16], &toks[..2]);
@@ -441,13 +433,16 @@ mod tests {
         assert_eq!(m.n_available(), 4);
 
         // A sequence with the same prefix gets both blocks back, shared.
-        let (table, hashes) = m.lookup_prefix(&toks);
-        assert_eq!((table.clone(), hashes), (vec![a, b], vec![h1, h2]));
-        let (again, _) = m.lookup_prefix(&toks);
+        let table = m.lookup_prefix(&[h1, h2]);
+        assert_eq!(table, vec![a, b]);
+        let again = m.lookup_prefix(&[h1, h2]);
         assert_eq!(again, table);
         assert_eq!(m.n_available(), 2);
         // A different first token shares nothing: the hash is chained.
-        assert!(m.lookup_prefix(&[9, 2, 3, 4, 5]).0.is_empty());
+        let other = BlockManager::chain_hash(&[0; 16], &[9, 2]);
+        assert!(m
+            .lookup_prefix(&[other, BlockManager::chain_hash(&other, &toks[2..4])])
+            .is_empty());
         m.release(&table);
         m.release(&again);
 
@@ -456,7 +451,7 @@ mod tests {
         assert_eq!(&order[2..], &[a, b]);
         assert!(m.allocate().is_none());
         assert!(
-            m.lookup_prefix(&toks).0.is_empty(),
+            m.lookup_prefix(&[h1, h2]).is_empty(),
             "evicted blocks are no longer cached"
         );
     }

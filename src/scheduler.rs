@@ -59,13 +59,32 @@ struct Seq {
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
-    hashes: Vec<BlockHash>,
+    /// Chained hashes of every full block of `tokens`, each computed once as
+    /// its block fills (empty without prefix caching).
+    block_hashes: Vec<BlockHash>,
+    /// Leading blocks already offered to the prefix cache.
+    registered: usize,
     use_prefix_cache: bool,
     /// Not admitted before this sequence has computed its prompt, so that
     /// the two share the prompt's blocks through the prefix cache.
     after: Option<SeqId>,
     /// Prompt tokens that came from the prefix cache at first admission.
     cached_tokens: Option<usize>,
+}
+
+impl Seq {
+    /// Extends `block_hashes` over blocks of `tokens` that filled up.
+    fn hash_full_blocks(&mut self, bs: usize) {
+        if !self.use_prefix_cache {
+            return;
+        }
+        while self.block_hashes.len() < self.tokens.len() / bs {
+            let i = self.block_hashes.len();
+            let prev = self.block_hashes.last().copied().unwrap_or_default();
+            let h = BlockManager::chain_hash(&prev, &self.tokens[i * bs..(i + 1) * bs]);
+            self.block_hashes.push(h);
+        }
+    }
 }
 
 pub struct Scheduler {
@@ -88,7 +107,7 @@ impl Scheduler {
                 window: cfg.window.filter(|&w| w > 0),
             },
             block_size,
-            blocks: BlockManager::new(n_blocks, block_size),
+            blocks: BlockManager::new(n_blocks),
             seqs: HashMap::new(),
             running: Vec::new(),
             waiting: VecDeque::new(),
@@ -110,19 +129,19 @@ impl Scheduler {
         after: Option<SeqId>,
     ) {
         debug_assert!(!tokens.is_empty());
-        self.seqs.insert(
-            id,
-            Seq {
-                prompt_len: tokens.len(),
-                tokens,
-                computed: 0,
-                blocks: Vec::new(),
-                hashes: Vec::new(),
-                use_prefix_cache,
-                after,
-                cached_tokens: None,
-            },
-        );
+        let mut s = Seq {
+            prompt_len: tokens.len(),
+            tokens,
+            computed: 0,
+            blocks: Vec::new(),
+            block_hashes: Vec::new(),
+            registered: 0,
+            use_prefix_cache,
+            after,
+            cached_tokens: None,
+        };
+        s.hash_full_blocks(self.block_size);
+        self.seqs.insert(id, s);
         self.waiting.push_back(id);
     }
 
@@ -215,11 +234,11 @@ impl Scheduler {
                 w += 1;
                 continue;
             }
-            let (table, hashes) = if s.use_prefix_cache {
-                self.blocks.lookup_prefix(&s.tokens)
-            } else {
-                (Vec::new(), Vec::new())
-            };
+            // At least one token is left to compute: its logits are needed.
+            let usable = (s.tokens.len() - 1) / self.block_size;
+            let table = self
+                .blocks
+                .lookup_prefix(&s.block_hashes[..usable.min(s.block_hashes.len())]);
             let computed = table.len() * self.block_size;
             let n = (s.tokens.len() - computed).min(budget);
             let need = (computed + n).div_ceil(self.block_size) - table.len();
@@ -229,8 +248,8 @@ impl Scheduler {
                 break;
             }
             let s = self.seqs.get_mut(&id).expect("waiting");
+            s.registered = table.len();
             s.blocks = table;
-            s.hashes = hashes;
             s.computed = computed;
             s.cached_tokens.get_or_insert(computed.min(s.prompt_len));
             for _ in 0..need {
@@ -259,15 +278,13 @@ impl Scheduler {
                 continue;
             };
             s.computed = s.computed.max(c.start + c.len);
-            if s.use_prefix_cache {
-                while s.hashes.len() < s.computed / bs {
-                    let i = s.hashes.len();
-                    let prev = s.hashes.last().copied().unwrap_or_default();
-                    let h = BlockManager::chain_hash(&prev, &s.tokens[i * bs..(i + 1) * bs]);
-                    self.blocks.register(s.blocks[i], h);
-                    s.hashes.push(h);
+            let full = (s.computed / bs).min(s.block_hashes.len());
+            for i in s.registered..full {
+                if s.blocks[i] != RELEASED {
+                    self.blocks.register(s.blocks[i], s.block_hashes[i]);
                 }
             }
+            s.registered = s.registered.max(full);
             // The next position attends back to computed + 1 - window at
             // the earliest; blocks wholly before that are never read again.
             if let Some(w) = self.cfg.window {
@@ -284,8 +301,10 @@ impl Scheduler {
 
     /// Adds a generated token to a sequence; it runs in the next step.
     pub fn append(&mut self, id: SeqId, token: u32) {
+        let bs = self.block_size;
         if let Some(s) = self.seqs.get_mut(&id) {
             s.tokens.push(token);
+            s.hash_full_blocks(bs);
         }
     }
 
@@ -301,7 +320,7 @@ impl Scheduler {
     fn preempt(&mut self, id: SeqId) {
         let s = self.seqs.get_mut(&id).expect("preempting a live sequence");
         let blocks = std::mem::take(&mut s.blocks);
-        s.hashes.clear();
+        s.registered = 0;
         s.computed = 0;
         self.release(&blocks);
         self.running.retain(|&r| r != id);
