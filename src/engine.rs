@@ -635,7 +635,6 @@ impl Engine {
         req: &GenerationRequest,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<GenerationSummary> {
-        validate(req, self.context, self.model.spec.vocab_size)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let id = self.new_id();
         self.add_request(

@@ -291,7 +291,6 @@ async fn completions(
     let req: CompletionRequest = parse(&body_bytes(body)?)?;
     st.check_model(&req.common.model)?;
     let e = st.engine()?;
-    let vocab = e.model.spec.vocab_size;
     let logprobs = match req.logprobs {
         None => None,
         Some(k) if k >= 0 => Some(k as usize),
@@ -301,17 +300,10 @@ async fn completions(
             )
         }
     };
-    let prompts = req.prompt.clone().tokenize(&e.tokenizer, vocab)?;
+    let prompts = req.prompt.tokenize(&e.tokenizer)?;
     let mut plans = Vec::new();
     for p in prompts {
-        plans.push(plan(
-            &req.common,
-            p,
-            logprobs,
-            Some(16),
-            e.model.context,
-            vocab,
-        )?);
+        plans.push(plan(&req.common, p, logprobs, Some(16), e.model.context)?);
     }
     let echo: Vec<String> = plans
         .iter()
@@ -327,46 +319,38 @@ async fn completions(
     let n = plans[0].n;
     let prompt_tokens: usize = plans.iter().map(|p| p.base.prompt.len()).sum();
     let sub = submit(e, plans.iter().map(Plan::requests).collect())?;
-    let id = request_id("cmpl");
-    let created = now_secs();
-    let model = st.model_id.clone();
+    let envelope = Envelope::new("cmpl", "text_completion", &st.model_id);
     if req.common.stream {
         let usage_wanted = req.common.stream_options.is_some_and(|o| o.include_usage);
         let tok = e.tokenizer.clone();
         let mut offsets = vec![0usize; sub.choices];
+        let usage = usage_wanted.then_some(prompt_tokens);
         let stream = sse(
             sub,
+            n,
+            envelope,
             st.opts.request_timeout,
-            usage_wanted,
-            prompt_tokens,
-            move |ev| {
-                let chunk = |choice: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
-                match ev {
-                    StreamItem::Start(i) => {
-                        let text = &echo[i / n];
-                        (!text.is_empty()).then(|| {
+            usage,
+            move |ev| match ev {
+                StreamItem::Start(i) => {
+                    let text = &echo[i / n];
+                    (!text.is_empty()).then(|| {
                         offsets[i] += text.len();
-                        chunk(json!({"index": i, "text": text, "logprobs": null, "finish_reason": null}))
+                        json!({"index": i, "text": text, "logprobs": null, "finish_reason": null})
                     })
-                    }
-                    StreamItem::Token(i, t) => {
-                        let lp = t.logprobs.is_some().then(|| {
-                            let mut l = CompletionLogprobs::default();
-                            l.push(&tok, &t, offsets[i]);
-                            l.to_json()
-                        });
-                        offsets[i] += t.text.len();
-                        Some(chunk(
-                            json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null}),
-                        ))
-                    }
-                    StreamItem::Finish(i, s) => Some(chunk(json!({
-                        "index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(s.finish)
-                    }))),
-                    StreamItem::Usage(u) => Some(json!({
-                        "id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": u
-                    })),
                 }
+                StreamItem::Token(i, t) => {
+                    let lp = t.logprobs.is_some().then(|| {
+                        let mut l = CompletionLogprobs::default();
+                        l.push(&tok, &t, offsets[i]);
+                        l.to_json()
+                    });
+                    offsets[i] += t.text.len();
+                    Some(json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null}))
+                }
+                StreamItem::Finish(i, s) => Some(json!({
+                    "index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(s.finish)
+                })),
             },
         );
         return Ok(stream);
@@ -397,15 +381,8 @@ async fn completions(
             "finish_reason": finish_reason(s.finish),
         }));
     }
-    Ok(axum::Json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion, cached),
-    }))
-    .into_response())
+    let usage = usage(prompt_tokens, completion, cached);
+    Ok(axum::Json(envelope.wrap(json!(choices), Some(usage))).into_response())
 }
 
 fn check_choices(plans: &[Plan]) -> ApiResult<()> {
@@ -464,40 +441,34 @@ async fn chat_completions(
             )
         }
     };
-    let vocab = e.model.spec.vocab_size;
-    let p = plan(&req.common, prompt, logprobs, None, e.model.context, vocab)?;
+    let p = plan(&req.common, prompt, logprobs, None, e.model.context)?;
     let prompt_tokens = p.base.prompt.len();
     let sub = submit(e, vec![p.requests()])?;
-    let id = request_id("chatcmpl");
-    let created = now_secs();
-    let model = st.model_id.clone();
     if req.common.stream {
         let usage_wanted = req.common.stream_options.is_some_and(|o| o.include_usage);
         let tok = e.tokenizer.clone();
+        let envelope = Envelope::new("chatcmpl", "chat.completion.chunk", &st.model_id);
+        let usage = usage_wanted.then_some(prompt_tokens);
+        let n = sub.choices;
         let stream = sse(
             sub,
+            n,
+            envelope,
             st.opts.request_timeout,
-            usage_wanted,
-            prompt_tokens,
-            move |ev| {
-                let chunk = |choice: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]});
-                match ev {
-                    StreamItem::Start(i) => Some(chunk(json!({
-                        "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
-                    }))),
-                    StreamItem::Token(i, t) => {
-                        let lp = chat_logprob(&tok, &t).map(|l| json!({"content": [l]}));
-                        Some(chunk(
-                            json!({"index": i, "delta": {"content": t.text}, "logprobs": lp, "finish_reason": null}),
-                        ))
-                    }
-                    StreamItem::Finish(i, s) => Some(chunk(json!({
-                        "index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(s.finish)
-                    }))),
-                    StreamItem::Usage(u) => Some(json!({
-                        "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": u
-                    })),
+            usage,
+            move |ev| match ev {
+                StreamItem::Start(i) => Some(json!({
+                    "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
+                })),
+                StreamItem::Token(i, t) => {
+                    let lp = chat_logprob(&tok, &t).map(|l| json!({"content": [l]}));
+                    Some(
+                        json!({"index": i, "delta": {"content": t.text}, "logprobs": lp, "finish_reason": null}),
+                    )
                 }
+                StreamItem::Finish(i, s) => Some(json!({
+                    "index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(s.finish)
+                })),
             },
         );
         return Ok(stream);
@@ -523,34 +494,65 @@ async fn chat_completions(
         }));
     }
     let cached = c.summary[0].as_ref().map_or(0, |s| s.cached_tokens);
-    Ok(axum::Json(json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion, cached),
-    }))
-    .into_response())
+    let usage = usage(prompt_tokens, completion, cached);
+    let envelope = Envelope::new("chatcmpl", "chat.completion", &st.model_id);
+    Ok(axum::Json(envelope.wrap(json!(choices), Some(usage))).into_response())
 }
 
-/// What a streamed response reports, turned into JSON chunks by the caller.
+/// The fields every completion response and streamed chunk carries.
+struct Envelope {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+}
+
+impl Envelope {
+    fn new(id_prefix: &str, object: &'static str, model: &str) -> Self {
+        Envelope {
+            id: request_id(id_prefix),
+            object,
+            created: now_secs(),
+            model: model.to_string(),
+        }
+    }
+
+    fn wrap(&self, choices: Value, usage: Option<Value>) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        v
+    }
+}
+
+/// What a streamed response reports about a choice, turned into that
+/// choice's JSON by the caller.
 enum StreamItem {
     /// Before the first token of choice i.
     Start(usize),
     Token(usize, crate::engine::TokenEvent),
     Finish(usize, GenerationSummary),
-    Usage(Value),
 }
 
 /// A server-sent-event response relaying the engine's events. The guards
 /// travel inside the stream: when the client disconnects, the body is
 /// dropped and the requests are aborted.
+///
+/// `per_prompt` choices share each prompt (the first of them reports its
+/// cached tokens); with `usage_prompt_tokens`, a usage chunk comes last.
 fn sse<F>(
     sub: Submitted,
+    per_prompt: usize,
+    envelope: Envelope,
     timeout: Duration,
-    usage_wanted: bool,
-    prompt_tokens: usize,
+    usage_prompt_tokens: Option<usize>,
     render: F,
 ) -> Response
 where
@@ -558,6 +560,7 @@ where
 {
     struct St<F> {
         sub: Submitted,
+        envelope: Envelope,
         render: F,
         deadline: Instant,
         started: Vec<bool>,
@@ -570,7 +573,8 @@ where
     }
     impl<F: FnMut(StreamItem) -> Option<Value>> St<F> {
         fn emit(&mut self, item: StreamItem) {
-            if let Some(v) = (self.render)(item) {
+            if let Some(choice) = (self.render)(item) {
+                let v = self.envelope.wrap(json!([choice]), None);
                 self.out.push_back(format!("data: {v}\n\n"));
             }
         }
@@ -590,6 +594,7 @@ where
     let choices = sub.choices;
     let st = St {
         sub,
+        envelope,
         render,
         deadline: Instant::now() + timeout,
         started: vec![false; choices],
@@ -608,9 +613,10 @@ where
                 return None;
             }
             if st.done == st.sub.choices {
-                if usage_wanted {
-                    let u = usage(prompt_tokens, st.completion, st.cached);
-                    st.emit(StreamItem::Usage(u));
+                if let Some(p) = usage_prompt_tokens {
+                    let u = usage(p, st.completion, st.cached);
+                    let v = st.envelope.wrap(json!([]), Some(u));
+                    st.out.push_back(format!("data: {v}\n\n"));
                 }
                 st.end_with(None);
                 continue;
@@ -629,8 +635,8 @@ where
                 Ok(Some((i, SeqEvent::Finished(s)))) => {
                     st.start(i);
                     st.completion += s.tokens.len();
-                    if i == 0 {
-                        st.cached = s.cached_tokens;
+                    if i % per_prompt == 0 {
+                        st.cached += s.cached_tokens;
                     }
                     st.done += 1;
                     st.emit(StreamItem::Finish(i, s));
@@ -664,7 +670,7 @@ async fn embeddings(
         }
     };
     let e = st.engine()?;
-    let inputs = req.input.tokenize(&e.tokenizer, e.model.spec.vocab_size)?;
+    let inputs = req.input.tokenize(&e.tokenizer)?;
     if inputs.len() > 256 {
         return Err(ApiError::bad_request("at most 256 inputs per request").param("input"));
     }

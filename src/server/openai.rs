@@ -1,7 +1,7 @@
 //! OpenAI request bodies, their validation into engine requests, and the
 //! JSON shapes of responses and errors.
 
-use crate::engine::{FinishReason, GenerationRequest, TokenEvent, MAX_TOP_LOGPROBS};
+use crate::engine::{FinishReason, GenerationRequest, TokenEvent};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use axum::http::StatusCode;
@@ -210,8 +210,9 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 }
 
 impl PromptInput {
-    /// Token lists, one per prompt.
-    pub fn tokenize(self, tok: &Tokenizer, vocab: usize) -> Result<Vec<Vec<u32>>, ApiError> {
+    /// Token lists, one per prompt (the engine checks each when it is
+    /// submitted).
+    pub fn tokenize(self, tok: &Tokenizer) -> Result<Vec<Vec<u32>>, ApiError> {
         let lists = match self {
             PromptInput::Text(s) => vec![encode(tok, &s)?],
             PromptInput::Texts(v) => v.iter().map(|s| encode(tok, s)).collect::<Result<_, _>>()?,
@@ -220,17 +221,6 @@ impl PromptInput {
         };
         if lists.is_empty() {
             return Err(ApiError::bad_request("no prompt was given").param("prompt"));
-        }
-        for l in &lists {
-            if l.is_empty() {
-                return Err(ApiError::bad_request("a prompt is empty").param("prompt"));
-            }
-            if let Some(&t) = l.iter().find(|&&t| t as usize >= vocab) {
-                return Err(ApiError::bad_request(format!(
-                    "token id {t} is outside the vocabulary of {vocab}"
-                ))
-                .param("prompt"));
-            }
         }
         Ok(lists)
     }
@@ -270,15 +260,16 @@ pub struct Plan {
     pub base: GenerationRequest,
 }
 
-/// Checks the shared fields and builds the engine request for `prompt`.
-/// `default_max` applies when the client gives no limit.
+/// Checks what only the API knows (n, max_tokens against the context, the
+/// shapes of top_k, logit_bias and stop) and builds the engine request for
+/// `prompt`; the engine validates the rest on submission. `default_max`
+/// applies when the client gives no limit.
 pub fn plan(
     c: &Common,
     prompt: Vec<u32>,
     logprobs: Option<usize>,
     default_max: Option<usize>,
     context: usize,
-    vocab: usize,
 ) -> Result<Plan, ApiError> {
     let bad = |m: String, p: &'static str| ApiError::bad_request(m).param(p);
     let n = c.n.unwrap_or(1);
@@ -353,13 +344,6 @@ pub fn plan(
         logit_bias,
         seed: c.seed.map(|s| s as u64),
     };
-    sampling.validate(vocab).map_err(ApiError::from)?;
-    if logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
-        return Err(bad(
-            format!("at most {MAX_TOP_LOGPROBS} top log-probabilities per token"),
-            "top_logprobs",
-        ));
-    }
     let stop = c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
     if stop.len() > 16 || stop.iter().any(|s| s.len() > 1024) {
         return Err(bad(
