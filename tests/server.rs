@@ -93,6 +93,43 @@ async fn metric(s: &Server, name: &str) -> f64 {
         .unwrap()
 }
 
+/// Waits until `metric` satisfies `ok`, failing after `within`.
+async fn wait_for(s: &Server, metric_name: &str, ok: impl Fn(f64) -> bool, within: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let v = metric(s, metric_name).await;
+        if ok(v) {
+            return;
+        }
+        assert!(t0.elapsed() < within, "{metric_name} is still {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The greedy output of each prompt run alone, one after another.
+async fn run_alone(s: &Server, ps: &[String], max_tokens: usize) -> Vec<String> {
+    let mut alone = Vec::new();
+    for p in ps {
+        let (st, v) = post(s, "/v1/completions", greedy(p, max_tokens)).await;
+        assert_eq!(st, 200, "{v}");
+        alone.push(text(&v));
+    }
+    alone
+}
+
+/// Runs all prompts at once and checks each output against `alone`.
+async fn run_together(s: &Server, ps: &[String], max_tokens: usize, alone: &[String], what: &str) {
+    let together = futures::future::join_all(
+        ps.iter()
+            .map(|p| post(s, "/v1/completions", greedy(p, max_tokens))),
+    )
+    .await;
+    for (i, ((st, v), want)) in together.iter().zip(alone).enumerate() {
+        assert_eq!(*st, 200, "{v}");
+        assert_eq!(&text(v), want, "request {i} changed {what}");
+    }
+}
+
 fn greedy(prompt: &str, max_tokens: usize) -> Value {
     json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
 }
@@ -146,24 +183,11 @@ async fn the_official_openai_client_works_against_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_greedy_requests_match_the_same_requests_run_alone() {
     let s = start(&[]).await;
-    let ps = prompts(32);
-    let mut alone = Vec::new();
-    for p in &ps {
-        let (st, v) = post(&s, "/v1/completions", greedy(p, 24)).await;
-        assert_eq!(st, 200, "{v}");
-        alone.push(text(&v));
-    }
-    // All at once: each lands at some position of shared batches, some with
+    // Together, each lands at some position of shared batches, some with
     // their prompt's blocks in the prefix cache from the solo run.
-    let together = futures::future::join_all(
-        ps.iter()
-            .map(|p| post(&s, "/v1/completions", greedy(p, 24))),
-    )
-    .await;
-    for (i, ((st, v), want)) in together.iter().zip(&alone).enumerate() {
-        assert_eq!(*st, 200, "{v}");
-        assert_eq!(&text(v), want, "request {i} changed when batched");
-    }
+    let ps = prompts(32);
+    let alone = run_alone(&s, &ps, 24).await;
+    run_together(&s, &ps, 24, &alone, "when batched").await;
     assert!(metric(&s, "ruvllm_prefix_cache_hit_tokens_total").await > 0.0);
 }
 
@@ -202,27 +226,26 @@ async fn dropped_requests_free_their_blocks_at_once() {
             st.next().await.unwrap().unwrap();
         }
     }
-    let t0 = Instant::now();
-    while metric(&s, "ruvllm_requests_running").await < 10.0 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "not all ten started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        &s,
+        "ruvllm_requests_running",
+        |v| v == 10.0,
+        Duration::from_secs(5),
+    )
+    .await;
     drop(streams);
     waiting.iter().for_each(|w| w.abort());
     drop(client);
     let t0 = Instant::now();
-    loop {
-        let running = metric(&s, "ruvllm_requests_running").await;
-        let used = metric(&s, "ruvllm_kv_blocks_used").await;
-        if running == 0.0 && used == 0.0 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(1),
-            "{running} requests still running, {used} blocks used"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let second = Duration::from_secs(1);
+    wait_for(&s, "ruvllm_requests_running", |v| v == 0.0, second).await;
+    wait_for(
+        &s,
+        "ruvllm_kv_blocks_used",
+        |v| v == 0.0,
+        second.saturating_sub(t0.elapsed()),
+    )
+    .await;
     let (st, v) = post(&s, "/v1/completions", greedy("Hello", 4)).await;
     assert_eq!(st, 200, "{v}");
 }
@@ -233,29 +256,18 @@ async fn a_kv_budget_too_small_for_the_load_preempts_without_changing_outputs() 
     // tokens; six requests of ~100 tokens each need almost three times that.
     let s = start(&["--kv-cache-mb", "5"]).await;
     let ps = prompts(6);
-    let mut alone = Vec::new();
-    for p in &ps {
-        let (st, v) = post(&s, "/v1/completions", greedy(p, 80)).await;
-        assert_eq!(st, 200, "{v}");
-        alone.push(text(&v));
-    }
+    let alone = run_alone(&s, &ps, 80).await;
     assert_eq!(metric(&s, "ruvllm_preemptions_total").await, 0.0);
-    let together = futures::future::join_all(
-        ps.iter()
-            .map(|p| post(&s, "/v1/completions", greedy(p, 80))),
-    )
-    .await;
-    for (i, ((st, v), want)) in together.iter().zip(&alone).enumerate() {
-        assert_eq!(*st, 200, "{v}");
-        assert_eq!(&text(v), want, "request {i} changed under preemption");
-    }
+    run_together(&s, &ps, 80, &alone, "under preemption").await;
     assert!(metric(&s, "ruvllm_preemptions_total").await > 0.0);
     // Gauges are published after each step, just after the last answer.
-    let t0 = Instant::now();
-    while metric(&s, "ruvllm_kv_blocks_used").await != 0.0 {
-        assert!(t0.elapsed() < Duration::from_secs(1), "blocks still in use");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        &s,
+        "ruvllm_kv_blocks_used",
+        |v| v == 0.0,
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
