@@ -61,8 +61,8 @@ pub struct Tokenizer {
     /// Literal text of each token, for display and template variables.
     texts: Vec<String>,
     is_control: Vec<bool>,
-    /// (text, id) of tokens split out of the input before the model runs, longest first.
-    specials: Vec<(String, u32)>,
+    /// Finds the tokens split out of the input before the model runs.
+    specials: Option<SpecialSplitter>,
     /// Raw `tokenizer.ggml.pre` or "hf".
     pub pre: String,
 }
@@ -118,31 +118,24 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Cuts `text` at every special token's text, leftmost first and the
+    /// longest at each place, in one pass over the text whatever the
+    /// number of special tokens (Gemma 3 has thousands).
     fn split_special<'t>(&self, text: &'t str) -> Vec<Fragment<'t>> {
-        let mut frags = vec![Fragment::Text(text)];
-        for (tok, id) in &self.specials {
-            if !text.contains(tok.as_str()) {
-                continue;
+        let Some(sp) = &self.specials else {
+            return vec![Fragment::Text(text)];
+        };
+        let mut frags = Vec::new();
+        let mut at = 0;
+        for m in sp.finder.find_iter(text) {
+            if m.start() > at {
+                frags.push(Fragment::Text(&text[at..m.start()]));
             }
-            let mut next = Vec::with_capacity(frags.len() + 2);
-            for f in frags {
-                match f {
-                    Fragment::Text(mut s) => {
-                        while let Some(i) = s.find(tok.as_str()) {
-                            if i > 0 {
-                                next.push(Fragment::Text(&s[..i]));
-                            }
-                            next.push(Fragment::Token(*id));
-                            s = &s[i + tok.len()..];
-                        }
-                        if !s.is_empty() {
-                            next.push(Fragment::Text(s));
-                        }
-                    }
-                    t => next.push(t),
-                }
-            }
-            frags = next;
+            frags.push(Fragment::Token(sp.ids[m.pattern().as_usize()]));
+            at = m.end();
+        }
+        if at < text.len() {
+            frags.push(Fragment::Text(&text[at..]));
         }
         frags
     }
@@ -257,7 +250,10 @@ impl Tokenizer {
             })
             .map(|(i, (t, _))| (t.clone(), i as u32))
             .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        // Of tokens with the same text, the lowest id wins.
+        specials.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        specials.dedup_by(|a, b| a.0 == b.0);
+        let specials = SpecialSplitter::new(specials)?;
 
         let eos = id("tokenizer.ggml.eos_token_id");
         let mut stop: Vec<u32> = eos
@@ -407,9 +403,31 @@ impl Tokenizer {
             pieces,
             texts,
             is_control,
-            specials: Vec::new(),
+            specials: None,
             pre: "hf".into(),
         })
+    }
+}
+
+/// An automaton over the texts of special tokens.
+struct SpecialSplitter {
+    finder: aho_corasick::AhoCorasick,
+    ids: Vec<u32>,
+}
+
+impl SpecialSplitter {
+    fn new(specials: Vec<(String, u32)>) -> Result<Option<Self>> {
+        if specials.is_empty() {
+            return Ok(None);
+        }
+        let finder = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(specials.iter().map(|(t, _)| t))
+            .map_err(|e| Error::Tokenizer(format!("special tokens: {e}")))?;
+        Ok(Some(SpecialSplitter {
+            finder,
+            ids: specials.into_iter().map(|(_, id)| id).collect(),
+        }))
     }
 }
 
