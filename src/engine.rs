@@ -102,6 +102,13 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
     /// Return the mean of the final hidden states instead of generating.
     pub embed: bool,
+    /// Report the log-probability of every prompt token after the first
+    /// (and this many alternatives); the prompt is then computed in full,
+    /// never taken from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
+    /// Only prefixes cached under the same salt are reused (tenants do not
+    /// share, or learn about, each other's prompts).
+    pub cache_salt: Option<String>,
 }
 
 /// Alternatives reported per token at most.
@@ -124,6 +131,61 @@ pub struct TokenLogprobs {
     pub top: Vec<(u32, f32)>,
 }
 
+/// How likely the model found one prompt token, given the tokens before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptTokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// 1 for the most likely token.
+    pub rank: usize,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Deliberate failures, for testing how the engine and the server survive
+/// their own faults: each triggers on requests whose prompt holds `token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultPlan {
+    pub kind: FaultKind,
+    pub token: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// A panic inside a step.
+    StepPanic,
+    /// The forward pass returns an error.
+    StepError,
+    /// A panic while the request is admitted.
+    AdmitPanic,
+    /// A panic while the request is aborted.
+    AbortPanic,
+    /// A panic inside a step and again while failing the request: the
+    /// engine cannot recover.
+    Fatal,
+}
+
+impl std::str::FromStr for FaultPlan {
+    type Err = Error;
+    /// `KIND:TOKEN`, KIND one of step-panic, step-error, admit-panic,
+    /// abort-panic, fatal.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidRequest(format!("bad fault plan '{s}' (KIND:TOKEN)"));
+        let (kind, token) = s.split_once(':').ok_or_else(bad)?;
+        let kind = match kind {
+            "step-panic" => FaultKind::StepPanic,
+            "step-error" => FaultKind::StepError,
+            "admit-panic" => FaultKind::AdmitPanic,
+            "abort-panic" => FaultKind::AbortPanic,
+            "fatal" => FaultKind::Fatal,
+            _ => return Err(bad()),
+        };
+        Ok(FaultPlan {
+            kind,
+            token: token.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 /// What a request hears from the engine.
 #[derive(Debug)]
 pub enum SeqEvent {
@@ -133,6 +195,9 @@ pub enum SeqEvent {
         vector: Vec<f32>,
         tokens: usize,
     },
+    /// Before the first token, when the request asked for prompt
+    /// log-probabilities: one entry per prompt token after the first.
+    PromptLogprobs(Vec<PromptTokenLogprob>),
     Finished(GenerationSummary),
     Failed(Error),
 }
@@ -169,6 +234,8 @@ pub struct Engine {
     context: usize,
     max_batched_tokens: usize,
     counters: Counters,
+    /// Deliberate failures (tests of fault handling); none in normal use.
+    pub fault: Option<FaultPlan>,
 }
 
 /// Totals since the engine started.
@@ -191,6 +258,20 @@ struct Active {
     first_token: Option<Instant>,
     /// Sum of the prompt's hidden states so far (embedding requests).
     embed_sum: Vec<f32>,
+    /// Log-probabilities of prompt tokens 1.., by position (when asked for).
+    prompt_lps: Vec<Option<PromptTokenLogprob>>,
+}
+
+/// Which logit or hidden-state rows a chunk needs from the forward pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    None,
+    /// The last row's logits: they choose the next token.
+    Last,
+    /// Logits of every row (prompt log-probabilities, then the next token).
+    AllLogits,
+    /// Hidden states of every row (embeddings).
+    AllHidden,
 }
 
 impl Engine {
@@ -330,6 +411,7 @@ impl Engine {
             context,
             max_batched_tokens,
             counters: Counters::default(),
+            fault: None,
         })
     }
 
@@ -396,12 +478,14 @@ impl Engine {
             sink(SeqEvent::Failed(e));
             return;
         }
+        self.maybe_fault(FaultKind::AdmitPanic, &req.prompt);
         let max_tokens = req.max_tokens.min(self.context - req.prompt.len());
         self.sched.add(
             id,
             req.prompt.clone(),
-            !req.embed,
+            !req.embed && req.prompt_logprobs.is_none(),
             after.filter(|a| self.requests.contains_key(a)),
+            req.cache_salt.as_deref(),
         );
         let active = Active {
             sampler: Sampler::new(req.sampling.clone()),
@@ -412,6 +496,7 @@ impl Engine {
             arrival: Instant::now(),
             first_token: None,
             embed_sum: Vec::new(),
+            prompt_lps: Vec::new(),
             req,
         };
         self.requests.insert(id, active);
@@ -420,8 +505,19 @@ impl Engine {
     /// Stops a request now and frees its blocks; its sink hears `Finished`
     /// with [`FinishReason::Cancelled`].
     pub fn abort(&mut self, id: SeqId) {
-        if self.requests.contains_key(&id) {
+        if let Some(a) = self.requests.get(&id) {
+            let prompt = a.req.prompt.clone();
+            self.maybe_fault(FaultKind::AbortPanic, &prompt);
             self.finish(id, FinishReason::Cancelled);
+        }
+    }
+
+    /// Panics as a [`FaultPlan`] asks, when `prompt` holds its token.
+    fn maybe_fault(&self, kind: FaultKind, prompt: &[u32]) {
+        if let Some(f) = self.fault.filter(|f| f.kind == kind) {
+            if prompt.contains(&f.token) {
+                panic!("injected fault: {kind:?}");
+            }
         }
     }
 
@@ -431,50 +527,85 @@ impl Engine {
         if chunks.is_empty() {
             return false;
         }
+        for c in &chunks {
+            let prompt = &self.requests[&c.id].req.prompt;
+            self.maybe_fault(FaultKind::StepPanic, prompt);
+            self.maybe_fault(FaultKind::Fatal, prompt);
+        }
         match self.run_chunks(&chunks) {
             Ok(out) => {
                 self.sched.commit(&chunks);
                 self.process(&chunks, out);
             }
-            Err(e) => {
+            Err(e) if chunks.len() == 1 => {
                 // Only a bug gets here (requests are validated on entry):
-                // fail the batch's requests rather than the whole engine.
+                // fail the request rather than the whole engine.
                 tracing::error!("forward pass failed: {e}");
-                for c in &chunks {
-                    if let Some(mut a) = self.requests.remove(&c.id) {
-                        (a.sink)(SeqEvent::Failed(Error::InvalidRequest(e.to_string())));
+                self.fail(chunks[0].id, &format!("the forward pass failed: {e}"));
+            }
+            Err(e) => {
+                // Sequences are independent: run each alone, so that only
+                // those that fail by themselves are failed. Each rewrites
+                // the same keys and values the batch would have.
+                tracing::error!(
+                    "a batched forward pass failed ({e}); retrying its sequences one by one"
+                );
+                for c in chunks {
+                    let one = [c];
+                    match self.run_chunks(&one) {
+                        Ok(out) => {
+                            self.sched.commit(&one);
+                            self.process(&one, out);
+                        }
+                        Err(e) => {
+                            tracing::error!("forward pass failed: {e}");
+                            self.fail(c.id, &format!("the forward pass failed: {e}"));
+                        }
                     }
-                    self.sched.finish(c.id);
                 }
             }
         }
         true
     }
 
+    /// Ends a request with an internal error (our fault, not the client's).
+    pub fn fail(&mut self, id: SeqId, why: &str) {
+        if let Some(a) = self.requests.get(&id) {
+            self.maybe_fault(FaultKind::Fatal, &a.req.prompt);
+        }
+        if let Some(mut a) = self.requests.remove(&id) {
+            (a.sink)(SeqEvent::Failed(Error::Internal(why.to_string())));
+        }
+        self.sched.finish(id);
+    }
+
     /// Fails every request (after a panic inside a step, whose state can no
     /// longer be trusted) and clears the prefix cache.
     pub fn fail_all(&mut self, why: &str) {
         for id in self.requests.keys().copied().collect::<Vec<_>>() {
-            if let Some(mut a) = self.requests.remove(&id) {
-                (a.sink)(SeqEvent::Failed(Error::InvalidRequest(why.to_string())));
-            }
-            self.sched.finish(id);
+            self.fail(id, why);
         }
         self.sched.drop_cached();
     }
 
-    /// When no request is live: forgets the prefix cache and returns the
-    /// memory of every KV block and of freed activations to the system.
-    pub fn trim(&mut self) {
+    /// When no request is live: returns the memory of KV blocks that hold
+    /// nothing worth keeping, and of freed activations, to the system.
+    /// Cached prefixes stay (the next turn of a chat wants them) unless
+    /// `drop_cache` says to forget them too.
+    pub fn trim(&mut self, drop_cache: bool) {
         if self.has_work() {
             return;
         }
-        let cached = self.sched.drop_cached().len();
-        let all: Vec<u32> = (0..self.sched.stats().blocks_total as u32).collect();
-        self.kv.discard(&all);
+        let dropped = if drop_cache {
+            self.sched.drop_cached().len()
+        } else {
+            0
+        };
+        let free = self.sched.idle_uncached();
+        self.kv.discard(&free);
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe { libc::malloc_trim(0) };
-        tracing::debug!(cached, "trimmed idle memory");
+        tracing::debug!(dropped, released = free.len(), "trimmed idle memory");
     }
 
     fn run_chunks(&mut self, chunks: &[Chunk]) -> Result<Output> {
@@ -492,10 +623,16 @@ impl Engine {
             positions.extend(c.start..c.start + c.len);
             seq_index.extend(std::iter::repeat_n(i, c.len));
             tables.push(self.sched.block_table(c.id));
-            if self.requests[&c.id].req.embed {
-                hidden_rows.extend(base..base + c.len);
-            } else if c.completes {
-                rows.push(base + c.len - 1);
+            match self.rows(c) {
+                Rows::AllHidden => hidden_rows.extend(base..base + c.len),
+                Rows::AllLogits => rows.extend(base..base + c.len),
+                Rows::Last => rows.push(base + c.len - 1),
+                Rows::None => {}
+            }
+        }
+        if let Some(f) = self.fault.filter(|f| f.kind == FaultKind::StepError) {
+            if tokens.contains(&f.token) {
+                return Err(Error::Internal("injected fault: StepError".into()));
             }
         }
         let batch = Batch {
@@ -508,12 +645,26 @@ impl Engine {
             .forward_any(&batch, &mut self.kv, &rows, &hidden_rows, &self.pool)
     }
 
+    fn rows(&self, c: &Chunk) -> Rows {
+        let req = &self.requests[&c.id].req;
+        if req.embed {
+            Rows::AllHidden
+        } else if req.prompt_logprobs.is_some() && c.start + 1 < req.prompt.len() {
+            Rows::AllLogits
+        } else if c.completes {
+            Rows::Last
+        } else {
+            Rows::None
+        }
+    }
+
     /// Turns a step's outputs into tokens and embeddings.
     fn process(&mut self, chunks: &[Chunk], mut out: Output) {
         let (vocab, h) = (self.model.spec.vocab_size, self.model.spec.hidden);
         let mut logit_rows = out.logits.chunks_exact_mut(vocab);
         let mut hidden_rows = out.hidden.chunks_exact(h);
         for c in chunks {
+            let plan = self.rows(c);
             let a = self
                 .requests
                 .get_mut(&c.id)
@@ -539,6 +690,27 @@ impl Engine {
                 }
                 continue;
             }
+            if plan == Rows::AllLogits {
+                let k = a.req.prompt_logprobs.unwrap_or(0);
+                let n = a.req.prompt.len();
+                a.prompt_lps.resize(n - 1, None);
+                let mut last = None;
+                for pos in c.start..c.start + c.len {
+                    let row = logit_rows.next().expect("a logit row per position");
+                    if pos + 1 < n {
+                        a.prompt_lps[pos] = Some(prompt_logprob(row, a.req.prompt[pos + 1], k));
+                    }
+                    last = Some(row);
+                }
+                if c.completes {
+                    let row = last.expect("a chunk has at least one token");
+                    self.send_prompt_logprobs(c.id);
+                    if let Some(reason) = self.sample(c.id, row) {
+                        self.finish(c.id, reason);
+                    }
+                }
+                continue;
+            }
             if !c.completes {
                 continue;
             }
@@ -547,6 +719,20 @@ impl Engine {
                 self.finish(c.id, reason);
             }
         }
+    }
+
+    /// Hands a request its prompt log-probabilities, once, before its
+    /// first token.
+    fn send_prompt_logprobs(&mut self, id: SeqId) {
+        let a = self.requests.get_mut(&id).expect("active");
+        if a.first_token.is_some() || a.req.prompt_logprobs.is_none() {
+            return;
+        }
+        let lps = std::mem::take(&mut a.prompt_lps)
+            .into_iter()
+            .map(|e| e.expect("every prompt position was computed"))
+            .collect();
+        (a.sink)(SeqEvent::PromptLogprobs(lps));
     }
 
     /// Picks a sequence's next token and tells its sink; returns why the
@@ -596,8 +782,8 @@ impl Engine {
         let Some(mut a) = self.requests.remove(&id) else {
             return;
         };
-        if a.req.embed {
-            return;
+        if a.req.embed && finish != FinishReason::Cancelled {
+            return; // the embedding was its answer
         }
         let tail = a.text.finish();
         if !tail.is_empty() && finish != FinishReason::Cancelled {
@@ -654,7 +840,7 @@ impl Engine {
                     }
                     SeqEvent::Finished(s) => return Ok(s),
                     SeqEvent::Failed(e) => return Err(e),
-                    SeqEvent::Embedding { .. } => {}
+                    SeqEvent::Embedding { .. } | SeqEvent::PromptLogprobs(_) => {}
                 }
             }
         }
@@ -745,7 +931,7 @@ impl Engine {
                 Some(b) => table.push(b),
                 None => {
                     self.sched.blocks.release(&table);
-                    return Err(Error::InvalidRequest("the KV cache is busy".into()));
+                    return Err(Error::Overloaded("the KV cache is busy".into()));
                 }
             }
         }
@@ -778,7 +964,9 @@ pub fn validate(req: &GenerationRequest, context: usize, vocab: usize) -> Result
             }
         )));
     }
-    if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+    if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS)
+        || req.prompt_logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS)
+    {
         return Err(Error::InvalidRequest(format!(
             "at most {MAX_TOP_LOGPROBS} top log-probabilities per token"
         )));
@@ -797,6 +985,19 @@ pub fn chat_prompt(
     let bos_text = tokenizer.special.bos.and_then(|b| tokenizer.token_text(b));
     let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(b));
     tokenizer.encode(&text, !has_bos)
+}
+
+/// The log-probability and rank of `token` under `logits`, with the `k`
+/// most likely alternatives.
+fn prompt_logprob(logits: &[f32], token: u32, k: usize) -> PromptTokenLogprob {
+    let (all, top) = log_softmax_top(logits, k);
+    let logprob = all[token as usize];
+    PromptTokenLogprob {
+        id: token,
+        logprob,
+        rank: 1 + all.iter().filter(|&&l| l > logprob).count(),
+        top,
+    }
 }
 
 /// Log-probabilities of every token (natural log) and the `k` most likely.

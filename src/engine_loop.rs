@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::model::ModelSpec;
 use crate::scheduler::SeqId;
 use crate::tokenizer::Tokenizer;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,9 +18,11 @@ pub struct LoopOptions {
     /// Requests that may wait for admission beyond those running; more are
     /// refused with [`Error::Overloaded`].
     pub max_waiting: usize,
-    /// After this long with nothing to do, the prefix cache is dropped and
-    /// its memory returned to the system.
+    /// After this long with nothing to do, memory that holds nothing worth
+    /// keeping goes back to the system.
     pub idle_trim: Duration,
+    /// Whether idle trimming forgets the prefix cache too.
+    pub idle_trim_drops_cache: bool,
 }
 
 impl Default for LoopOptions {
@@ -28,6 +30,7 @@ impl Default for LoopOptions {
         LoopOptions {
             max_waiting: 256,
             idle_trim: Duration::from_secs(10),
+            idle_trim_drops_cache: false,
         }
     }
 }
@@ -63,9 +66,48 @@ pub struct EngineHandle {
     pub model: Arc<ModelSummary>,
     pub metrics: Arc<Metrics>,
     next_id: Arc<AtomicU64>,
-    /// Requests submitted and not yet finished.
-    in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
+    /// False once the loop thread has ended: nothing can be served.
+    alive: Arc<AtomicBool>,
+}
+
+/// One in-flight request's share of the count; given back when dropped.
+///
+/// It lives inside the request's sink, so whatever way the request leaves
+/// the engine (finished, failed, aborted, rejected on admission, dropped
+/// with the engine after a panic), the count goes down exactly once.
+struct InFlightToken {
+    metrics: Arc<Metrics>,
+    /// Whether the request heard its end (finished, failed, embedded).
+    ended: bool,
+}
+
+impl InFlightToken {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        InFlightToken {
+            metrics,
+            ended: false,
+        }
+    }
+}
+
+impl Drop for InFlightToken {
+    fn drop(&mut self) {
+        self.metrics.requests_in_flight.fetch_sub(1, Relaxed);
+        if !self.ended {
+            // Dropped without an answer: the engine lost it (a panic).
+            self.metrics.requests_failed_total.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Marks the loop dead when its thread ends, by return or by panic.
+struct AliveFlag(Arc<AtomicBool>);
+
+impl Drop for AliveFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Relaxed);
+    }
 }
 
 /// Aborts its requests when dropped (a client went away); harmless once
@@ -115,64 +157,104 @@ impl EngineHandle {
             model,
             metrics: metrics.clone(),
             next_id: Arc::new(AtomicU64::new(1)),
-            in_flight: Arc::new(AtomicUsize::new(0)),
             max_in_flight: max_num_seqs + opts.max_waiting,
+            alive: Arc::new(AtomicBool::new(true)),
         };
+        let alive = AliveFlag(handle.alive.clone());
         std::thread::Builder::new()
             .name("ruvllm-engine".into())
-            .spawn(move || run(engine, rx, metrics, opts.idle_trim))
+            .spawn(move || {
+                let _alive = alive;
+                run(engine, rx, metrics, &opts)
+            })
             .map_err(|e| Error::io("engine thread", e))?;
         Ok(handle)
     }
 
     /// Requests submitted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Relaxed)
+        self.metrics.requests_in_flight.load(Relaxed) as usize
+    }
+
+    /// Whether the engine loop is running (it can serve requests).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Relaxed)
     }
 
     /// Queues `reqs` with one sink each; the first request's prompt blocks
     /// are shared by the others (OpenAI's `n`). Invalid requests fail here,
     /// and so does a full queue ([`Error::Overloaded`]).
     pub fn submit(&self, reqs: Vec<GenerationRequest>, sinks: Vec<Sink>) -> Result<RequestGuard> {
-        assert_eq!(reqs.len(), sinks.len(), "one sink per request");
-        for r in &reqs {
-            validate(r, self.model.context, self.model.spec.vocab_size)?;
+        let mut guards = self.submit_groups(vec![(reqs, sinks)])?;
+        Ok(guards.pop().expect("one guard per group"))
+    }
+
+    /// Queues several groups as [`EngineHandle::submit`] does one, all or
+    /// nothing: every request is checked, and room is taken for all of
+    /// them, before any is queued, so a bad member costs nothing.
+    pub fn submit_groups(
+        &self,
+        groups: Vec<(Vec<GenerationRequest>, Vec<Sink>)>,
+    ) -> Result<Vec<RequestGuard>> {
+        for (reqs, sinks) in &groups {
+            if reqs.is_empty() || reqs.len() != sinks.len() {
+                return Err(Error::InvalidRequest(format!(
+                    "{} requests with {} sinks: give one sink per request, at least one",
+                    reqs.len(),
+                    sinks.len()
+                )));
+            }
+            for r in reqs {
+                validate(r, self.model.context, self.model.spec.vocab_size)?;
+            }
         }
-        let n = reqs.len();
-        let prev = self.in_flight.fetch_add(n, Relaxed);
+        let n: usize = groups.iter().map(|(r, _)| r.len()).sum();
+        let count = &self.metrics.requests_in_flight;
+        let prev = count.fetch_add(n as u64, Relaxed) as usize;
         if prev + n > self.max_in_flight {
-            self.in_flight.fetch_sub(n, Relaxed);
+            count.fetch_sub(n as u64, Relaxed);
             self.metrics.requests_rejected_total.fetch_add(1, Relaxed);
             return Err(Error::Overloaded(format!(
                 "{prev} requests are in flight, the limit is {}",
                 self.max_in_flight
             )));
         }
-        let first = self.next_id.fetch_add(n as u64, Relaxed);
-        let ids: Vec<SeqId> = (first..first + n as u64).collect();
-        let sinks = sinks.into_iter().map(|s| self.instrument(s)).collect();
-        let cmd = Command::Submit {
-            ids: ids.clone(),
-            reqs,
-            sinks,
-        };
-        if self.tx.send(cmd).is_err() {
-            self.in_flight.fetch_sub(n, Relaxed);
-            return Err(Error::Internal("the engine has stopped".into()));
+        let mut guards = Vec::with_capacity(groups.len());
+        for (reqs, sinks) in groups {
+            let k = reqs.len() as u64;
+            let first = self.next_id.fetch_add(k, Relaxed);
+            let ids: Vec<SeqId> = (first..first + k).collect();
+            // From here each sink owns one unit of the count (a send that
+            // fails drops the sinks, and with them their units).
+            let sinks = sinks
+                .into_iter()
+                .map(|s| self.instrument(s, InFlightToken::new(self.metrics.clone())))
+                .collect();
+            let cmd = Command::Submit {
+                ids: ids.clone(),
+                reqs,
+                sinks,
+            };
+            if self.tx.send(cmd).is_err() {
+                return Err(Error::Internal("the engine has stopped".into()));
+            }
+            guards.push(RequestGuard {
+                ids,
+                tx: self.tx.clone(),
+            });
         }
-        Ok(RequestGuard {
-            ids,
-            tx: self.tx.clone(),
-        })
+        Ok(guards)
     }
 
-    /// Wraps a sink to keep the in-flight count and the latency histograms.
-    fn instrument(&self, mut inner: Sink) -> Sink {
-        let in_flight = self.in_flight.clone();
+    /// Wraps a sink to keep the in-flight count (held until the engine
+    /// drops the sink) and the latency histograms.
+    fn instrument(&self, mut inner: Sink, mut token: InFlightToken) -> Sink {
         let metrics = self.metrics.clone();
         let arrival = Instant::now();
         let mut last: Option<Instant> = None;
         Box::new(move |ev| {
+            // The whole token lives in the closure (not just its flag).
+            let token: &mut InFlightToken = &mut token;
             match &ev {
                 SeqEvent::Token(_) => {
                     let now = Instant::now();
@@ -184,65 +266,123 @@ impl EngineHandle {
                     }
                     last = Some(now);
                 }
-                SeqEvent::Finished(_) | SeqEvent::Failed(_) | SeqEvent::Embedding { .. } => {
-                    in_flight.fetch_sub(1, Relaxed);
+                SeqEvent::Finished(s) => {
+                    token.ended = true;
+                    if s.finish == crate::engine::FinishReason::Cancelled {
+                        metrics.requests_aborted_total.fetch_add(1, Relaxed);
+                    }
                 }
+                SeqEvent::Failed(e) => {
+                    token.ended = true;
+                    if matches!(e, Error::Internal(_)) {
+                        metrics.requests_failed_total.fetch_add(1, Relaxed);
+                    }
+                }
+                SeqEvent::Embedding { .. } => token.ended = true,
+                SeqEvent::PromptLogprobs(_) => {}
             }
             inner(ev)
         })
     }
 }
 
-fn run(mut engine: Engine, rx: Receiver<Command>, metrics: Arc<Metrics>, idle_trim: Duration) {
-    let mut idle_since = Instant::now();
-    let mut trimmed = true;
+/// The loop: commands first, then a step while any request is live, and
+/// idle trimming when there is nothing to do. A panic anywhere in an
+/// iteration fails the requests involved and the loop goes on; only a
+/// panic while recovering ends it (and [`EngineHandle::is_alive`] says so).
+fn run(mut engine: Engine, rx: Receiver<Command>, metrics: Arc<Metrics>, opts: &LoopOptions) {
+    let mut idle = Idle {
+        since: Instant::now(),
+        trimmed: true,
+    };
     loop {
-        let cmd = if engine.has_work() {
-            // A closed channel still lets the live requests finish.
-            rx.try_recv().ok()
-        } else {
-            let wait = if trimmed {
-                Duration::from_secs(3600)
-            } else {
-                idle_trim.saturating_sub(idle_since.elapsed())
-            };
-            match rx.recv_timeout(wait) {
-                Ok(c) => Some(c),
-                Err(RecvTimeoutError::Timeout) => {
-                    if !trimmed {
-                        engine.trim();
-                        trimmed = true;
-                        publish(&engine, &metrics);
+        let mut involved: Vec<SeqId> = Vec::new();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            iteration(&mut engine, &rx, opts, &mut idle, &mut involved)
+        }));
+        match r {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if involved.is_empty() {
+                        tracing::error!("a step panicked; failing every live request");
+                        engine.fail_all("internal error while running the batch");
+                    } else {
+                        tracing::error!(?involved, "handling a request panicked; failing it");
+                        for &id in &involved {
+                            engine.fail(id, "internal error while handling the request");
+                        }
                     }
-                    continue;
+                }));
+                if recovered.is_err() {
+                    tracing::error!("the engine could not recover from a panic; it stops");
+                    return;
                 }
-                Err(RecvTimeoutError::Disconnected) => return,
             }
-        };
-        if let Some(cmd) = cmd {
-            match cmd {
-                Command::Submit { ids, reqs, sinks } => {
-                    let lead = ids[0];
-                    for (i, ((id, req), sink)) in ids.into_iter().zip(reqs).zip(sinks).enumerate() {
-                        engine.add_request(id, req, (i > 0).then_some(lead), sink);
-                    }
-                }
-                Command::Abort(ids) => ids.into_iter().for_each(|id| engine.abort(id)),
-            }
-            publish(&engine, &metrics);
-            continue;
-        }
-        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
-        if stepped.is_err() {
-            tracing::error!("a step panicked; failing its requests");
-            engine.fail_all("internal error while running the batch");
         }
         publish(&engine, &metrics);
-        if !engine.has_work() {
-            idle_since = Instant::now();
-            trimmed = false;
-        }
     }
+}
+
+struct Idle {
+    since: Instant,
+    trimmed: bool,
+}
+
+/// One command or one step. `involved` names the requests a command is
+/// about, so that a panic fails those alone (a step's panic fails all).
+/// Returns false when the loop should end.
+fn iteration(
+    engine: &mut Engine,
+    rx: &Receiver<Command>,
+    opts: &LoopOptions,
+    idle: &mut Idle,
+    involved: &mut Vec<SeqId>,
+) -> bool {
+    let cmd = if engine.has_work() {
+        // A closed channel still lets the live requests finish.
+        rx.try_recv().ok()
+    } else {
+        let wait = if idle.trimmed {
+            Duration::from_secs(3600)
+        } else {
+            opts.idle_trim.saturating_sub(idle.since.elapsed())
+        };
+        match rx.recv_timeout(wait) {
+            Ok(c) => Some(c),
+            Err(RecvTimeoutError::Timeout) => {
+                if !idle.trimmed {
+                    idle.trimmed = true;
+                    engine.trim(opts.idle_trim_drops_cache);
+                }
+                return true;
+            }
+            Err(RecvTimeoutError::Disconnected) => return false,
+        }
+    };
+    if let Some(cmd) = cmd {
+        match cmd {
+            Command::Submit { ids, reqs, sinks } => {
+                let lead = ids[0];
+                involved.extend_from_slice(&ids);
+                for (i, ((id, req), sink)) in ids.into_iter().zip(reqs).zip(sinks).enumerate() {
+                    engine.add_request(id, req, (i > 0).then_some(lead), sink);
+                }
+            }
+            Command::Abort(ids) => {
+                involved.extend_from_slice(&ids);
+                ids.into_iter().for_each(|id| engine.abort(id));
+            }
+        }
+        return true;
+    }
+    engine.step();
+    if !engine.has_work() {
+        idle.since = Instant::now();
+        idle.trimmed = false;
+    }
+    true
 }
 
 fn publish(engine: &Engine, m: &Metrics) {

@@ -353,8 +353,23 @@ impl BlockManager {
         self.idle.insert(key, b);
     }
 
+    /// Where the hash chain of a sequence starts: all zeros, or a hash of
+    /// the request's cache salt, so that tenants with different salts never
+    /// share (or learn about) each other's cached prefixes.
+    pub fn chain_root(salt: Option<&str>) -> BlockHash {
+        use sha2::{Digest, Sha256};
+        match salt {
+            None => [0; 16],
+            Some(s) => {
+                let mut out = [0u8; 16];
+                out.copy_from_slice(&Sha256::digest(format!("ruvllm-cache-salt:{s}"))[..16]);
+                out
+            }
+        }
+    }
+
     /// The hash of a block of `tokens` that follows a block hashed `prev`
-    /// (all zeros for the first block).
+    /// ([`BlockManager::chain_root`] for the first block).
     pub fn chain_hash(prev: &BlockHash, tokens: &[u32]) -> BlockHash {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
@@ -403,7 +418,31 @@ impl BlockManager {
         }
     }
 
-    /// Drops a sequence's references; unowned blocks stay cached until reused.
+    /// Marks the idle block holding prefix `h`, if any, as just released,
+    /// so that it is evicted after blocks released before now.
+    pub fn touch_idle(&mut self, h: &BlockHash) {
+        let Some(&b) = self.cached.get(h) else { return };
+        if self.refs[b as usize] == 0 {
+            self.idle.remove(&self.idle_key[b as usize]);
+            self.idle_cached -= 1;
+            self.make_idle(b);
+        }
+    }
+
+    /// Unowned blocks that hold no cached prefix: their contents are never
+    /// read again, so their memory can go back to the system.
+    pub fn idle_uncached(&self) -> Vec<u32> {
+        self.idle
+            .values()
+            .copied()
+            .filter(|&b| self.hash[b as usize].is_none())
+            .collect()
+    }
+
+    /// Drops references; blocks nobody owns stay cached until reused. Blocks
+    /// are released in table order, so the last of `table` is evicted
+    /// first: callers pass a sequence's blocks tail first, which keeps the
+    /// head of a cached chain (what every lookup needs) the longest.
     pub fn release(&mut self, table: &[u32]) {
         for &b in table {
             let r = &mut self.refs[b as usize];

@@ -200,6 +200,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hostile load: normal requests mixed with malformed, half-bad and
+    /// abandoned ones; then checks the server gave everything back.
+    BenchHostile {
+        /// Server base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Requests in all.
+        #[arg(long, default_value_t = 10_000)]
+        requests: usize,
+        /// Concurrent clients.
+        #[arg(long, short = 'c', default_value_t = 16)]
+        clients: usize,
+        /// Share of malformed, half-bad or abandoned requests.
+        #[arg(long, default_value_t = 0.3)]
+        bad_fraction: f64,
+        /// The server's process id (its resident memory is read before and after).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Seconds to let the server settle before each memory reading.
+        #[arg(long, default_value_t = 3)]
+        settle_secs: u64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -225,9 +250,10 @@ struct ServeArgs {
     /// Requests that may wait beyond those running; more get 429.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
-    /// Require `Authorization: Bearer KEY` on the API routes.
+    /// Require `Authorization: Bearer KEY` on the API routes (repeatable:
+    /// each key is a tenant whose cached prefixes the others cannot hit).
     #[arg(long)]
-    api_key: Option<String>,
+    api_key: Vec<String>,
     /// Allowed CORS origin (repeatable; "*" for any).
     #[arg(long)]
     cors: Vec<String>,
@@ -240,9 +266,29 @@ struct ServeArgs {
     /// Another name the model answers to.
     #[arg(long)]
     served_model_name: Option<String>,
-    /// Seconds idle before the prefix cache is dropped and memory returned.
+    /// Seconds idle before memory holding nothing worth keeping is returned.
     #[arg(long, default_value_t = 10)]
     idle_trim_secs: u64,
+    /// Idle trimming also forgets the prefix cache.
+    #[arg(long)]
+    idle_trim_drops_cache: bool,
+    /// Seconds a client has to send a request head (from its first byte, or
+    /// from connecting).
+    #[arg(long, default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Seconds a connection may idle between requests.
+    #[arg(long, default_value_t = 60)]
+    keep_alive_secs: u64,
+    /// Seconds a client has to send a request body.
+    #[arg(long, default_value_t = 60)]
+    body_timeout_secs: u64,
+    /// Open connections at most (default: the open-file limit less 256).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Deliberate failures for tests: KIND:TOKEN (step-panic, step-error,
+    /// admit-panic, abort-panic) on requests whose prompt holds TOKEN.
+    #[arg(long, hide = true)]
+    debug_fault: Option<String>,
     /// KV cache element type: f16 (half the memory, llama.cpp's default) or f32 (exact).
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     kv_dtype: String,
@@ -284,6 +330,10 @@ fn engine_options(m: &ModelArgs) -> EngineOptions {
     }
 }
 
+fn secs(s: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(s)
+}
+
 fn serve(a: ServeArgs) -> ruvllm::Result<()> {
     let addr = format!("{}:{}", a.host, a.port)
         .parse()
@@ -308,15 +358,27 @@ fn serve(a: ServeArgs) -> ruvllm::Result<()> {
         },
         engine_loop: ruvllm::engine_loop::LoopOptions {
             max_waiting: a.max_waiting,
-            idle_trim: std::time::Duration::from_secs(a.idle_trim_secs),
+            idle_trim: secs(a.idle_trim_secs),
+            idle_trim_drops_cache: a.idle_trim_drops_cache,
         },
         server: ruvllm::server::ServerOptions {
             served_model_name: a.served_model_name,
-            api_key: a.api_key,
+            api_keys: a.api_key,
             cors: a.cors,
-            request_timeout: std::time::Duration::from_secs(a.request_timeout_secs.max(1)),
+            request_timeout: secs(a.request_timeout_secs.max(1)),
             max_body_bytes: a.max_body_kb.saturating_mul(1024),
+            max_preparing: a.max_num_seqs + a.max_waiting,
+            limits: ruvllm::server::conn::ConnLimits {
+                header_timeout: secs(a.header_timeout_secs.max(1)),
+                keep_alive: secs(a.keep_alive_secs.max(1)),
+                body_timeout: secs(a.body_timeout_secs.max(1)),
+                max_connections: a
+                    .max_connections
+                    .unwrap_or_else(ruvllm::server::conn::default_max_connections)
+                    .max(1),
+            },
         },
+        fault: a.debug_fault.as_deref().map(str::parse).transpose()?,
     })
 }
 
@@ -425,6 +487,30 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             label,
             json,
         }),
+        Command::BenchHostile {
+            url,
+            requests,
+            clients,
+            bad_fraction,
+            pid,
+            settle_secs,
+            json,
+        } => {
+            if !(0.0..=1.0).contains(&bad_fraction) {
+                return Err(ruvllm::Error::InvalidRequest(format!(
+                    "--bad-fraction must be within 0..=1, got {bad_fraction}"
+                )));
+            }
+            cli::bench_hostile::run(cli::bench_hostile::HostileConfig {
+                url,
+                requests,
+                clients: clients.max(1),
+                bad_fraction,
+                pid,
+                settle_secs,
+                json,
+            })
+        }
     }
 }
 

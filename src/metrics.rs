@@ -62,6 +62,10 @@ pub struct Metrics {
     pub prompt_tokens_total: AtomicU64,
     pub generation_tokens_total: AtomicU64,
     pub requests_rejected_total: AtomicU64,
+    /// Requests accepted whose sink the engine still holds.
+    pub requests_in_flight: AtomicU64,
+    pub requests_aborted_total: AtomicU64,
+    pub requests_failed_total: AtomicU64,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
 }
@@ -80,6 +84,9 @@ impl Default for Metrics {
             prompt_tokens_total: z(),
             generation_tokens_total: z(),
             requests_rejected_total: z(),
+            requests_in_flight: z(),
+            requests_aborted_total: z(),
+            requests_failed_total: z(),
             time_to_first_token: Histogram::new(LATENCY_BOUNDS),
             inter_token_latency: Histogram::new(LATENCY_BOUNDS),
         }
@@ -155,6 +162,24 @@ impl Metrics {
             "counter",
             "Requests refused because the queue was full.",
             &self.requests_rejected_total,
+        );
+        put(
+            "ruvllm_requests_in_flight",
+            "gauge",
+            "Requests accepted and not yet finished (running, waiting or being handed over).",
+            &self.requests_in_flight,
+        );
+        put(
+            "ruvllm_requests_aborted_total",
+            "counter",
+            "Requests stopped before their end (client gone, timeout, shutdown).",
+            &self.requests_aborted_total,
+        );
+        put(
+            "ruvllm_requests_failed_total",
+            "counter",
+            "Requests ended by an internal error.",
+            &self.requests_failed_total,
         );
         self.time_to_first_token.render(
             &mut out,

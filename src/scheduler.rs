@@ -70,6 +70,8 @@ struct Seq {
     after: Option<SeqId>,
     /// Prompt tokens that came from the prefix cache at first admission.
     cached_tokens: Option<usize>,
+    /// Where the block hash chain starts (the request's cache salt).
+    hash_root: BlockHash,
 }
 
 impl Seq {
@@ -80,7 +82,7 @@ impl Seq {
         }
         while self.block_hashes.len() < self.tokens.len() / bs {
             let i = self.block_hashes.len();
-            let prev = self.block_hashes.last().copied().unwrap_or_default();
+            let prev = self.block_hashes.last().copied().unwrap_or(self.hash_root);
             let h = BlockManager::chain_hash(&prev, &self.tokens[i * bs..(i + 1) * bs]);
             self.block_hashes.push(h);
         }
@@ -120,16 +122,19 @@ impl Scheduler {
         self.blocks.n_blocks() * self.block_size
     }
 
-    /// Queues a sequence. `tokens` must not be empty.
+    /// Queues a sequence. `tokens` must not be empty. Prefix-cache hits
+    /// only come from sequences added with the same `cache_salt`.
     pub fn add(
         &mut self,
         id: SeqId,
         tokens: Vec<u32>,
         use_prefix_cache: bool,
         after: Option<SeqId>,
+        cache_salt: Option<&str>,
     ) {
         debug_assert!(!tokens.is_empty());
         let mut s = Seq {
+            hash_root: BlockManager::chain_root(cache_salt),
             prompt_len: tokens.len(),
             tokens,
             computed: 0,
@@ -311,34 +316,48 @@ impl Scheduler {
     /// Removes a sequence wherever it is and releases its blocks.
     pub fn finish(&mut self, id: SeqId) {
         if let Some(s) = self.seqs.remove(&id) {
-            self.release(&s.blocks);
+            self.release_seq(&s);
         }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&r| r != id);
     }
 
+    /// Releases a sequence's blocks tail first, so that the pool evicts a
+    /// cached chain from its end: a lookup walks a chain from its head and
+    /// stops at the first missing block, so an evicted head orphans every
+    /// block after it. Blocks that a sliding window released earlier (and
+    /// that are still cached) are refreshed in the same order.
+    fn release_seq(&mut self, s: &Seq) {
+        for (i, &b) in s.blocks.iter().enumerate().rev() {
+            if b != RELEASED {
+                self.blocks.release(&[b]);
+            } else if let Some(h) = s.block_hashes.get(i).filter(|_| i < s.registered) {
+                self.blocks.touch_idle(h);
+            }
+        }
+    }
+
     fn preempt(&mut self, id: SeqId) {
-        let s = self.seqs.get_mut(&id).expect("preempting a live sequence");
-        let blocks = std::mem::take(&mut s.blocks);
+        let s = self.seqs.remove(&id).expect("preempting a live sequence");
+        self.release_seq(&s);
+        let s = self.seqs.entry(id).or_insert(s);
+        s.blocks.clear();
         s.registered = 0;
         s.computed = 0;
-        self.release(&blocks);
         self.running.retain(|&r| r != id);
         self.waiting.push_front(id);
         self.preemptions += 1;
         tracing::debug!(seq = id, "preempted");
     }
 
-    /// Releases a block table's blocks (skipping those already released).
-    fn release(&mut self, table: &[u32]) {
-        for &b in table.iter().filter(|&&b| b != RELEASED) {
-            self.blocks.release(&[b]);
-        }
-    }
-
     /// Forgets every cached block nobody holds and returns them.
     pub fn drop_cached(&mut self) -> Vec<u32> {
         self.blocks.evict_idle_cached()
+    }
+
+    /// Blocks nobody holds that keep no cached prefix (their memory can go).
+    pub fn idle_uncached(&self) -> Vec<u32> {
+        self.blocks.idle_uncached()
     }
 }
 
@@ -382,7 +401,7 @@ mod tests {
     #[test]
     fn chunks_respect_the_budget_and_decodes_go_first() {
         let mut s = sched(64, 8, 4);
-        s.add(1, vec![1; 3], true, None);
+        s.add(1, vec![1; 3], true, None, None);
         let c = s.schedule();
         assert_eq!(
             c,
@@ -395,7 +414,7 @@ mod tests {
         );
         s.commit(&c);
         s.append(1, 9);
-        s.add(2, vec![2; 20], true, None);
+        s.add(2, vec![2; 20], true, None, None);
         let c = s.schedule();
         // The decode first, then 7 tokens of the new prompt.
         assert_eq!(
@@ -424,7 +443,7 @@ mod tests {
         // 12 blocks of 4 = 48 tokens; four sequences that grow to 24 each.
         let mut s = sched(12, 16, 4);
         for id in 0..4 {
-            s.add(id, vec![id as u32 + 1; 6], true, None);
+            s.add(id, vec![id as u32 + 1; 6], true, None, None);
         }
         drive(&mut s, 24, &[0, 1, 2, 3]);
         assert!(s.stats().preemptions > 0);
@@ -435,7 +454,7 @@ mod tests {
     fn blocks_out_of_a_sliding_window_are_released() {
         let mut s = sched(32, 64, 4);
         s.cfg.window = Some(6);
-        s.add(1, (0..20).collect(), true, None);
+        s.add(1, (0..20).collect(), true, None, None);
         let c = s.schedule();
         s.commit(&c);
         // 20 computed: the next position (20) reads 15.., so blocks 0..=2
@@ -453,8 +472,8 @@ mod tests {
     #[test]
     fn a_shared_prefix_is_computed_once() {
         let mut s = sched(32, 64, 4);
-        s.add(1, (0..20).collect(), true, None);
-        s.add(2, (0..20).collect(), true, Some(1));
+        s.add(1, (0..20).collect(), true, None, None);
+        s.add(2, (0..20).collect(), true, Some(1), None);
         let c = s.schedule();
         assert_eq!(c.len(), 1, "the sibling waits for the prompt");
         s.commit(&c);
@@ -472,5 +491,69 @@ mod tests {
         );
         assert_eq!(s.cached_tokens(2), 16);
         assert_eq!(s.block_table(1)[..4], s.block_table(2)[..4]);
+    }
+
+    /// Issue 7's scenario: a cached 1,051-token prompt, then a 2,105-token
+    /// prompt that needs 16 of its 66 blocks. The evicted blocks must come
+    /// from the end of the first prompt's chain, so most of it stays usable.
+    #[test]
+    fn eviction_takes_the_tail_of_a_cached_chain_first() {
+        let mut s = Scheduler::new(
+            182,
+            16,
+            SchedulerConfig {
+                max_batched_tokens: 512,
+                max_num_seqs: 4,
+                window: None,
+            },
+        );
+        let a: Vec<u32> = (0..1051).map(|i| 1000 + i % 3000).collect();
+        let b: Vec<u32> = (0..2105).map(|i| 5000 + i % 3000).collect();
+        s.add(1, a.clone(), true, None, None);
+        drive(&mut s, a.len() + 1, &[1]);
+        s.add(2, b.clone(), true, None, None);
+        drive(&mut s, b.len() + 1, &[2]);
+        s.add(3, a.clone(), true, None, None);
+        let c = s.schedule();
+        assert_eq!(c[0].id, 3);
+        let cached = s.cached_tokens(3);
+        assert!(
+            cached * 2 >= a.len(),
+            "only {cached} of {} tokens still cached",
+            a.len()
+        );
+    }
+
+    #[test]
+    fn blocks_a_sliding_window_released_are_evicted_after_the_tail() {
+        let mut s = sched(16, 64, 4);
+        s.cfg.window = Some(6);
+        let a: Vec<u32> = (0..30).collect();
+        s.add(1, a.clone(), true, None, None);
+        drive(&mut s, 31, &[1]);
+        // 7 full blocks of 4 stay cached; taking 12 of the 16 blocks takes
+        // the 9 uncached ones, then the 3 cached ones released longest ago,
+        // which must be the chain's tail, not the head the window let go
+        // of first.
+        let taken: Vec<u32> = (0..12).map(|_| s.blocks.allocate().unwrap()).collect();
+        s.blocks.release(&taken);
+        s.add(2, a, true, None, None);
+        s.schedule();
+        assert_eq!(s.cached_tokens(2), 16, "the first four blocks survive");
+    }
+
+    #[test]
+    fn different_cache_salts_share_no_prefix() {
+        let mut s = sched(32, 64, 4);
+        let p: Vec<u32> = (0..20).collect();
+        s.add(1, p.clone(), true, None, Some("alice"));
+        drive(&mut s, 21, &[1]);
+        s.add(2, p.clone(), true, None, Some("bob"));
+        s.add(3, p.clone(), true, None, None);
+        s.add(4, p, true, None, Some("alice"));
+        s.schedule();
+        assert_eq!(s.cached_tokens(2), 0);
+        assert_eq!(s.cached_tokens(3), 0);
+        assert_eq!(s.cached_tokens(4), 16);
     }
 }

@@ -36,7 +36,15 @@ text = c.choices[0].text
 assert text.startswith(" 5, 6, 7"), repr(text)
 assert c.choices[0].finish_reason == "length"
 assert c.usage.completion_tokens == 12 and c.usage.prompt_tokens > 0, c.usage
-assert c.usage.prompt_tokens_details.cached_tokens >= 0
+assert c.usage.prompt_tokens_details.cached_tokens == 0, c.usage  # under one full block
+
+# A repeated prompt of several KV blocks is served from the prefix cache.
+long_prompt = "Counting: " + ", ".join(str(i) for i in range(1, 40)) + ","
+first = client.completions.create(model=model, prompt=long_prompt, max_tokens=2, temperature=0)
+again = client.completions.create(model=model, prompt=long_prompt, max_tokens=2, temperature=0)
+assert first.usage.prompt_tokens_details.cached_tokens == 0, first.usage
+blocks = (again.usage.prompt_tokens - 1) // 16 * 16
+assert again.usage.prompt_tokens_details.cached_tokens == blocks > 0, again.usage
 
 # Streaming gives the same text, token by token, then usage.
 chunks = list(
@@ -79,7 +87,7 @@ parts = list(
 )
 assert parts[0].choices[0].delta.role == "assistant"
 assert "".join(p.choices[0].delta.content or "" for p in parts) == reply.content
-assert parts[-1].choices[0].finish_reason == "length"
+assert parts[-1].choices[0].finish_reason == chat.choices[0].finish_reason, parts[-1]
 
 # n = 2: greedy siblings agree with each other and with n = 1; seeded
 # sampling is reproducible.
@@ -124,8 +132,8 @@ except openai.BadRequestError as err:
 try:
     client.completions.create(model="no-such-model", prompt="x")
     raise AssertionError("an unknown model was accepted")
-except openai.BadRequestError as err:
-    assert "no-such-model" in str(err), err
+except openai.NotFoundError as err:
+    assert "no-such-model" in str(err) and err.code == "model_not_found", err
 
 # Detokenize inverts tokenize.
 toks = raw("/tokenize", {"model": model, "prompt": "Hello there, world!", "add_special_tokens": False})

@@ -2,109 +2,11 @@
 
 mod common;
 
-use common::models_dir;
+use common::server::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    url: String,
-    /// Servers run one at a time: each wants both cores.
-    _turn: tokio::sync::MutexGuard<'static, ()>,
-}
-
-static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts a server on the default model with `extra` arguments and waits
-/// until it is ready.
-async fn start(extra: &[&str]) -> Server {
-    let turn = TURN.lock().await;
-    let model = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(model.exists(), "run scripts/fetch-models.sh first");
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ruvllm"))
-        .args(["serve", "--port", &port.to_string(), "--threads", "2"])
-        .arg("--model")
-        .arg(&model)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ruvllm serve");
-    let s = Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        _turn: turn,
-    };
-    let t0 = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(format!("{}/health", s.url)).await {
-            if r.status() == 200 {
-                return s;
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "server did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{}{path}", s.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn metric(s: &Server, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", s.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no metric {name}"))
-        .parse()
-        .unwrap()
-}
-
-/// Waits until `metric` satisfies `ok`, failing after `within`.
-async fn wait_for(s: &Server, metric_name: &str, ok: impl Fn(f64) -> bool, within: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let v = metric(s, metric_name).await;
-        if ok(v) {
-            return;
-        }
-        assert!(t0.elapsed() < within, "{metric_name} is still {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// The greedy output of each prompt run alone, one after another.
 async fn run_alone(s: &Server, ps: &[String], max_tokens: usize) -> Vec<String> {
@@ -246,6 +148,8 @@ async fn dropped_requests_free_their_blocks_at_once() {
         second.saturating_sub(t0.elapsed()),
     )
     .await;
+    // Each of the ten was stopped by the server, not left to finish.
+    assert_eq!(metric(&s, "ruvllm_requests_aborted_total").await, 10.0);
     let (st, v) = post(&s, "/v1/completions", greedy("Hello", 4)).await;
     assert_eq!(st, 200, "{v}");
 }
@@ -338,7 +242,7 @@ async fn hostile_requests_get_clear_errors_while_a_stream_keeps_flowing() {
         ("absurd top_logprobs", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 99}).to_string(), 400, "log-probabilities"),
         ("empty messages", "/v1/chat/completions", json!({"messages": []}).to_string(), 400, "messages"),
         ("bad role", "/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "x"}]}).to_string(), 400, "role"),
-        ("unknown model", "/v1/completions", json!({"model": "gpt-9", "prompt": "x"}).to_string(), 400, "gpt-9"),
+        ("unknown model", "/v1/completions", json!({"model": "gpt-9", "prompt": "x"}).to_string(), 404, "gpt-9"),
         ("prompt longer than the context", "/v1/completions", json!({"prompt": long_prompt}).to_string(), 400, "5000 tokens"),
         ("token outside the vocabulary", "/v1/completions", json!({"prompt": [1, 99999999]}).to_string(), 400, "vocabulary"),
         ("negative temperature", "/v1/completions", json!({"prompt": "x", "temperature": -1}).to_string(), 400, "temperature"),

@@ -139,7 +139,7 @@ impl LlmBackend for CpuBackend {
                     },
                 },
                 SeqEvent::Failed(e) => StreamEvent::Error(e.to_string()),
-                SeqEvent::Embedding { .. } => return true,
+                SeqEvent::Embedding { .. } | SeqEvent::PromptLogprobs(_) => return true,
             };
             tx.unbounded_send(ev).is_ok()
         });

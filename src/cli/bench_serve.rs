@@ -232,9 +232,15 @@ async fn one(
     }
     let mut stream = resp.bytes_stream();
     let mut buf = Vec::new();
-    let (mut arrivals, mut usage_tokens, mut prompt_tokens, mut cached_tokens) =
-        (Vec::new(), None, None, None);
+    let (mut usage_tokens, mut prompt_tokens, mut cached_tokens) = (None, None, None);
+    // Several tokens may arrive in one read; their gaps share the time since
+    // the previous token evenly, rather than counting as zero.
+    let (mut first, mut last, mut itl): (Option<f64>, Option<f64>, Vec<f64>) =
+        (None, None, Vec::new());
+    let mut texts = 0usize;
     'read: while let Some(chunk) = stream.next().await {
+        let now = t0.elapsed().as_secs_f64();
+        let mut in_read = 0usize;
         buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..end + 2).collect();
@@ -243,6 +249,7 @@ async fn one(
                 continue;
             };
             if data == "[DONE]" {
+                account(now, in_read, &mut first, &mut last, &mut itl);
                 break 'read;
             }
             let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
@@ -251,7 +258,8 @@ async fn one(
             }
             let text = v["choices"][0]["text"].as_str().unwrap_or("");
             if !text.is_empty() {
-                arrivals.push(t0.elapsed().as_secs_f64());
+                in_read += 1;
+                texts += 1;
             }
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                 usage_tokens = u["completion_tokens"].as_u64().map(|n| n as usize);
@@ -261,15 +269,41 @@ async fn one(
                     .map(|n| n as usize);
             }
         }
+        account(now, in_read, &mut first, &mut last, &mut itl);
     }
-    let Some(&first) = arrivals.first() else {
+    let Some(first) = first else {
         return Err("no tokens came back".into());
     };
     Ok(Sample {
         ttft: first,
-        itl: arrivals.windows(2).map(|w| w[1] - w[0]).collect(),
-        tokens: usage_tokens.unwrap_or(arrivals.len()),
+        itl,
+        tokens: usage_tokens.unwrap_or(texts),
         prompt_tokens,
         cached_tokens,
     })
+}
+
+/// Records `n` tokens that arrived together at `now`: the first token of a
+/// response sets the time to first token; later ones each get an equal
+/// share of the time since the previous arrival.
+fn account(
+    now: f64,
+    n: usize,
+    first: &mut Option<f64>,
+    last: &mut Option<f64>,
+    itl: &mut Vec<f64>,
+) {
+    if n == 0 {
+        return;
+    }
+    let gaps = match *last {
+        None => {
+            *first = Some(now);
+            n - 1
+        }
+        Some(_) => n,
+    };
+    let since = now - last.unwrap_or(now);
+    itl.extend(std::iter::repeat_n(since / gaps.max(1) as f64, gaps));
+    *last = Some(now);
 }

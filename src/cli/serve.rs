@@ -1,12 +1,14 @@
 //! `ruvllm serve`: binds first, so that /health answers 503 while the model
 //! loads, then serves until Ctrl-C.
 
+use ruvllm::engine::FaultPlan;
 use ruvllm::engine::{Engine, EngineOptions};
 use ruvllm::engine_loop::{EngineHandle, LoopOptions};
 use ruvllm::kv::bytes_per_token;
-use ruvllm::server::{router, AppState, ServerOptions};
+use ruvllm::server::{conn, router, AppState, ServerOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub struct ServeConfig {
     pub model: PathBuf,
@@ -14,6 +16,8 @@ pub struct ServeConfig {
     pub engine: EngineOptions,
     pub engine_loop: LoopOptions,
     pub server: ServerOptions,
+    /// Deliberate failures, for tests of fault handling.
+    pub fault: Option<FaultPlan>,
 }
 
 pub fn run(cfg: ServeConfig) -> ruvllm::Result<()> {
@@ -22,9 +26,14 @@ pub fn run(cfg: ServeConfig) -> ruvllm::Result<()> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
+    let limits = cfg.server.limits;
     let state = AppState::new(model_id.clone(), cfg.server.clone());
-    // HTTP work is light; the cores belong to the engine's thread pool.
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two I/O threads keep streams flowing while one is busy; tokenizing
+    // and template rendering go to a small blocking pool. The cores belong
+    // to the engine's thread pool.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
         .enable_all()
         .build()
         .map_err(|e| ruvllm::Error::io("tokio runtime", e))?;
@@ -33,34 +42,51 @@ pub fn run(cfg: ServeConfig) -> ruvllm::Result<()> {
             .await
             .map_err(|e| ruvllm::Error::io(format!("bind {}", cfg.addr), e))?;
         eprintln!(
-            "listening on http://{} (loading {})",
+            "listening on http://{} (loading {}); at most {} connections",
             cfg.addr,
-            cfg.model.display()
+            cfg.model.display(),
+            limits.max_connections
         );
         let loader_state = state.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let fault = cfg.fault;
         std::thread::spawn(move || {
-            let r = load(&cfg.model, &cfg.engine, cfg.engine_loop).map(|h| {
+            let r = load(&cfg.model, &cfg.engine, cfg.engine_loop, fault).map(|h| {
                 let _ = loader_state.engine.set(h);
             });
             let _ = done_tx.send(r);
         });
-        let app = router(state);
-        let server = axum::serve(listener, app).with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-            eprintln!("shutting down");
-        });
-        let serving = tokio::spawn(async move { server.await });
+        let app = router(state.clone());
+        let serving = tokio::spawn(conn::serve(
+            listener,
+            app,
+            limits,
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+                eprintln!("shutting down");
+            },
+            Duration::from_secs(10),
+        ));
         // A model that fails to load ends the server with its error.
         match done_rx.await {
             Ok(Ok(())) => eprintln!("ready: serving '{model_id}'"),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(ruvllm::Error::Internal("the loader thread died".into())),
         }
-        serving
-            .await
-            .map_err(|e| ruvllm::Error::Internal(e.to_string()))?
-            .map_err(|e| ruvllm::Error::io("server", e))
+        // An engine that stopped for good cannot serve: exit non-zero so
+        // that a supervisor restarts the process (/health says 503 meanwhile).
+        let engine = state.engine.get().expect("loaded").clone();
+        tokio::select! {
+            r = serving => r.map_err(|e| ruvllm::Error::Internal(e.to_string())),
+            _ = async {
+                while engine.is_alive() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            } => {
+                eprintln!("error: the engine stopped after an unrecoverable fault; exiting");
+                std::process::exit(70);
+            }
+        }
     })
 }
 
@@ -68,8 +94,10 @@ fn load(
     path: &std::path::Path,
     opts: &EngineOptions,
     loop_opts: LoopOptions,
+    fault: Option<FaultPlan>,
 ) -> ruvllm::Result<EngineHandle> {
-    let engine = Engine::load(path, opts)?;
+    let mut engine = Engine::load(path, opts)?;
+    engine.fault = fault;
     let s = &engine.model.spec;
     let stats = engine.stats();
     let bs = engine.block_size();

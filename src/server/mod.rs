@@ -1,17 +1,20 @@
 //! The OpenAI-compatible HTTP server in front of the engine loop.
 //!
-//! Handlers tokenize and validate on the async runtime, hand requests to the
-//! [`EngineHandle`] and relay its events. A request's [`RequestGuard`] lives
-//! in the handler's future or the response stream, so a client that goes
-//! away aborts its generation and frees its blocks at once.
+//! Handlers parse requests on the async runtime, tokenize and render
+//! templates on the blocking pool (so a large body never stalls the streams
+//! of others), hand requests to the [`EngineHandle`] and relay its events. A
+//! request's [`RequestGuard`] lives in the handler's future or the response
+//! stream, so a client that goes away aborts its generation and frees its
+//! blocks at once. [`conn`] serves connections with time limits.
 
+pub mod conn;
 mod openai;
 
 use crate::chat::ChatMessage;
-use crate::engine::{chat_prompt, GenerationRequest, GenerationSummary, SeqEvent};
+use crate::engine::{chat_prompt, FinishReason, GenerationRequest, PromptTokenLogprob, SeqEvent};
 use crate::engine_loop::{EngineHandle, RequestGuard};
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,17 +26,37 @@ use openai::*;
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// Names the model answers to besides its file name.
     pub served_model_name: Option<String>,
-    pub api_key: Option<String>,
+    /// Accepted bearer keys (none: no authentication). With several, each
+    /// key is a tenant whose prefix-cache entries others cannot hit.
+    pub api_keys: Vec<String>,
     /// Allowed CORS origins ("*" for any); none disables CORS.
     pub cors: Vec<String>,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Requests that may be tokenizing or rendering at once (beyond: 429).
+    pub max_preparing: usize,
+    pub limits: conn::ConnLimits,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            served_model_name: None,
+            api_keys: Vec::new(),
+            cors: Vec::new(),
+            request_timeout: Duration::from_secs(600),
+            max_body_bytes: 2 << 20,
+            max_preparing: 288,
+            limits: conn::ConnLimits::default(),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -55,6 +78,36 @@ pub struct AppState {
     /// The model's id in /v1/models and in responses.
     pub model_id: String,
     pub opts: ServerOptions,
+    /// SHA-256 of each API key: compared in constant time, whatever the
+    /// length of what a client sends.
+    key_digests: Vec<[u8; 32]>,
+    /// Room on the blocking pool for tokenizing and rendering.
+    preparing: Arc<Semaphore>,
+}
+
+/// Lowers the calling thread's scheduling priority, once: preparing
+/// requests must not take the cores from the engine, whose steps every
+/// running stream waits for.
+fn lower_priority() {
+    thread_local!(static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if !LOWERED.with(|l| l.replace(true)) {
+        // SAFETY: gettid has no preconditions; setpriority on our own
+        // thread id only changes this thread's nice value.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+        }
+    }
+}
+
+/// Which API key a request came with, when there are several (it salts the
+/// request's prefix-cache entries).
+#[derive(Debug, Clone, Copy)]
+struct Tenant(Option<usize>);
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(b).into()
 }
 
 impl AppState {
@@ -62,18 +115,78 @@ impl AppState {
         Arc::new(AppState {
             engine: OnceLock::new(),
             model_id,
+            key_digests: opts.api_keys.iter().map(|k| sha256(k.as_bytes())).collect(),
+            preparing: Arc::new(Semaphore::new(opts.max_preparing.max(1))),
             opts,
         })
     }
 
     fn engine(&self) -> ApiResult<&EngineHandle> {
-        self.engine.get().ok_or_else(|| {
+        let e = self.engine.get().ok_or_else(|| {
             ApiError::with(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 "the model is still loading",
             )
+        })?;
+        if !e.is_alive() {
+            return Err(ApiError::with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the engine has stopped; the server cannot serve requests",
+            ));
+        }
+        Ok(e)
+    }
+
+    /// The index of the key `given` matches. Every key is compared, each in
+    /// constant time, so timing tells nothing about how close a guess was.
+    fn key_index(&self, given: &str) -> Option<usize> {
+        let g = sha256(given.as_bytes());
+        let mut found = None;
+        for (i, k) in self.key_digests.iter().enumerate() {
+            let diff = k.iter().zip(&g).fold(0u8, |d, (a, b)| d | (a ^ b));
+            if diff == 0 {
+                found = Some(i);
+            }
+        }
+        found
+    }
+
+    /// The cache salt of a request: the client's own, and with several API
+    /// keys always prefixed by the key's index, so that a tenant cannot
+    /// choose a salt that reaches another tenant's entries.
+    fn cache_salt(&self, tenant: Tenant, given: Option<String>) -> Option<String> {
+        match tenant.0 {
+            None => given,
+            Some(k) => Some(format!("key{k}:{}", given.unwrap_or_default())),
+        }
+    }
+
+    /// Runs CPU-heavy preparation (tokenizing, rendering templates) on the
+    /// blocking pool, so that the I/O threads keep streaming tokens to
+    /// others meanwhile. At most `max_preparing` run or wait at once.
+    async fn prepare<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+    ) -> ApiResult<T> {
+        let permit = self.preparing.clone().try_acquire_owned().map_err(|_| {
+            ApiError::from(crate::Error::Overloaded(format!(
+                "{} requests are being tokenized",
+                self.opts.max_preparing
+            )))
+        })?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            lower_priority();
+            f()
         })
+        .await
+        .map_err(|e| {
+            ApiError::from(crate::Error::Internal(format!(
+                "preparing the request failed: {e}"
+            )))
+        })?
     }
 
     /// Accepts the model's id, the served name, or no model at all.
@@ -84,6 +197,7 @@ impl AppState {
                 Ok(())
             }
             Some(m) => Err(ApiError {
+                status: StatusCode::NOT_FOUND,
                 code: Some("model_not_found"),
                 ..ApiError::bad_request(format!(
                     "the model '{m}' does not exist; this server serves '{}'",
@@ -135,14 +249,19 @@ pub fn router(state: Arc<AppState>) -> Router {
     app.with_state(state)
 }
 
-async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &st.opts.api_key {
+async fn auth(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let mut tenant = Tenant(None);
+    if !st.key_digests.is_empty() {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+        let index = given.and_then(|g| st.key_index(g));
+        if st.key_digests.len() > 1 {
+            tenant = Tenant(index);
+        }
+        if index.is_none() {
             return ApiError {
                 code: Some("invalid_api_key"),
                 ..ApiError::with(
@@ -154,6 +273,7 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             .into_response();
         }
     }
+    req.extensions_mut().insert(tenant);
     next.run(req).await
 }
 
@@ -198,7 +318,21 @@ async fn models(State(st): State<Arc<AppState>>) -> ApiResult<axum::Json<Value>>
 }
 
 fn body_bytes(b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
-    b.map_err(|e| ApiError::with(e.status(), "invalid_request_error", e.body_text()))
+    b.map_err(|e| {
+        // A body that did not arrive in time (see `conn`) is 408, not 400.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            if err.is::<tower_http::timeout::TimeoutError>() {
+                return ApiError::with(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout_error",
+                    "the request body did not arrive in time",
+                );
+            }
+            source = err.source();
+        }
+        ApiError::with(e.status(), "invalid_request_error", e.body_text())
+    })
 }
 
 /// Events of all choices of one request, tagged with their choice index.
@@ -212,20 +346,23 @@ struct Submitted {
 /// of prompt `p`.
 fn submit(engine: &EngineHandle, groups: Vec<Vec<GenerationRequest>>) -> ApiResult<Submitted> {
     let (tx, rx) = unbounded();
-    let mut guards = Vec::new();
     let mut index = 0;
-    for reqs in groups {
-        let sinks = reqs
-            .iter()
-            .map(|_| {
-                let (tx, i) = (tx.clone(), index);
-                index += 1;
-                Box::new(move |ev| tx.unbounded_send((i, ev)).is_ok()) as crate::engine::Sink
-            })
-            .collect();
-        // On failure the guards so far abort what was already queued.
-        guards.push(engine.submit(reqs, sinks)?);
-    }
+    let groups = groups
+        .into_iter()
+        .map(|reqs| {
+            let sinks = reqs
+                .iter()
+                .map(|_| {
+                    let (tx, i) = (tx.clone(), index);
+                    index += 1;
+                    Box::new(move |ev| tx.unbounded_send((i, ev)).is_ok()) as crate::engine::Sink
+                })
+                .collect();
+            (reqs, sinks)
+        })
+        .collect();
+    // All or nothing: one bad prompt of a batch queues none of them.
+    let guards = engine.submit_groups(groups)?;
     Ok(Submitted {
         rx,
         _guards: guards,
@@ -236,22 +373,36 @@ fn submit(engine: &EngineHandle, groups: Vec<Vec<GenerationRequest>>) -> ApiResu
 /// Per-choice results of a non-streamed request.
 struct Collected {
     text: Vec<String>,
-    summary: Vec<Option<GenerationSummary>>,
     events: Vec<Vec<crate::engine::TokenEvent>>,
+    finish: Vec<FinishReason>,
+    tokens: Vec<usize>,
+    cached: Vec<usize>,
+    prompt_lps: Vec<Option<Vec<PromptTokenLogprob>>>,
 }
 
+/// Waits for every choice to finish. When the request's time runs out,
+/// the unfinished choices end as they are, with [`FinishReason::Cancelled`]
+/// ("abort"), and dropping `s` stops their generation.
 async fn collect(mut s: Submitted, timeout: Duration) -> ApiResult<Collected> {
+    let n = s.choices;
     let mut c = Collected {
-        text: vec![String::new(); s.choices],
-        summary: (0..s.choices).map(|_| None).collect(),
-        events: vec![Vec::new(); s.choices],
+        text: vec![String::new(); n],
+        events: vec![Vec::new(); n],
+        finish: vec![FinishReason::Cancelled; n],
+        tokens: vec![0; n],
+        cached: vec![0; n],
+        prompt_lps: vec![None; n],
     };
+    let mut finished = vec![false; n];
     let deadline = Instant::now() + timeout;
     let mut done = 0;
-    while done < s.choices {
-        let ev = tokio::time::timeout_at(deadline, s.rx.next())
-            .await
-            .map_err(|_| timed_out(timeout))?;
+    while done < n {
+        let Ok(ev) = tokio::time::timeout_at(deadline, s.rx.next()).await else {
+            for i in (0..n).filter(|&i| !finished[i]) {
+                c.tokens[i] = c.events[i].len();
+            }
+            break;
+        };
         let Some((i, ev)) = ev else {
             return Err(ApiError::from(crate::Error::Internal(
                 "the engine dropped the request".into(),
@@ -262,12 +413,19 @@ async fn collect(mut s: Submitted, timeout: Duration) -> ApiResult<Collected> {
                 c.text[i].push_str(&t.text);
                 c.events[i].push(t);
             }
+            SeqEvent::PromptLogprobs(l) => c.prompt_lps[i] = Some(l),
             SeqEvent::Finished(sum) => {
-                c.summary[i] = Some(sum);
+                c.finish[i] = sum.finish;
+                c.tokens[i] = sum.tokens.len();
+                c.cached[i] = sum.cached_tokens;
+                finished[i] = true;
                 done += 1;
             }
             SeqEvent::Failed(e) => return Err(e.into()),
-            SeqEvent::Embedding { .. } => done += 1,
+            SeqEvent::Embedding { .. } => {
+                finished[i] = true;
+                done += 1;
+            }
         }
     }
     Ok(c)
@@ -284,42 +442,70 @@ fn timed_out(t: Duration) -> ApiError {
     )
 }
 
+type BodyResult = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
 async fn completions(
     State(st): State<Arc<AppState>>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    Extension(tenant): Extension<Tenant>,
+    body: BodyResult,
 ) -> ApiResult<Response> {
-    let req: CompletionRequest = parse(&body_bytes(body)?)?;
+    let mut req: CompletionRequest = parse(&body_bytes(body)?)?;
     st.check_model(&req.common.model)?;
-    let e = st.engine()?;
-    let logprobs = match req.logprobs {
-        None => None,
-        Some(k) if k >= 0 => Some(k as usize),
-        Some(k) => {
-            return Err(
-                ApiError::bad_request(format!("logprobs must be ≥ 0, got {k}")).param("logprobs"),
-            )
-        }
-    };
-    let prompts = req.prompt.tokenize(&e.tokenizer)?;
+    let e = st.engine()?.clone();
+    let logprobs = top_count(req.logprobs, "logprobs")?;
+    let prompt_lp = top_count(req.common.prompt_logprobs, "prompt_logprobs")?;
+    // Legacy echo + logprobs reports the prompt's tokens in `logprobs` too.
+    let echo_lp = req.echo && logprobs.is_some();
+    let wanted_prompt_lp = prompt_lp.or(if echo_lp { logprobs } else { None });
+    req.common.cache_salt = st.cache_salt(tenant, req.common.cache_salt.take());
+    let (echo, input) = (req.echo, req.prompt.clone());
+    let tok = e.tokenizer.clone();
+    let (prompts, echo_text) = st
+        .prepare(move || {
+            let prompts = input.tokenize(&tok)?;
+            let echo_text: Vec<String> = prompts
+                .iter()
+                .map(|p| {
+                    if echo {
+                        tok.decode(p, false)
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect();
+            Ok((prompts, echo_text))
+        })
+        .await?;
     let mut plans = Vec::new();
     for p in prompts {
-        plans.push(plan(&req.common, p, logprobs, Some(16), e.model.context)?);
+        plans.push(plan(
+            &req.common,
+            p,
+            logprobs,
+            wanted_prompt_lp,
+            Some(16),
+            e.model.context,
+        )?);
     }
-    let echo: Vec<String> = plans
-        .iter()
-        .map(|p| {
-            if req.echo {
-                e.tokenizer.decode(&p.base.prompt, false)
-            } else {
-                String::new()
-            }
-        })
-        .collect();
     check_choices(&plans)?;
     let n = plans[0].n;
-    let prompt_tokens: usize = plans.iter().map(|p| p.base.prompt.len()).sum();
-    let sub = submit(e, plans.iter().map(Plan::requests).collect())?;
+    let prompt_ids: Vec<Vec<u32>> = plans.iter().map(|p| p.base.prompt.clone()).collect();
+    let prompt_tokens: usize = prompt_ids.iter().map(Vec::len).sum();
+    let sub = submit(&e, plans.iter().map(Plan::requests).collect())?;
     let envelope = Envelope::new("cmpl", "text_completion", &st.model_id);
+    // The prompt's part of a choice: echoed text, legacy logprobs entries
+    // and vLLM's prompt_logprobs.
+    let prompt_part = {
+        let tok = e.tokenizer.clone();
+        move |i: usize, lps: Option<&[PromptTokenLogprob]>, lp: &mut CompletionLogprobs| {
+            let p = i / n;
+            if echo_lp {
+                lp.push_prompt(&tok, &prompt_ids[p], lps.unwrap_or(&[]));
+            }
+            let plp = prompt_lp.and(lps).map(|l| prompt_logprobs_json(&tok, l));
+            (echo_text[p].clone(), plp)
+        }
+    };
     if req.common.stream {
         let usage_wanted = req.common.stream_options.is_some_and(|o| o.include_usage);
         let tok = e.tokenizer.clone();
@@ -332,12 +518,19 @@ async fn completions(
             st.opts.request_timeout,
             usage,
             move |ev| match ev {
-                StreamItem::Start(i) => {
-                    let text = &echo[i / n];
-                    (!text.is_empty()).then(|| {
-                        offsets[i] += text.len();
-                        json!({"index": i, "text": text, "logprobs": null, "finish_reason": null})
-                    })
+                StreamItem::Start(i, lps) => {
+                    let mut lp = CompletionLogprobs::default();
+                    let (text, plp) = prompt_part(i, lps.as_deref(), &mut lp);
+                    offsets[i] += text.len();
+                    let mut c =
+                        json!({"index": i, "text": text, "logprobs": null, "finish_reason": null});
+                    if echo_lp {
+                        c["logprobs"] = lp.to_json();
+                    }
+                    if let Some(p) = plp {
+                        c["prompt_logprobs"] = p;
+                    }
+                    (!text.is_empty() || echo_lp || c.get("prompt_logprobs").is_some()).then_some(c)
                 }
                 StreamItem::Token(i, t) => {
                     let lp = t.logprobs.is_some().then(|| {
@@ -348,8 +541,8 @@ async fn completions(
                     offsets[i] += t.text.len();
                     Some(json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null}))
                 }
-                StreamItem::Finish(i, s) => Some(json!({
-                    "index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(s.finish)
+                StreamItem::Finish(i, f) => Some(json!({
+                    "index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(f)
                 })),
             },
         );
@@ -359,27 +552,27 @@ async fn completions(
     let (mut completion, mut cached) = (0, 0);
     let mut choices = Vec::new();
     for i in 0..c.text.len() {
-        let s = c.summary[i].as_ref().expect("every choice finished");
-        completion += s.tokens.len();
+        completion += c.tokens[i];
         if i % n == 0 {
-            cached += s.cached_tokens;
+            cached += c.cached[i];
         }
-        let prefix = &echo[i / n];
-        let lp = logprobs.map(|_| {
-            let mut l = CompletionLogprobs::default();
-            let mut off = prefix.len();
-            for t in &c.events[i] {
-                l.push(&e.tokenizer, t, off);
-                off += t.text.len();
-            }
-            l.to_json()
-        });
-        choices.push(json!({
+        let mut lp = CompletionLogprobs::default();
+        let (prefix, plp) = prompt_part(i, c.prompt_lps[i].as_deref(), &mut lp);
+        let mut off = prefix.len();
+        for t in &c.events[i] {
+            lp.push(&e.tokenizer, t, off);
+            off += t.text.len();
+        }
+        let mut choice = json!({
             "index": i,
             "text": format!("{prefix}{}", c.text[i]),
-            "logprobs": lp,
-            "finish_reason": finish_reason(s.finish),
-        }));
+            "logprobs": logprobs.map(|_| lp.to_json()),
+            "finish_reason": finish_reason(c.finish[i]),
+        });
+        if let Some(p) = plp {
+            choice["prompt_logprobs"] = p;
+        }
+        choices.push(choice);
     }
     let usage = usage(prompt_tokens, completion, cached);
     Ok(axum::Json(envelope.wrap(json!(choices), Some(usage))).into_response())
@@ -396,18 +589,10 @@ fn check_choices(plans: &[Plan]) -> ApiResult<()> {
     Ok(())
 }
 
-async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> ApiResult<Response> {
-    let req: ChatRequest = parse(&body_bytes(body)?)?;
-    st.check_model(&req.common.model)?;
-    let e = st.engine()?;
-    if req.messages.is_empty() {
-        return Err(ApiError::bad_request("messages must not be empty").param("messages"));
-    }
+/// Checks roles and flattens content into the template's messages.
+fn chat_messages(msgs: &[Message]) -> ApiResult<Vec<ChatMessage>> {
     let mut messages = Vec::new();
-    for m in &req.messages {
+    for m in msgs {
         if !matches!(
             m.role.as_str(),
             "system" | "user" | "assistant" | "developer" | "tool"
@@ -424,26 +609,46 @@ async fn chat_completions(
         };
         messages.push(ChatMessage::new(role, m.text()?));
     }
-    let prompt = chat_prompt(&e.tokenizer, &e.template, &messages)?;
-    let logprobs = match (req.logprobs, req.top_logprobs) {
+    Ok(messages)
+}
+
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    Extension(tenant): Extension<Tenant>,
+    body: BodyResult,
+) -> ApiResult<Response> {
+    let mut req: ChatRequest = parse(&body_bytes(body)?)?;
+    st.check_model(&req.common.model)?;
+    let e = st.engine()?.clone();
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty").param("messages"));
+    }
+    let messages = chat_messages(&req.messages)?;
+    let logprobs = match (req.logprobs, top_count(req.top_logprobs, "top_logprobs")?) {
         (false, Some(_)) => {
             return Err(
                 ApiError::bad_request("top_logprobs needs logprobs: true").param("top_logprobs")
             )
         }
         (false, None) => None,
-        (true, None) => Some(0),
-        (true, Some(k)) if k >= 0 => Some(k as usize),
-        (true, Some(k)) => {
-            return Err(
-                ApiError::bad_request(format!("top_logprobs must be ≥ 0, got {k}"))
-                    .param("top_logprobs"),
-            )
-        }
+        (true, k) => Some(k.unwrap_or(0)),
     };
-    let p = plan(&req.common, prompt, logprobs, None, e.model.context)?;
+    let prompt_lp = top_count(req.common.prompt_logprobs, "prompt_logprobs")?;
+    req.common.cache_salt = st.cache_salt(tenant, req.common.cache_salt.take());
+    let (tok, template) = (e.tokenizer.clone(), e.template.clone());
+    let prompt = st
+        .prepare(move || Ok(chat_prompt(&tok, &template, &messages)?))
+        .await?;
+    let p = plan(
+        &req.common,
+        prompt,
+        logprobs,
+        prompt_lp,
+        None,
+        e.model.context,
+    )?;
     let prompt_tokens = p.base.prompt.len();
-    let sub = submit(e, vec![p.requests()])?;
+    let sub = submit(&e, vec![p.requests()])?;
     if req.common.stream {
         let usage_wanted = req.common.stream_options.is_some_and(|o| o.include_usage);
         let tok = e.tokenizer.clone();
@@ -457,28 +662,31 @@ async fn chat_completions(
             st.opts.request_timeout,
             usage,
             move |ev| match ev {
-                StreamItem::Start(i) => Some(json!({
-                    "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
-                })),
+                StreamItem::Start(i, lps) => {
+                    let mut c = json!({
+                        "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
+                    });
+                    if let Some(l) = lps.filter(|_| prompt_lp.is_some()) {
+                        c["prompt_logprobs"] = prompt_logprobs_json(&tok, &l);
+                    }
+                    Some(c)
+                }
                 StreamItem::Token(i, t) => {
                     let lp = chat_logprob(&tok, &t).map(|l| json!({"content": [l]}));
                     Some(
                         json!({"index": i, "delta": {"content": t.text}, "logprobs": lp, "finish_reason": null}),
                     )
                 }
-                StreamItem::Finish(i, s) => Some(json!({
-                    "index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(s.finish)
+                StreamItem::Finish(i, f) => Some(json!({
+                    "index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(f)
                 })),
             },
         );
         return Ok(stream);
     }
     let c = collect(sub, st.opts.request_timeout).await?;
-    let mut completion = 0;
     let mut choices = Vec::new();
     for i in 0..c.text.len() {
-        let s = c.summary[i].as_ref().expect("every choice finished");
-        completion += s.tokens.len();
         let lp = logprobs.map(|_| {
             let content: Vec<Value> = c.events[i]
                 .iter()
@@ -490,13 +698,17 @@ async fn chat_completions(
             "index": i,
             "message": {"role": "assistant", "content": c.text[i]},
             "logprobs": lp,
-            "finish_reason": finish_reason(s.finish),
+            "finish_reason": finish_reason(c.finish[i]),
         }));
     }
-    let cached = c.summary[0].as_ref().map_or(0, |s| s.cached_tokens);
-    let usage = usage(prompt_tokens, completion, cached);
+    let completion = c.tokens.iter().sum();
+    let usage = usage(prompt_tokens, completion, c.cached[0]);
     let envelope = Envelope::new("chatcmpl", "chat.completion", &st.model_id);
-    Ok(axum::Json(envelope.wrap(json!(choices), Some(usage))).into_response())
+    let mut v = envelope.wrap(json!(choices), Some(usage));
+    if let Some(l) = c.prompt_lps[0].as_deref().filter(|_| prompt_lp.is_some()) {
+        v["prompt_logprobs"] = prompt_logprobs_json(&e.tokenizer, l);
+    }
+    Ok(axum::Json(v).into_response())
 }
 
 /// The fields every completion response and streamed chunk carries.
@@ -535,15 +747,17 @@ impl Envelope {
 /// What a streamed response reports about a choice, turned into that
 /// choice's JSON by the caller.
 enum StreamItem {
-    /// Before the first token of choice i.
-    Start(usize),
+    /// Before the first token of choice i, with the prompt's
+    /// log-probabilities when they were asked for.
+    Start(usize, Option<Vec<PromptTokenLogprob>>),
     Token(usize, crate::engine::TokenEvent),
-    Finish(usize, GenerationSummary),
+    Finish(usize, FinishReason),
 }
 
 /// A server-sent-event response relaying the engine's events. The guards
 /// travel inside the stream: when the client disconnects, the body is
-/// dropped and the requests are aborted.
+/// dropped and the requests are aborted. When the request's time runs out,
+/// unfinished choices end with finish_reason "abort".
 ///
 /// `per_prompt` choices share each prompt (the first of them reports its
 /// cached tokens); with `usage_prompt_tokens`, a usage chunk comes last.
@@ -564,6 +778,8 @@ where
         render: F,
         deadline: Instant,
         started: Vec<bool>,
+        finished: Vec<bool>,
+        generated: Vec<usize>,
         done: usize,
         completion: usize,
         cached: usize,
@@ -585,10 +801,18 @@ where
             self.out.push_back("data: [DONE]\n\n".into());
             self.ended = true;
         }
-        fn start(&mut self, i: usize) {
+        fn start(&mut self, i: usize, lps: Option<Vec<PromptTokenLogprob>>) {
             if !std::mem::replace(&mut self.started[i], true) {
-                self.emit(StreamItem::Start(i));
+                self.emit(StreamItem::Start(i, lps));
             }
+        }
+        fn finish(&mut self, i: usize, f: FinishReason, tokens: usize, cached: usize) {
+            self.start(i, None);
+            self.finished[i] = true;
+            self.completion += tokens;
+            self.done += 1;
+            self.cached += cached;
+            self.emit(StreamItem::Finish(i, f));
         }
     }
     let choices = sub.choices;
@@ -598,6 +822,8 @@ where
         render,
         deadline: Instant::now() + timeout,
         started: vec![false; choices],
+        finished: vec![false; choices],
+        generated: vec![0; choices],
         done: 0,
         completion: 0,
         cached: 0,
@@ -622,24 +848,34 @@ where
                 continue;
             }
             match tokio::time::timeout_at(st.deadline, st.sub.rx.next()).await {
-                Err(_) => st.end_with(Some(timed_out(timeout))),
+                Err(_) => {
+                    // Out of time: what was generated stands, the rest is
+                    // aborted when the guards go with the stream.
+                    for i in 0..st.sub.choices {
+                        if !st.finished[i] {
+                            let tokens = st.generated[i];
+                            st.finish(i, FinishReason::Cancelled, tokens, 0);
+                        }
+                    }
+                }
                 Ok(None) => st.end_with(Some(
                     crate::Error::Internal("the engine dropped the request".into()).into(),
                 )),
+                Ok(Some((i, SeqEvent::PromptLogprobs(l)))) => st.start(i, Some(l)),
                 Ok(Some((i, SeqEvent::Token(t)))) => {
-                    st.start(i);
+                    st.start(i, None);
+                    st.generated[i] += 1;
                     if !t.text.is_empty() || t.logprobs.is_some() {
                         st.emit(StreamItem::Token(i, t));
                     }
                 }
                 Ok(Some((i, SeqEvent::Finished(s)))) => {
-                    st.start(i);
-                    st.completion += s.tokens.len();
-                    if i % per_prompt == 0 {
-                        st.cached += s.cached_tokens;
-                    }
-                    st.done += 1;
-                    st.emit(StreamItem::Finish(i, s));
+                    let cached = if i % per_prompt == 0 {
+                        s.cached_tokens
+                    } else {
+                        0
+                    };
+                    st.finish(i, s.finish, s.tokens.len(), cached);
                 }
                 Ok(Some((_, SeqEvent::Failed(e)))) => st.end_with(Some(e.into())),
                 Ok(Some((_, SeqEvent::Embedding { .. }))) => {}
@@ -655,7 +891,8 @@ where
 
 async fn embeddings(
     State(st): State<Arc<AppState>>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    Extension(tenant): Extension<Tenant>,
+    body: BodyResult,
 ) -> ApiResult<Response> {
     let req: EmbeddingRequest = parse(&body_bytes(body)?)?;
     st.check_model(&req.model)?;
@@ -669,22 +906,27 @@ async fn embeddings(
             .param("encoding_format"))
         }
     };
-    let e = st.engine()?;
-    let inputs = req.input.tokenize(&e.tokenizer)?;
+    let e = st.engine()?.clone();
+    let tok = e.tokenizer.clone();
+    let input = req.input;
+    let inputs = st.prepare(move || input.tokenize(&tok)).await?;
     if inputs.len() > 256 {
         return Err(ApiError::bad_request("at most 256 inputs per request").param("input"));
     }
+    // Embeddings never read the prefix cache, but stay salted like the rest.
+    let salt = st.cache_salt(tenant, None);
     let groups = inputs
         .into_iter()
         .map(|prompt| {
             vec![GenerationRequest {
                 prompt,
                 embed: true,
+                cache_salt: salt.clone(),
                 ..Default::default()
             }]
         })
         .collect();
-    let mut sub = submit(e, groups)?;
+    let mut sub = submit(&e, groups)?;
     let n = sub.choices;
     let mut data = vec![Value::Null; n];
     let mut tokens = 0;
@@ -720,28 +962,21 @@ async fn embeddings(
 
 async fn tokenize(
     State(st): State<Arc<AppState>>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: BodyResult,
 ) -> ApiResult<axum::Json<Value>> {
     let req: TokenizeRequest = parse(&body_bytes(body)?)?;
     st.check_model(&req.model)?;
-    let e = st.engine()?;
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(p), None) => e
-            .tokenizer
-            .encode(p, req.add_special_tokens.unwrap_or(true))?,
-        (None, Some(msgs)) => {
-            let m: Vec<ChatMessage> = msgs
-                .iter()
-                .map(|m| Ok(ChatMessage::new(m.role.clone(), m.text()?)))
-                .collect::<ApiResult<_>>()?;
-            chat_prompt(&e.tokenizer, &e.template, &m)?
-        }
-        _ => {
-            return Err(ApiError::bad_request(
+    let e = st.engine()?.clone();
+    let (tok, template) = (e.tokenizer.clone(), e.template.clone());
+    let tokens = st
+        .prepare(move || match (&req.prompt, &req.messages) {
+            (Some(p), None) => Ok(tok.encode(p, req.add_special_tokens.unwrap_or(true))?),
+            (None, Some(msgs)) => Ok(chat_prompt(&tok, &template, &chat_messages(msgs)?)?),
+            _ => Err(ApiError::bad_request(
                 "give exactly one of prompt or messages",
-            ))
-        }
-    };
+            )),
+        })
+        .await?;
     Ok(axum::Json(json!({
         "count": tokens.len(),
         "max_model_len": e.model.context,
@@ -751,11 +986,11 @@ async fn tokenize(
 
 async fn detokenize(
     State(st): State<Arc<AppState>>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: BodyResult,
 ) -> ApiResult<axum::Json<Value>> {
     let req: DetokenizeRequest = parse(&body_bytes(body)?)?;
     st.check_model(&req.model)?;
-    let e = st.engine()?;
+    let e = st.engine()?.clone();
     let vocab = e.model.spec.vocab_size;
     let mut ids = Vec::with_capacity(req.tokens.len());
     for &t in &req.tokens {
@@ -767,7 +1002,7 @@ async fn detokenize(
         }
         ids.push(t as u32);
     }
-    Ok(axum::Json(
-        json!({ "prompt": e.tokenizer.decode(&ids, true) }),
-    ))
+    let tok = e.tokenizer.clone();
+    let prompt = st.prepare(move || Ok(tok.decode(&ids, true))).await?;
+    Ok(axum::Json(json!({ "prompt": prompt })))
 }

@@ -1,7 +1,7 @@
 //! OpenAI request bodies, their validation into engine requests, and the
 //! JSON shapes of responses and errors.
 
-use crate::engine::{FinishReason, GenerationRequest, TokenEvent};
+use crate::engine::{FinishReason, GenerationRequest, PromptTokenLogprob, TokenEvent};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use axum::http::StatusCode;
@@ -133,6 +133,10 @@ pub struct Common {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// vLLM's: prompt tokens' log-probabilities with this many alternatives.
+    pub prompt_logprobs: Option<i64>,
+    /// vLLM's: prefix-cache hits only among requests with the same salt.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -254,6 +258,44 @@ impl Message {
     }
 }
 
+/// A count of alternatives in 0..=20 (`None` when absent).
+pub fn top_count(v: Option<i64>, param: &'static str) -> Result<Option<usize>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(k) if (0..=crate::engine::MAX_TOP_LOGPROBS as i64).contains(&k) => {
+            Ok(Some(k as usize))
+        }
+        Some(k) => Err(ApiError::bad_request(format!(
+            "{param} must be within 0..={}, got {k}; at most {} top log-probabilities per token",
+            crate::engine::MAX_TOP_LOGPROBS,
+            crate::engine::MAX_TOP_LOGPROBS
+        ))
+        .param(param)),
+    }
+}
+
+/// vLLM's `prompt_logprobs` list: null for the first token, then for each
+/// prompt token a map from token id to its log-probability, rank and text
+/// (the token itself and the top alternatives).
+pub fn prompt_logprobs_json(tok: &Tokenizer, lps: &[PromptTokenLogprob]) -> Value {
+    let mut out = vec![Value::Null];
+    for e in lps {
+        let mut m = serde_json::Map::new();
+        for (r, &(id, l)) in e.top.iter().enumerate() {
+            m.insert(
+                id.to_string(),
+                json!({"logprob": l, "rank": r + 1, "decoded_token": token_str(tok, id)}),
+            );
+        }
+        m.insert(
+            e.id.to_string(),
+            json!({"logprob": e.logprob, "rank": e.rank, "decoded_token": token_str(tok, e.id)}),
+        );
+        out.push(Value::Object(m));
+    }
+    Value::Array(out)
+}
+
 /// The engine request(s) for one prompt and the shared settings.
 pub struct Plan {
     pub n: usize,
@@ -268,6 +310,7 @@ pub fn plan(
     c: &Common,
     prompt: Vec<u32>,
     logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
     default_max: Option<usize>,
     context: usize,
 ) -> Result<Plan, ApiError> {
@@ -360,7 +403,9 @@ pub fn plan(
             stop,
             ignore_eos: c.ignore_eos,
             logprobs,
-            embed: false,
+            prompt_logprobs,
+            cache_salt: c.cache_salt.clone(),
+            ..Default::default()
         },
     })
 }
@@ -383,7 +428,7 @@ pub fn finish_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
-        // Only reported when the server cut the request short (timeout).
+        // The server cut the request short (its timeout ran out).
         FinishReason::Cancelled => "abort",
     }
 }
@@ -405,7 +450,7 @@ fn token_str(tok: &Tokenizer, id: u32) -> String {
 #[derive(Default)]
 pub struct CompletionLogprobs {
     tokens: Vec<String>,
-    token_logprobs: Vec<f32>,
+    token_logprobs: Vec<Option<f32>>,
     top: Vec<Value>,
     offsets: Vec<usize>,
 }
@@ -415,7 +460,7 @@ impl CompletionLogprobs {
     pub fn push(&mut self, tok: &Tokenizer, t: &TokenEvent, offset: usize) {
         let Some(lp) = &t.logprobs else { return };
         self.tokens.push(token_str(tok, t.id));
-        self.token_logprobs.push(lp.logprob);
+        self.token_logprobs.push(Some(lp.logprob));
         let top: serde_json::Map<String, Value> = lp
             .top
             .iter()
@@ -423,6 +468,32 @@ impl CompletionLogprobs {
             .collect();
         self.top.push(Value::Object(top));
         self.offsets.push(offset);
+    }
+
+    /// Adds the prompt's tokens (legacy `echo` with `logprobs`): the first
+    /// has no log-probability, the others come from `lps`.
+    pub fn push_prompt(&mut self, tok: &Tokenizer, prompt: &[u32], lps: &[PromptTokenLogprob]) {
+        let mut offset = 0;
+        for (i, &id) in prompt.iter().enumerate() {
+            self.tokens.push(token_str(tok, id));
+            self.offsets.push(offset);
+            offset += tok.token_bytes(id).len();
+            match i.checked_sub(1).and_then(|j| lps.get(j)) {
+                None => {
+                    self.token_logprobs.push(None);
+                    self.top.push(Value::Null);
+                }
+                Some(e) => {
+                    self.token_logprobs.push(Some(e.logprob));
+                    let top: serde_json::Map<String, Value> = e
+                        .top
+                        .iter()
+                        .map(|&(id, l)| (token_str(tok, id), json!(l)))
+                        .collect();
+                    self.top.push(Value::Object(top));
+                }
+            }
+        }
     }
 
     pub fn to_json(&self) -> Value {

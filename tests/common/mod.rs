@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod server;
+
 use ruvllm::engine::{Engine, EngineOptions};
 use std::path::{Path, PathBuf};
 
