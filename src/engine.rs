@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::kv::{bytes_per_token, AnyKvCache, KvDtype};
 use crate::model::{load_gguf, load_hf_folder, Batch, Family, Model, Output};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId};
+use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions};
 use crate::threadpool::ThreadPool;
 use crate::tokenizer::Tokenizer;
 use std::collections::HashMap;
@@ -22,6 +22,9 @@ pub const DEFAULT_MAX_CONTEXT: usize = 4096;
 /// [`DEFAULT_KV_CAP_MB`].
 const DEFAULT_KV_CONTEXTS: usize = 4;
 const DEFAULT_KV_CAP_MB: usize = 1024;
+/// Memory one step may spend on logits of every prompt position (prompt
+/// log-probabilities): a row is a vocabulary of floats.
+const FULL_LOGITS_BYTES: usize = 128 << 20;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -385,6 +388,7 @@ impl Engine {
             format,
         };
         let max_batched_tokens = opts.max_batched_tokens.max(1);
+        let max_full_logit_rows = FULL_LOGITS_BYTES / (spec.vocab_size * 4).max(1);
         // Only when no layer attends further back can old blocks go.
         let window = spec
             .sliding_window
@@ -404,6 +408,7 @@ impl Engine {
                     max_batched_tokens,
                     max_num_seqs: opts.max_num_seqs,
                     window,
+                    max_full_logit_rows,
                 },
             ),
             requests: HashMap::new(),
@@ -483,9 +488,12 @@ impl Engine {
         self.sched.add(
             id,
             req.prompt.clone(),
-            !req.embed && req.prompt_logprobs.is_none(),
-            after.filter(|a| self.requests.contains_key(a)),
-            req.cache_salt.as_deref(),
+            SeqOptions {
+                use_prefix_cache: !req.embed && req.prompt_logprobs.is_none(),
+                after: after.filter(|a| self.requests.contains_key(a)),
+                cache_salt: req.cache_salt.clone(),
+                full_logits: req.prompt_logprobs.is_some(),
+            },
         );
         let active = Active {
             sampler: Sampler::new(req.sampling.clone()),
@@ -506,8 +514,7 @@ impl Engine {
     /// with [`FinishReason::Cancelled`].
     pub fn abort(&mut self, id: SeqId) {
         if let Some(a) = self.requests.get(&id) {
-            let prompt = a.req.prompt.clone();
-            self.maybe_fault(FaultKind::AbortPanic, &prompt);
+            self.maybe_fault(FaultKind::AbortPanic, &a.req.prompt);
             self.finish(id, FinishReason::Cancelled);
         }
     }

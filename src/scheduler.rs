@@ -25,6 +25,25 @@ pub struct SchedulerConfig {
     /// (a model whose layers all use one sliding window), blocks that fell
     /// out of the window are released while the sequence runs.
     pub window: Option<usize>,
+    /// Prompt tokens one step may run for sequences that want the logits of
+    /// every position (each such row costs a vocabulary of floats).
+    pub max_full_logit_rows: usize,
+}
+
+/// How a sequence is to be scheduled.
+#[derive(Debug, Clone, Default)]
+pub struct SeqOptions {
+    /// Start from the longest cached prefix, and offer full blocks to the
+    /// cache.
+    pub use_prefix_cache: bool,
+    /// Not admitted before this sequence has computed its prompt, so that
+    /// the two share the prompt's blocks through the prefix cache.
+    pub after: Option<SeqId>,
+    /// Prefix-cache hits only among sequences with the same salt.
+    pub cache_salt: Option<String>,
+    /// The logits of every prompt position are wanted: prompt chunks are
+    /// bounded by [`SchedulerConfig::max_full_logit_rows`].
+    pub full_logits: bool,
 }
 
 /// A block-table entry whose block was released (out of the window).
@@ -72,9 +91,22 @@ struct Seq {
     cached_tokens: Option<usize>,
     /// Where the block hash chain starts (the request's cache salt).
     hash_root: BlockHash,
+    /// Positions below this need their logits (prompt log-probabilities).
+    full_logits_until: usize,
 }
 
 impl Seq {
+    /// Tokens to run from position `from` with `budget` tokens and `rows`
+    /// full-logit rows left this step.
+    fn chunk_len(&self, from: usize, budget: usize, rows: usize) -> usize {
+        let n = (self.tokens.len() - from).min(budget);
+        if from < self.full_logits_until {
+            n.min(rows)
+        } else {
+            n
+        }
+    }
+
     /// Extends `block_hashes` over blocks of `tokens` that filled up.
     fn hash_full_blocks(&mut self, bs: usize) {
         if !self.use_prefix_cache {
@@ -107,6 +139,7 @@ impl Scheduler {
                 max_batched_tokens: cfg.max_batched_tokens.max(1),
                 max_num_seqs: cfg.max_num_seqs.max(1),
                 window: cfg.window.filter(|&w| w > 0),
+                max_full_logit_rows: cfg.max_full_logit_rows.max(1),
             },
             block_size,
             blocks: BlockManager::new(n_blocks),
@@ -122,19 +155,18 @@ impl Scheduler {
         self.blocks.n_blocks() * self.block_size
     }
 
-    /// Queues a sequence. `tokens` must not be empty. Prefix-cache hits
-    /// only come from sequences added with the same `cache_salt`.
-    pub fn add(
-        &mut self,
-        id: SeqId,
-        tokens: Vec<u32>,
-        use_prefix_cache: bool,
-        after: Option<SeqId>,
-        cache_salt: Option<&str>,
-    ) {
+    /// Queues a sequence. `tokens` must not be empty.
+    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, opts: SeqOptions) {
         debug_assert!(!tokens.is_empty());
+        let SeqOptions {
+            use_prefix_cache,
+            after,
+            cache_salt,
+            full_logits,
+        } = opts;
         let mut s = Seq {
-            hash_root: BlockManager::chain_root(cache_salt),
+            hash_root: BlockManager::chain_root(cache_salt.as_deref()),
+            full_logits_until: if full_logits { tokens.len() - 1 } else { 0 },
             prompt_len: tokens.len(),
             tokens,
             computed: 0,
@@ -184,13 +216,14 @@ impl Scheduler {
     /// The chunks to run this step (empty when there is nothing to do).
     pub fn schedule(&mut self) -> Vec<Chunk> {
         let mut budget = self.cfg.max_batched_tokens;
+        let mut rows = self.cfg.max_full_logit_rows;
         let mut out = Vec::new();
         let mut preempted = false;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let s = &self.seqs[&id];
-            let n = (s.tokens.len() - s.computed).min(budget);
+            let n = s.chunk_len(s.computed, budget, rows);
             let need = (s.computed + n).div_ceil(self.block_size);
             let mut fits = true;
             while self.seqs[&id].blocks.len() < need {
@@ -220,6 +253,9 @@ impl Scheduler {
                     completes: s.computed + n == s.tokens.len(),
                 });
                 budget -= n;
+                if s.computed < s.full_logits_until {
+                    rows -= n;
+                }
             }
             i += 1;
         }
@@ -245,8 +281,14 @@ impl Scheduler {
                 .blocks
                 .lookup_prefix(&s.block_hashes[..usable.min(s.block_hashes.len())]);
             let computed = table.len() * self.block_size;
-            let n = (s.tokens.len() - computed).min(budget);
+            let n = s.chunk_len(computed, budget, rows);
             let need = (computed + n).div_ceil(self.block_size) - table.len();
+            if n == 0 {
+                // Out of full-logit rows this step: the others may go.
+                self.blocks.release(&table);
+                w += 1;
+                continue;
+            }
             // Leave every running sequence a block to grow into.
             if need + self.running.len() > self.blocks.n_available() {
                 self.blocks.release(&table);
@@ -268,6 +310,9 @@ impl Scheduler {
                 completes: computed + n == s.tokens.len(),
             });
             budget -= n;
+            if computed < s.full_logits_until {
+                rows -= n;
+            }
             self.waiting.remove(w);
             self.running.push(id);
         }
@@ -365,6 +410,20 @@ impl Scheduler {
 mod tests {
     use super::*;
 
+    fn opts() -> SeqOptions {
+        SeqOptions {
+            use_prefix_cache: true,
+            ..Default::default()
+        }
+    }
+
+    fn salted(salt: &str) -> SeqOptions {
+        SeqOptions {
+            cache_salt: Some(salt.into()),
+            ..opts()
+        }
+    }
+
     fn sched(blocks: usize, budget: usize, seqs: usize) -> Scheduler {
         Scheduler::new(
             blocks,
@@ -373,6 +432,7 @@ mod tests {
                 max_batched_tokens: budget,
                 max_num_seqs: seqs,
                 window: None,
+                max_full_logit_rows: 1 << 20,
             },
         )
     }
@@ -401,7 +461,7 @@ mod tests {
     #[test]
     fn chunks_respect_the_budget_and_decodes_go_first() {
         let mut s = sched(64, 8, 4);
-        s.add(1, vec![1; 3], true, None, None);
+        s.add(1, vec![1; 3], opts());
         let c = s.schedule();
         assert_eq!(
             c,
@@ -414,7 +474,7 @@ mod tests {
         );
         s.commit(&c);
         s.append(1, 9);
-        s.add(2, vec![2; 20], true, None, None);
+        s.add(2, vec![2; 20], opts());
         let c = s.schedule();
         // The decode first, then 7 tokens of the new prompt.
         assert_eq!(
@@ -443,7 +503,7 @@ mod tests {
         // 12 blocks of 4 = 48 tokens; four sequences that grow to 24 each.
         let mut s = sched(12, 16, 4);
         for id in 0..4 {
-            s.add(id, vec![id as u32 + 1; 6], true, None, None);
+            s.add(id, vec![id as u32 + 1; 6], opts());
         }
         drive(&mut s, 24, &[0, 1, 2, 3]);
         assert!(s.stats().preemptions > 0);
@@ -454,7 +514,7 @@ mod tests {
     fn blocks_out_of_a_sliding_window_are_released() {
         let mut s = sched(32, 64, 4);
         s.cfg.window = Some(6);
-        s.add(1, (0..20).collect(), true, None, None);
+        s.add(1, (0..20).collect(), opts());
         let c = s.schedule();
         s.commit(&c);
         // 20 computed: the next position (20) reads 15.., so blocks 0..=2
@@ -472,8 +532,15 @@ mod tests {
     #[test]
     fn a_shared_prefix_is_computed_once() {
         let mut s = sched(32, 64, 4);
-        s.add(1, (0..20).collect(), true, None, None);
-        s.add(2, (0..20).collect(), true, Some(1), None);
+        s.add(1, (0..20).collect(), opts());
+        s.add(
+            2,
+            (0..20).collect(),
+            SeqOptions {
+                after: Some(1),
+                ..opts()
+            },
+        );
         let c = s.schedule();
         assert_eq!(c.len(), 1, "the sibling waits for the prompt");
         s.commit(&c);
@@ -505,15 +572,16 @@ mod tests {
                 max_batched_tokens: 512,
                 max_num_seqs: 4,
                 window: None,
+                max_full_logit_rows: 1 << 20,
             },
         );
         let a: Vec<u32> = (0..1051).map(|i| 1000 + i % 3000).collect();
         let b: Vec<u32> = (0..2105).map(|i| 5000 + i % 3000).collect();
-        s.add(1, a.clone(), true, None, None);
+        s.add(1, a.clone(), opts());
         drive(&mut s, a.len() + 1, &[1]);
-        s.add(2, b.clone(), true, None, None);
+        s.add(2, b.clone(), opts());
         drive(&mut s, b.len() + 1, &[2]);
-        s.add(3, a.clone(), true, None, None);
+        s.add(3, a.clone(), opts());
         let c = s.schedule();
         assert_eq!(c[0].id, 3);
         let cached = s.cached_tokens(3);
@@ -529,7 +597,7 @@ mod tests {
         let mut s = sched(16, 64, 4);
         s.cfg.window = Some(6);
         let a: Vec<u32> = (0..30).collect();
-        s.add(1, a.clone(), true, None, None);
+        s.add(1, a.clone(), opts());
         drive(&mut s, 31, &[1]);
         // 7 full blocks of 4 stay cached; taking 12 of the 16 blocks takes
         // the 9 uncached ones, then the 3 cached ones released longest ago,
@@ -537,7 +605,7 @@ mod tests {
         // of first.
         let taken: Vec<u32> = (0..12).map(|_| s.blocks.allocate().unwrap()).collect();
         s.blocks.release(&taken);
-        s.add(2, a, true, None, None);
+        s.add(2, a, opts());
         s.schedule();
         assert_eq!(s.cached_tokens(2), 16, "the first four blocks survive");
     }
@@ -546,14 +614,40 @@ mod tests {
     fn different_cache_salts_share_no_prefix() {
         let mut s = sched(32, 64, 4);
         let p: Vec<u32> = (0..20).collect();
-        s.add(1, p.clone(), true, None, Some("alice"));
+        s.add(1, p.clone(), salted("alice"));
         drive(&mut s, 21, &[1]);
-        s.add(2, p.clone(), true, None, Some("bob"));
-        s.add(3, p.clone(), true, None, None);
-        s.add(4, p, true, None, Some("alice"));
+        s.add(2, p.clone(), salted("bob"));
+        s.add(3, p.clone(), opts());
+        s.add(4, p, salted("alice"));
         s.schedule();
         assert_eq!(s.cached_tokens(2), 0);
         assert_eq!(s.cached_tokens(3), 0);
         assert_eq!(s.cached_tokens(4), 16);
+    }
+
+    #[test]
+    fn full_logit_rows_are_bounded_per_step() {
+        let mut s = sched(64, 64, 4);
+        s.cfg.max_full_logit_rows = 10;
+        let full = SeqOptions {
+            full_logits: true,
+            ..Default::default()
+        };
+        s.add(1, vec![1; 30], full.clone());
+        s.add(2, vec![2; 30], full);
+        s.add(3, vec![3; 30], opts());
+        let c = s.schedule();
+        // Ten rows for the first, none left for the second, the third as usual.
+        assert_eq!(
+            c.iter().map(|c| (c.id, c.len)).collect::<Vec<_>>(),
+            vec![(1, 10), (3, 30)]
+        );
+        s.commit(&c);
+        s.append(3, 9);
+        let c = s.schedule();
+        assert_eq!(
+            c.iter().map(|c| (c.id, c.len)).collect::<Vec<_>>(),
+            vec![(1, 10), (3, 1)]
+        );
     }
 }
