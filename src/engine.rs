@@ -24,7 +24,7 @@ const DEFAULT_KV_CONTEXTS: usize = 4;
 const DEFAULT_KV_CAP_MB: usize = 1024;
 /// Memory one step may spend on logits of every prompt position (prompt
 /// log-probabilities): a row is a vocabulary of floats.
-const FULL_LOGITS_BYTES: usize = 128 << 20;
+const FULL_LOGITS_BYTES: usize = 32 << 20;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -489,7 +489,7 @@ impl Engine {
             id,
             req.prompt.clone(),
             SeqOptions {
-                use_prefix_cache: !req.embed && req.prompt_logprobs.is_none(),
+                use_prefix_cache: !req.embed,
                 after: after.filter(|a| self.requests.contains_key(a)),
                 cache_salt: req.cache_salt.clone(),
                 full_logits: req.prompt_logprobs.is_some(),
@@ -711,7 +711,6 @@ impl Engine {
                 }
                 if c.completes {
                     let row = last.expect("a chunk has at least one token");
-                    self.send_prompt_logprobs(c.id);
                     if let Some(reason) = self.sample(c.id, row) {
                         self.finish(c.id, reason);
                     }
@@ -735,6 +734,7 @@ impl Engine {
         if a.first_token.is_some() || a.req.prompt_logprobs.is_none() {
             return;
         }
+        // Empty for a one-token prompt (nothing scores its only token).
         let lps = std::mem::take(&mut a.prompt_lps)
             .into_iter()
             .map(|e| e.expect("every prompt position was computed"))
@@ -745,6 +745,7 @@ impl Engine {
     /// Picks a sequence's next token and tells its sink; returns why the
     /// request ends, if it does.
     fn sample(&mut self, id: SeqId, logits: &mut [f32]) -> Option<FinishReason> {
+        self.send_prompt_logprobs(id);
         let stop_ids = &self.tokenizer.special.stop;
         let a = self.requests.get_mut(&id).expect("active");
         let lp = a.req.logprobs.map(|k| log_softmax_top(logits, k));
@@ -996,31 +997,73 @@ pub fn chat_prompt(
 
 /// The log-probability and rank of `token` under `logits`, with the `k`
 /// most likely alternatives.
+/// No allocation beyond the `k` alternatives: this runs for every prompt
+/// position of a request that asks, on the engine's thread.
 fn prompt_logprob(logits: &[f32], token: u32, k: usize) -> PromptTokenLogprob {
-    let (all, top) = log_softmax_top(logits, k);
-    let logprob = all[token as usize];
+    let lse = log_sum_exp(logits);
+    let own = logits[token as usize];
     PromptTokenLogprob {
         id: token,
-        logprob,
-        rank: 1 + all.iter().filter(|&&l| l > logprob).count(),
-        top,
+        logprob: own - lse,
+        rank: 1 + logits.iter().filter(|&&l| l > own).count(),
+        top: top_k(logits, k)
+            .into_iter()
+            .map(|(i, l)| (i, l - lse))
+            .collect(),
     }
+}
+
+/// ln Σ exp(logits), stable.
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// The `k` largest logits, largest first (ties: lower id first).
+fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    #[derive(PartialEq)]
+    struct Entry(f32, Reverse<u32>);
+    impl Eq for Entry {}
+    impl PartialOrd for Entry {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl Ord for Entry {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+        }
+    }
+    if k == 0 {
+        return Vec::new();
+    }
+    // A min-heap of the best k so far.
+    let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        let e = Entry(l, Reverse(i as u32));
+        if heap.len() < k {
+            heap.push(Reverse(e));
+        } else if heap.peek().is_some_and(|Reverse(min)| e > *min) {
+            heap.pop();
+            heap.push(Reverse(e));
+        }
+    }
+    let mut top: Vec<(u32, f32)> = heap
+        .into_iter()
+        .map(|Reverse(Entry(l, Reverse(i)))| (i, l))
+        .collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top
 }
 
 /// Log-probabilities of every token (natural log) and the `k` most likely.
 fn log_softmax_top(logits: &[f32], k: usize) -> (Vec<f32>, Vec<(u32, f32)>) {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
+    let lse = log_sum_exp(logits);
     let all: Vec<f32> = logits.iter().map(|&v| v - lse).collect();
-    let mut idx: Vec<u32> = (0..all.len() as u32).collect();
-    let k = k.min(idx.len());
-    if k > 0 && k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| all[b as usize].total_cmp(&all[a as usize]));
-    }
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| all[b as usize].total_cmp(&all[a as usize]).then(a.cmp(&b)));
-    let top = idx.into_iter().map(|i| (i, all[i as usize])).collect();
+    let top = top_k(&all, k);
     (all, top)
 }
 

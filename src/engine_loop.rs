@@ -71,32 +71,65 @@ pub struct EngineHandle {
     alive: Arc<AtomicBool>,
 }
 
-/// One in-flight request's share of the count; given back when dropped.
+/// A request's sink with its share of the in-flight count and its latency
+/// metrics.
 ///
-/// It lives inside the request's sink, so whatever way the request leaves
-/// the engine (finished, failed, aborted, rejected on admission, dropped
-/// with the engine after a panic), the count goes down exactly once.
-struct InFlightToken {
+/// It lives inside the sink the engine holds, so whatever way the request
+/// leaves the engine (finished, failed, aborted, rejected on admission,
+/// dropped with the engine after a panic), the count goes down exactly once;
+/// and a request dropped without hearing its end is told it failed, so its
+/// client learns at once rather than when its siblings finish.
+struct Tracked {
+    inner: Sink,
     metrics: Arc<Metrics>,
+    arrival: Instant,
+    last: Option<Instant>,
     /// Whether the request heard its end (finished, failed, embedded).
     ended: bool,
 }
 
-impl InFlightToken {
-    fn new(metrics: Arc<Metrics>) -> Self {
-        InFlightToken {
-            metrics,
-            ended: false,
+impl Tracked {
+    fn event(&mut self, ev: SeqEvent) -> bool {
+        let m = &self.metrics;
+        match &ev {
+            SeqEvent::Token(_) => {
+                let now = Instant::now();
+                match self.last {
+                    None => m
+                        .time_to_first_token
+                        .observe((now - self.arrival).as_secs_f64()),
+                    Some(t) => m.inter_token_latency.observe((now - t).as_secs_f64()),
+                }
+                self.last = Some(now);
+            }
+            SeqEvent::Finished(s) => {
+                self.ended = true;
+                if s.finish == crate::engine::FinishReason::Cancelled {
+                    m.requests_aborted_total.fetch_add(1, Relaxed);
+                }
+            }
+            SeqEvent::Failed(e) => {
+                self.ended = true;
+                if matches!(e, Error::Internal(_)) {
+                    m.requests_failed_total.fetch_add(1, Relaxed);
+                }
+            }
+            SeqEvent::Embedding { .. } => self.ended = true,
+            SeqEvent::PromptLogprobs(_) => {}
         }
+        (self.inner)(ev)
     }
 }
 
-impl Drop for InFlightToken {
+impl Drop for Tracked {
     fn drop(&mut self) {
         self.metrics.requests_in_flight.fetch_sub(1, Relaxed);
         if !self.ended {
             // Dropped without an answer: the engine lost it (a panic).
             self.metrics.requests_failed_total.fetch_add(1, Relaxed);
+            (self.inner)(SeqEvent::Failed(Error::Internal(
+                "the engine lost the request (an internal fault)".into(),
+            )));
         }
     }
 }
@@ -209,6 +242,12 @@ impl EngineHandle {
             }
         }
         let n: usize = groups.iter().map(|(r, _)| r.len()).sum();
+        if n > self.max_in_flight {
+            return Err(Error::InvalidRequest(format!(
+                "{n} sequences in one request; this server runs at most {} at once",
+                self.max_in_flight
+            )));
+        }
         let count = &self.metrics.requests_in_flight;
         let prev = count.fetch_add(n as u64, Relaxed) as usize;
         if prev + n > self.max_in_flight {
@@ -219,17 +258,22 @@ impl EngineHandle {
                 self.max_in_flight
             )));
         }
+        // From here each sink owns one unit of the count (a send that fails
+        // drops the sinks, and with them their units).
+        let groups: Vec<(Vec<GenerationRequest>, Vec<Sink>)> = groups
+            .into_iter()
+            .map(|(reqs, sinks)| {
+                (
+                    reqs,
+                    sinks.into_iter().map(|s| self.instrument(s)).collect(),
+                )
+            })
+            .collect();
         let mut guards = Vec::with_capacity(groups.len());
         for (reqs, sinks) in groups {
             let k = reqs.len() as u64;
             let first = self.next_id.fetch_add(k, Relaxed);
             let ids: Vec<SeqId> = (first..first + k).collect();
-            // From here each sink owns one unit of the count (a send that
-            // fails drops the sinks, and with them their units).
-            let sinks = sinks
-                .into_iter()
-                .map(|s| self.instrument(s, InFlightToken::new(self.metrics.clone())))
-                .collect();
             let cmd = Command::Submit {
                 ids: ids.clone(),
                 reqs,
@@ -248,41 +292,15 @@ impl EngineHandle {
 
     /// Wraps a sink to keep the in-flight count (held until the engine
     /// drops the sink) and the latency histograms.
-    fn instrument(&self, mut inner: Sink, mut token: InFlightToken) -> Sink {
-        let metrics = self.metrics.clone();
-        let arrival = Instant::now();
-        let mut last: Option<Instant> = None;
-        Box::new(move |ev| {
-            // The whole token lives in the closure (not just its flag).
-            let token: &mut InFlightToken = &mut token;
-            match &ev {
-                SeqEvent::Token(_) => {
-                    let now = Instant::now();
-                    match last {
-                        None => metrics
-                            .time_to_first_token
-                            .observe((now - arrival).as_secs_f64()),
-                        Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
-                    }
-                    last = Some(now);
-                }
-                SeqEvent::Finished(s) => {
-                    token.ended = true;
-                    if s.finish == crate::engine::FinishReason::Cancelled {
-                        metrics.requests_aborted_total.fetch_add(1, Relaxed);
-                    }
-                }
-                SeqEvent::Failed(e) => {
-                    token.ended = true;
-                    if matches!(e, Error::Internal(_)) {
-                        metrics.requests_failed_total.fetch_add(1, Relaxed);
-                    }
-                }
-                SeqEvent::Embedding { .. } => token.ended = true,
-                SeqEvent::PromptLogprobs(_) => {}
-            }
-            inner(ev)
-        })
+    fn instrument(&self, inner: Sink) -> Sink {
+        let mut t = Tracked {
+            inner,
+            metrics: self.metrics.clone(),
+            arrival: Instant::now(),
+            last: None,
+            ended: false,
+        };
+        Box::new(move |ev| t.event(ev))
     }
 }
 

@@ -286,7 +286,7 @@ struct ServeArgs {
     #[arg(long)]
     max_connections: Option<usize>,
     /// Deliberate failures for tests: KIND:TOKEN (step-panic, step-error,
-    /// admit-panic, abort-panic) on requests whose prompt holds TOKEN.
+    /// admit-panic, abort-panic, fatal) on requests whose prompt holds TOKEN.
     #[arg(long, hide = true)]
     debug_fault: Option<String>,
     /// KV cache element type: f16 (half the memory, llama.cpp's default) or f32 (exact).
@@ -335,6 +335,11 @@ fn secs(s: u64) -> std::time::Duration {
 }
 
 fn serve(a: ServeArgs) -> ruvllm::Result<()> {
+    if a.api_key.iter().any(|k| k.trim().is_empty()) {
+        return Err(ruvllm::Error::InvalidRequest(
+            "--api-key must not be empty".into(),
+        ));
+    }
     let addr = format!("{}:{}", a.host, a.port)
         .parse()
         .map_err(|e| ruvllm::Error::InvalidRequest(format!("bad --host/--port: {e}")))?;
@@ -372,10 +377,10 @@ fn serve(a: ServeArgs) -> ruvllm::Result<()> {
                 header_timeout: secs(a.header_timeout_secs.max(1)),
                 keep_alive: secs(a.keep_alive_secs.max(1)),
                 body_timeout: secs(a.body_timeout_secs.max(1)),
-                max_connections: a
-                    .max_connections
-                    .unwrap_or_else(ruvllm::server::conn::default_max_connections)
-                    .max(1),
+                max_connections: match a.max_connections {
+                    Some(n) => ruvllm::server::conn::max_connections(n),
+                    None => ruvllm::server::conn::default_max_connections(),
+                },
             },
         },
         fault: a.debug_fault.as_deref().map(str::parse).transpose()?,

@@ -33,8 +33,8 @@ pub struct SchedulerConfig {
 /// How a sequence is to be scheduled.
 #[derive(Debug, Clone, Default)]
 pub struct SeqOptions {
-    /// Start from the longest cached prefix, and offer full blocks to the
-    /// cache.
+    /// Start from the longest cached prefix (unless `full_logits`), and
+    /// offer full blocks to the cache.
     pub use_prefix_cache: bool,
     /// Not admitted before this sequence has computed its prompt, so that
     /// the two share the prompt's blocks through the prefix cache.
@@ -276,7 +276,13 @@ impl Scheduler {
                 continue;
             }
             // At least one token is left to compute: its logits are needed.
-            let usable = (s.tokens.len() - 1) / self.block_size;
+            // A sequence that wants every prompt position's logits computes
+            // them all (its blocks still go to the cache).
+            let usable = if s.full_logits_until > 0 {
+                0
+            } else {
+                (s.tokens.len() - 1) / self.block_size
+            };
             let table = self
                 .blocks
                 .lookup_prefix(&s.block_hashes[..usable.min(s.block_hashes.len())]);
@@ -285,13 +291,13 @@ impl Scheduler {
             let need = (computed + n).div_ceil(self.block_size) - table.len();
             if n == 0 {
                 // Out of full-logit rows this step: the others may go.
-                self.blocks.release(&table);
+                self.release_lookup(&table);
                 w += 1;
                 continue;
             }
             // Leave every running sequence a block to grow into.
             if need + self.running.len() > self.blocks.n_available() {
-                self.blocks.release(&table);
+                self.release_lookup(&table);
                 break;
             }
             let s = self.seqs.get_mut(&id).expect("waiting");
@@ -365,6 +371,14 @@ impl Scheduler {
         }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&r| r != id);
+    }
+
+    /// Gives back a prefix looked up for an admission that did not happen,
+    /// tail first (as [`Scheduler::release_seq`] does).
+    fn release_lookup(&mut self, table: &[u32]) {
+        for &b in table.iter().rev() {
+            self.blocks.release(&[b]);
+        }
     }
 
     /// Releases a sequence's blocks tail first, so that the pool evicts a

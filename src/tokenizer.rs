@@ -72,6 +72,18 @@ impl Tokenizer {
         self.texts.len()
     }
 
+    /// The most bytes of text one token stands for: a text longer than
+    /// `n` times this cannot encode to fewer than `n` tokens.
+    pub fn max_token_bytes(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(Vec::len)
+            .chain(self.texts.iter().map(String::len))
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.texts.get(id as usize).map(|s| s.as_str())
     }

@@ -44,9 +44,24 @@ async fn half_bad_and_abandoned_requests_give_back_everything() {
             tasks.push(tokio::spawn(async move {
                 let post = |path: &str, body: Value| client.post(format!("{url}{path}")).json(&body);
                 let r = match k {
-                    // Half-bad batches: one good member, one over the context.
-                    0 => post("/v1/embeddings", json!({"input": [vec![1u32, 2, 3], too_long]})).send().await,
-                    1 => post("/v1/completions", json!({"prompt": [vec![1u32, 2, 3], too_long], "max_tokens": 2})).send().await,
+                    // Half-bad batches: one good member, one over the
+                    // context. Retried on 429 as a client would, so that
+                    // each one is judged rather than refused for capacity.
+                    0 | 1 => {
+                        let (path, body) = if k == 0 {
+                            ("/v1/embeddings", json!({"input": [vec![1u32, 2, 3], too_long]}))
+                        } else {
+                            ("/v1/completions", json!({"prompt": [vec![1u32, 2, 3], too_long], "max_tokens": 2}))
+                        };
+                        for _ in 0..200 {
+                            match post(path, body.clone()).send().await {
+                                Ok(r) if r.status() == 429 => tokio::time::sleep(Duration::from_millis(10)).await,
+                                Ok(r) => return format!("{k}:{}", r.status().as_u16()),
+                                Err(e) => return format!("{k}:error {e}"),
+                            }
+                        }
+                        return format!("{k}:429 for two seconds");
+                    }
                     // Abandoned: a stream read once, a wait given up, an
                     // embedding given up, a tokenization given up.
                     2 => {
@@ -55,7 +70,7 @@ async fn half_bad_and_abandoned_requests_give_back_everything() {
                             let mut b = r.bytes_stream();
                             let _ = b.next().await;
                         }
-                        return "abandoned".to_string();
+                        return format!("{k}:abandoned");
                     }
                     3 => post("/v1/completions", json!({"prompt": format!("wait {round}"), "max_tokens": 400, "ignore_eos": true})).timeout(Duration::from_millis(40)).send().await,
                     4 => post("/v1/embeddings", json!({"input": vec![format!("text {round} ").repeat(300); 3]})).timeout(Duration::from_millis(20)).send().await,
@@ -64,11 +79,12 @@ async fn half_bad_and_abandoned_requests_give_back_everything() {
                     // Malformed.
                     _ => post("/v1/completions", json!({"prompt": "x", "n": 0})).send().await,
                 };
-                match r {
+                let r = match r {
                     Ok(r) => r.status().as_u16().to_string(),
                     Err(e) if e.is_timeout() => "abandoned".to_string(),
                     Err(e) => format!("error {e}"),
-                }
+                };
+                format!("{k}:{r}")
             }));
         }
         for t in tasks {
@@ -78,9 +94,13 @@ async fn half_bad_and_abandoned_requests_give_back_everything() {
     assert!(
         !statuses
             .keys()
-            .any(|k| k.starts_with('5') || k.starts_with("error")),
+            .any(|k| k.contains(":5") || k.contains("error")),
         "{statuses:?}"
     );
+    // Every half-bad batch was judged (not merely refused for capacity).
+    for k in ["0:400", "1:400"] {
+        assert_eq!(statuses.get(k).copied(), Some(40), "{statuses:?}");
+    }
     assert_drained(&s).await;
     let (st, v) = post(&s, "/v1/completions", greedy("Hello", 4)).await;
     assert_eq!(st, 200, "{v}");
@@ -131,6 +151,7 @@ async fn idle_trim_keeps_the_prefix_cache_unless_told_otherwise() {
 async fn slow_clients_are_cut_off_and_others_are_served() {
     let s = start(&["--header-timeout-secs", "2", "--keep-alive-secs", "4"]).await;
     let addr = s.url.trim_start_matches("http://").to_string();
+    ruvllm::server::conn::raise_fd_limit(); // this process holds 2,000 sockets
     let mut slow = Vec::new();
     for i in 0..2000 {
         let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -325,7 +346,7 @@ async fn tenants_do_not_share_cached_prefixes() {
 /// "abort" and what it had generated, streamed or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_out_of_time_finishes_with_abort() {
-    let s = start(&["--request-timeout-secs", "1"]).await;
+    let s = start(&["--request-timeout-secs", "3"]).await;
     let (st, v) = post(&s, "/v1/completions", greedy("Once upon a time", 3000)).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "abort", "{v}");
@@ -439,7 +460,8 @@ async fn prompt_logprobs_match_the_logprobs_of_generation() {
 async fn large_bodies_do_not_stall_a_stream() {
     let s = start_model("gemma-3-270m-q4_k_m.gguf", &["--max-body-kb", "4096"]).await;
     let client = reqwest::Client::new();
-    // How long a step takes here, undisturbed: the bound allows for steps
+    // How long a step takes here, undisturbed (90th percentile of the gaps
+    // between tokens): the bound allows for steps
     // slowed while the cores are shared, not for a stream that waits on
     // tokenizing (measured 0.65 s before tokenizing left the I/O threads).
     let quiet = {
@@ -458,7 +480,7 @@ async fn large_bodies_do_not_stall_a_stream() {
             last = Instant::now();
         }
         gaps.sort();
-        gaps[gaps.len() / 2]
+        gaps[gaps.len() * 9 / 10]
     };
     let r = client
         .post(format!("{}/v1/completions", s.url))
@@ -506,7 +528,7 @@ async fn large_bodies_do_not_stall_a_stream() {
     );
     assert!(statuses.contains(&200));
     let worst = *gaps.iter().skip(1).max().unwrap();
-    let bound = Duration::from_millis(250) + 2 * quiet;
+    let bound = Duration::from_millis(250) + 3 * quiet;
     assert!(
         worst < bound,
         "the stream stalled for {worst:?} (bound {bound:?}, a quiet step {quiet:?}) while large prompts were tokenized"
@@ -518,12 +540,12 @@ async fn large_bodies_do_not_stall_a_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_cannot_recover_ends_the_process() {
     let mut s = start(&["--debug-fault", "fatal:4242"]).await;
-    let _ = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": [1, 4242], "max_tokens": 2}),
-    )
-    .await;
+    // The process may exit before it answers: any outcome of the request.
+    let _ = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.url))
+        .json(&json!({"prompt": [1, 4242], "max_tokens": 2}))
+        .send()
+        .await;
     let t0 = Instant::now();
     let status = loop {
         if let Some(st) = s.child.try_wait().unwrap() {
@@ -533,4 +555,134 @@ async fn an_engine_that_cannot_recover_ends_the_process() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.code(), Some(70));
+}
+
+/// A body that trickles in, a byte now and then, still has to arrive in
+/// full within the body timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_times_out_too() {
+    let s = start(&["--body-timeout-secs", "2"]).await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "still open after {:?}",
+            t0.elapsed()
+        );
+        if c.write_all(b" ").await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(4));
+}
+
+/// Prompt log-probabilities survive chunked prefill (8 tokens a step) and
+/// preemption (a pool of four 16-token blocks for four ~22-token prompts
+/// that each grow by 24),
+/// and a one-token prompt gets [null].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_logprobs_survive_chunking_and_preemption() {
+    // Distinct prompts, so the prefix cache cannot let them share blocks.
+    let bodies: Vec<Value> = [
+        "The quick brown fox jumps over the lazy dog, then runs far away into the dark forest behind the old farm.",
+        "A small boat drifted down the wide river while the sun set slowly behind the distant purple hills.",
+        "Every morning the baker opened the little shop on the corner long before the rest of the town awoke.",
+        "Rain fell softly on the old stone bridge as the tired travellers crossed it on their way to the city.",
+    ]
+    .iter()
+    .map(|p| json!({"prompt": p, "max_tokens": 24, "ignore_eos": true, "temperature": 0, "prompt_logprobs": 2}))
+    .collect();
+    let mut reference = Vec::new();
+    {
+        let s = start(&["--kv-dtype", "f32"]).await;
+        for b in &bodies {
+            let (st, v) = post(&s, "/v1/completions", b.clone()).await;
+            assert_eq!(st, 200, "{v}");
+            reference.push(v["choices"][0]["prompt_logprobs"].clone());
+        }
+    }
+    // SmolLM2 keeps 45 KiB of f32 K and V a token: 3 MiB is four blocks.
+    let s = start(&[
+        "--kv-dtype",
+        "f32",
+        "--max-batched-tokens",
+        "8",
+        "--kv-cache-mb",
+        "3",
+    ])
+    .await;
+    let many: Vec<_> = bodies
+        .iter()
+        .map(|b| post(&s, "/v1/completions", b.clone()))
+        .collect();
+    for ((st, v), want) in futures::future::join_all(many)
+        .await
+        .into_iter()
+        .zip(&reference)
+    {
+        assert_eq!(st, 200, "{v}");
+        let got = &v["choices"][0]["prompt_logprobs"];
+        let (a, b) = (got.as_array().unwrap(), want.as_array().unwrap());
+        assert_eq!(a.len(), b.len());
+        assert!(a.len() > 16, "prompts must span two blocks");
+        for (x, y) in a.iter().zip(b).skip(1) {
+            let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+            for (k, e) in x {
+                let d = (e["logprob"].as_f64().unwrap() - y[k]["logprob"].as_f64().unwrap()).abs();
+                assert!(d < 1e-4, "{k}: {e} vs {}", y[k]);
+            }
+        }
+    }
+    assert!(
+        metric(&s, "ruvllm_preemptions_total").await > 0.0,
+        "the pool was meant to force preemption"
+    );
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": [1], "max_tokens": 1, "prompt_logprobs": 0}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["prompt_logprobs"], json!([null]));
+    assert_drained(&s).await;
+}
+
+/// A panic admitting the second prompt of a batch fails the request at
+/// once: the first prompt's generation is not left to run to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_a_poisoned_member_fails_at_once() {
+    let s = start(&["--debug-fault", "admit-panic:4242"]).await;
+    let t0 = Instant::now();
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": [[1, 2, 3], [1, 4242]], "max_tokens": 2000, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(st, 500, "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_drained(&s).await;
 }

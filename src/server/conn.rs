@@ -1,16 +1,19 @@
 //! Serves HTTP/1 connections with limits, so that slow, idle or abandoned
 //! clients cannot hold the server's file descriptors:
 //!
-//! - a request head must arrive within `header_timeout` of its first byte
-//!   (and a new connection must send its first head within that time);
+//! - a new connection must send its first request head within
+//!   `header_timeout` of connecting, and a later head must arrive within
+//!   `header_timeout` of its first byte;
 //! - between requests a connection may idle for `keep_alive` at most;
-//! - a request body must arrive within `body_timeout` (else 408);
+//! - a request body must arrive in full within `body_timeout` of its head
+//!   (else 408), however it trickles;
 //! - a response the client stops reading is dropped after `keep_alive`;
 //! - at most `max_connections` are open; beyond that new ones wait in the
 //!   listen backlog, so `accept` never runs out of descriptors.
 //!
-//! A watchdog task per connection checks these against what the
-//! connection's I/O wrapper and request counter record.
+//! Each connection's task sleeps until the earliest of these deadlines (or
+//! until a new head starts), then checks them against what the connection's
+//! I/O wrapper and request counter record.
 
 use axum::body::Body;
 use axum::Router;
@@ -25,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -76,10 +79,24 @@ pub fn raise_fd_limit() -> u64 {
     r.rlim_cur
 }
 
-/// Open connections allowed by default: the open-file limit less a reserve.
+/// Most connections by default: each costs a task and buffers, so the
+/// open-file limit alone is no bound on memory.
+const DEFAULT_CONNECTIONS_CAP: u64 = 16_384;
+
+/// Open connections allowed by default: the open-file limit (raised) less a
+/// reserve, at most [`DEFAULT_CONNECTIONS_CAP`].
 pub fn default_max_connections() -> usize {
-    let limit = raise_fd_limit();
-    limit.saturating_sub(RESERVED_FDS).clamp(16, 1 << 20) as usize
+    fd_room().min(DEFAULT_CONNECTIONS_CAP) as usize
+}
+
+/// Raises the open-file limit and clamps `wanted` connections below it.
+pub fn max_connections(wanted: usize) -> usize {
+    (wanted as u64).min(fd_room()).max(1) as usize
+}
+
+/// Descriptors that connections may use.
+fn fd_room() -> u64 {
+    raise_fd_limit().saturating_sub(RESERVED_FDS).max(16)
 }
 
 /// What a connection did last, in milliseconds since it opened (0: never).
@@ -92,7 +109,8 @@ struct Activity {
     write_blocked: AtomicU64,
     /// Requests whose response has not been sent in full.
     active: AtomicUsize,
-    served: AtomicUsize,
+    /// Wakes the watchdog when a head starts (its deadline is the nearest).
+    head: Notify,
 }
 
 struct Clock(Instant);
@@ -122,11 +140,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         if buf.filled().len() > before {
             let now = self.clock.now();
             self.act.last_read.store(now, Relaxed);
-            if self.act.active.load(Relaxed) == 0 {
-                let _ = self
+            if self.act.active.load(Relaxed) == 0
+                && self
                     .act
                     .head_started
-                    .compare_exchange(0, now, Relaxed, Relaxed);
+                    .compare_exchange(0, now, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                self.act.head.notify_one();
             }
         }
         r
@@ -198,29 +219,88 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Why the watchdog closed a connection, if it did.
-fn verdict(act: &Activity, now: u64, limits: &ConnLimits) -> Option<&'static str> {
+/// What the watchdog decides: close now (and why), or look again at the
+/// given time (milliseconds since the connection opened).
+enum Verdict {
+    Close(&'static str),
+    CheckAt(u64),
+}
+
+fn verdict(act: &Activity, now: u64, limits: &ConnLimits) -> Verdict {
     let ms = |d: Duration| d.as_millis() as u64;
+    let mut next = now + ms(limits.keep_alive);
     let blocked = act.write_blocked.load(Relaxed);
-    if blocked != 0 && now - blocked > ms(limits.keep_alive) {
-        return Some("the client stopped reading its response");
+    if blocked != 0 {
+        let deadline = blocked + ms(limits.keep_alive);
+        if now >= deadline {
+            return Verdict::Close("the client stopped reading its response");
+        }
+        next = next.min(deadline);
     }
     if act.active.load(Relaxed) > 0 {
-        return None;
+        // A write that blocks from now on is seen at its deadline at worst.
+        return Verdict::CheckAt(next);
     }
     let head = act.head_started.load(Relaxed);
-    if head != 0 {
-        return (now - head > ms(limits.header_timeout)).then_some("request head too slow");
-    }
-    // A new connection gets the header timeout to start; a used one may
-    // idle for the keep-alive time.
-    let idle_limit = if act.served.load(Relaxed) == 0 {
-        limits.header_timeout
+    let deadline = if head != 0 {
+        head + ms(limits.header_timeout)
     } else {
-        limits.keep_alive
+        act.last_read.load(Relaxed) + ms(limits.keep_alive)
     };
-    let last = act.last_read.load(Relaxed);
-    (now.saturating_sub(last) > ms(idle_limit)).then_some("idle")
+    if now >= deadline {
+        return Verdict::Close(if head != 0 {
+            "request head too slow"
+        } else {
+            "idle"
+        });
+    }
+    Verdict::CheckAt(next.min(deadline))
+}
+
+/// Counts a connection as open until its task ends, even by a panic.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A request body that must arrive in full by a deadline: the timer starts
+/// with the head and is never reset, so trickling bytes do not extend it.
+struct DeadlineBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The error of a body that missed its deadline (the API answers 408).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+pub struct BodyTimeout;
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        if std::future::Future::poll(self.deadline.as_mut(), cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+        }
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as Self::Error)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` completes; then lets open
@@ -255,12 +335,13 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (app, mut stop, open) = (app.clone(), stop_rx.clone(), open.clone());
+        let (app, mut stop) = (app.clone(), stop_rx.clone());
         open.fetch_add(1, Relaxed);
+        let guard = OpenGuard(open.clone());
         tokio::spawn(async move {
+            let _open = guard;
+            let _slot = permit;
             connection(stream, app, limits, &mut stop).await;
-            open.fetch_sub(1, Relaxed);
-            drop(permit);
         });
     }
     let _ = stop_tx.send(true);
@@ -278,6 +359,8 @@ async fn connection(
 ) {
     let act = Arc::new(Activity::default());
     let clock = Arc::new(Clock(Instant::now()));
+    // The first head's time starts now, not at its first byte.
+    act.head_started.store(clock.now(), Relaxed);
     let io = TokioIo::new(Watched {
         io: stream,
         act: act.clone(),
@@ -287,17 +370,16 @@ async fn connection(
         let (act, clock) = (act.clone(), clock.clone());
         hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             act.active.fetch_add(1, Relaxed);
-            act.served.fetch_add(1, Relaxed);
             act.head_started.store(0, Relaxed);
             let guard = ActiveGuard {
                 act: act.clone(),
                 clock: clock.clone(),
             };
-            let req = req.map(|b| {
-                Body::new(tower_http::timeout::TimeoutBody::new(
-                    limits.body_timeout,
-                    b,
-                ))
+            let req = req.map(|inner| {
+                Body::new(DeadlineBody {
+                    inner,
+                    deadline: Box::pin(tokio::time::sleep(limits.body_timeout)),
+                })
             });
             let app = app.clone();
             async move {
@@ -318,11 +400,15 @@ async fn connection(
         .keep_alive(true)
         .serve_connection(io, svc);
     tokio::pin!(conn);
-    let tick = Duration::from_millis(100)
-        .min(limits.header_timeout / 4)
-        .max(Duration::from_millis(10));
     let mut draining = false;
     loop {
+        let at = match verdict(&act, clock.now(), &limits) {
+            Verdict::Close(why) => {
+                tracing::debug!("closing a connection: {why}");
+                return;
+            }
+            Verdict::CheckAt(ms) => clock.0 + Duration::from_millis(ms),
+        };
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -330,12 +416,8 @@ async fn connection(
                 }
                 return;
             }
-            _ = tokio::time::sleep(tick) => {
-                if let Some(why) = verdict(&act, clock.now(), &limits) {
-                    tracing::debug!("closing a connection: {why}");
-                    return;
-                }
-            }
+            _ = tokio::time::sleep_until(at) => {}
+            _ = act.head.notified() => {}
             _ = stop.changed(), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();

@@ -176,17 +176,39 @@ impl AppState {
                 self.opts.max_preparing
             )))
         })?;
-        tokio::task::spawn_blocking(move || {
+        // A job whose client left before it started is skipped (blocking
+        // work cannot be cancelled once it runs).
+        struct Gone(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let gone = Gone(Arc::default());
+        let flag = gone.0.clone();
+        let job = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(ApiError::with(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout_error",
+                    "the client left",
+                ));
+            }
             lower_priority();
             f()
-        })
-        .await
-        .map_err(|e| {
-            ApiError::from(crate::Error::Internal(format!(
-                "preparing the request failed: {e}"
-            )))
-        })?
+        });
+        let timeout = self.opts.request_timeout;
+        let r = tokio::time::timeout(timeout, job)
+            .await
+            .map_err(|_| timed_out(timeout))?
+            .map_err(|e| {
+                ApiError::from(crate::Error::Internal(format!(
+                    "preparing the request failed: {e}"
+                )))
+            })?;
+        drop(gone);
+        r
     }
 
     /// Accepts the model's id, the served name, or no model at all.
@@ -322,7 +344,7 @@ fn body_bytes(b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Api
         // A body that did not arrive in time (see `conn`) is 408, not 400.
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(err) = source {
-            if err.is::<tower_http::timeout::TimeoutError>() {
+            if err.is::<conn::BodyTimeout>() {
                 return ApiError::with(
                     StatusCode::REQUEST_TIMEOUT,
                     "timeout_error",
@@ -459,10 +481,11 @@ async fn completions(
     let wanted_prompt_lp = prompt_lp.or(if echo_lp { logprobs } else { None });
     req.common.cache_salt = st.cache_salt(tenant, req.common.cache_salt.take());
     let (echo, input) = (req.echo, req.prompt.clone());
+    let context = e.model.context;
     let tok = e.tokenizer.clone();
     let (prompts, echo_text) = st
         .prepare(move || {
-            let prompts = input.tokenize(&tok)?;
+            let prompts = input.tokenize(&tok, context)?;
             let echo_text: Vec<String> = prompts
                 .iter()
                 .map(|p| {
@@ -491,6 +514,9 @@ async fn completions(
     let n = plans[0].n;
     let prompt_ids: Vec<Vec<u32>> = plans.iter().map(|p| p.base.prompt.clone()).collect();
     let prompt_tokens: usize = prompt_ids.iter().map(Vec::len).sum();
+    if let Some(k) = wanted_prompt_lp {
+        check_prompt_logprobs_size(prompt_tokens * n, k)?;
+    }
     let sub = submit(&e, plans.iter().map(Plan::requests).collect())?;
     let envelope = Envelope::new("cmpl", "text_completion", &st.model_id);
     // The prompt's part of a choice: echoed text, legacy logprobs entries
@@ -511,6 +537,9 @@ async fn completions(
         let tok = e.tokenizer.clone();
         let mut offsets = vec![0usize; sub.choices];
         let usage = usage_wanted.then_some(prompt_tokens);
+        // The first choice of each prompt hears its log-probabilities first
+        // (its siblings wait for its prompt); they share them.
+        let mut lead_lps: Vec<Option<Vec<PromptTokenLogprob>>> = vec![None; sub.choices / n];
         let stream = sse(
             sub,
             n,
@@ -518,7 +547,12 @@ async fn completions(
             st.opts.request_timeout,
             usage,
             move |ev| match ev {
-                StreamItem::Start(i, lps) => {
+                StreamItem::Start(i, mut lps) => {
+                    if lps.is_some() {
+                        lead_lps[i / n] = lps.clone();
+                    } else {
+                        lps = lead_lps[i / n].clone();
+                    }
                     let mut lp = CompletionLogprobs::default();
                     let (text, plp) = prompt_part(i, lps.as_deref(), &mut lp);
                     offsets[i] += text.len();
@@ -557,7 +591,8 @@ async fn completions(
             cached += c.cached[i];
         }
         let mut lp = CompletionLogprobs::default();
-        let (prefix, plp) = prompt_part(i, c.prompt_lps[i].as_deref(), &mut lp);
+        // Siblings share the first choice's prompt log-probabilities.
+        let (prefix, plp) = prompt_part(i, c.prompt_lps[i / n * n].as_deref(), &mut lp);
         let mut off = prefix.len();
         for t in &c.events[i] {
             lp.push(&e.tokenizer, t, off);
@@ -576,6 +611,23 @@ async fn completions(
     }
     let usage = usage(prompt_tokens, completion, cached);
     Ok(axum::Json(envelope.wrap(json!(choices), Some(usage))).into_response())
+}
+
+/// Prompt log-probability entries one response may carry (each is a token
+/// id, a log-probability, a rank and a token's text in JSON).
+const MAX_PROMPT_LOGPROB_ENTRIES: usize = 1 << 20;
+
+/// Refuses prompt log-probabilities whose response would be huge: one entry
+/// per prompt token and alternative, for every choice that repeats them.
+fn check_prompt_logprobs_size(tokens: usize, k: usize) -> ApiResult<()> {
+    let entries = tokens.saturating_mul(k + 1);
+    if entries > MAX_PROMPT_LOGPROB_ENTRIES {
+        return Err(ApiError::bad_request(format!(
+            "prompt_logprobs would return {entries} entries (prompt tokens × choices × (alternatives + 1)); at most {MAX_PROMPT_LOGPROB_ENTRIES}"
+        ))
+        .param("prompt_logprobs"));
+    }
+    Ok(())
 }
 
 fn check_choices(plans: &[Plan]) -> ApiResult<()> {
@@ -636,8 +688,14 @@ async fn chat_completions(
     let prompt_lp = top_count(req.common.prompt_logprobs, "prompt_logprobs")?;
     req.common.cache_salt = st.cache_salt(tenant, req.common.cache_salt.take());
     let (tok, template) = (e.tokenizer.clone(), e.template.clone());
+
+    let context = e.model.context;
     let prompt = st
-        .prepare(move || Ok(chat_prompt(&tok, &template, &messages)?))
+        .prepare(move || {
+            let text = template.render(&messages, true)?;
+            check_text_fits(&tok, &text, context)?;
+            Ok(chat_prompt(&tok, &template, &messages)?)
+        })
         .await?;
     let p = plan(
         &req.common,
@@ -647,6 +705,9 @@ async fn chat_completions(
         None,
         e.model.context,
     )?;
+    if let Some(k) = prompt_lp {
+        check_prompt_logprobs_size(p.base.prompt.len() * p.n, k)?;
+    }
     let prompt_tokens = p.base.prompt.len();
     let sub = submit(&e, vec![p.requests()])?;
     if req.common.stream {
@@ -909,7 +970,8 @@ async fn embeddings(
     let e = st.engine()?.clone();
     let tok = e.tokenizer.clone();
     let input = req.input;
-    let inputs = st.prepare(move || input.tokenize(&tok)).await?;
+    let context = e.model.context;
+    let inputs = st.prepare(move || input.tokenize(&tok, context)).await?;
     if inputs.len() > 256 {
         return Err(ApiError::bad_request("at most 256 inputs per request").param("input"));
     }

@@ -216,10 +216,15 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 impl PromptInput {
     /// Token lists, one per prompt (the engine checks each when it is
     /// submitted).
-    pub fn tokenize(self, tok: &Tokenizer) -> Result<Vec<Vec<u32>>, ApiError> {
+    /// Texts too long to fit `context` tokens are refused before they are
+    /// tokenized.
+    pub fn tokenize(self, tok: &Tokenizer, context: usize) -> Result<Vec<Vec<u32>>, ApiError> {
         let lists = match self {
-            PromptInput::Text(s) => vec![encode(tok, &s)?],
-            PromptInput::Texts(v) => v.iter().map(|s| encode(tok, s)).collect::<Result<_, _>>()?,
+            PromptInput::Text(s) => vec![encode(tok, &s, context)?],
+            PromptInput::Texts(v) => v
+                .iter()
+                .map(|s| encode(tok, s, context))
+                .collect::<Result<_, _>>()?,
             PromptInput::Tokens(t) => vec![t],
             PromptInput::TokenLists(l) => l,
         };
@@ -230,8 +235,23 @@ impl PromptInput {
     }
 }
 
-fn encode(tok: &Tokenizer, s: &str) -> Result<Vec<u32>, ApiError> {
+fn encode(tok: &Tokenizer, s: &str, context: usize) -> Result<Vec<u32>, ApiError> {
+    check_text_fits(tok, s, context)?;
     tok.encode(s, true).map_err(ApiError::from)
+}
+
+/// Refuses, without tokenizing it, a text that must encode to more than
+/// `context` tokens (each token stands for at most so many bytes).
+pub fn check_text_fits(tok: &Tokenizer, s: &str, context: usize) -> Result<(), ApiError> {
+    let most = context.saturating_mul(tok.max_token_bytes());
+    if s.len() > most {
+        return Err(ApiError::bad_request(format!(
+            "the prompt has {} bytes, more than the {context} tokens of this model's context can hold",
+            s.len()
+        ))
+        .param("prompt"));
+    }
+    Ok(())
 }
 
 impl Message {
@@ -412,12 +432,17 @@ pub fn plan(
 
 impl Plan {
     /// The `n` sibling requests; with a seed, sibling i samples from seed + i
-    /// so that they differ yet stay reproducible.
+    /// so that they differ yet stay reproducible. Only the first computes
+    /// prompt log-probabilities (they are the same for all); the others
+    /// then take the prompt's blocks from the prefix cache.
     pub fn requests(&self) -> Vec<GenerationRequest> {
         (0..self.n)
             .map(|i| {
                 let mut r = self.base.clone();
                 r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+                if i > 0 {
+                    r.prompt_logprobs = None;
+                }
                 r
             })
             .collect()
