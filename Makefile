@@ -19,7 +19,7 @@ run: models build
 test: models pydeps
 	cargo test --release
 	# The portable (non-SIMD) kernels against the same references.
-	RUVLLM_NO_SIMD=1 cargo test --release --test fixtures --test quant
+	RUVLLM_NO_SIMD=1 cargo test --release --test fixtures --test quant --test rope
 
 serve: models build
 	target/release/ruvllm serve --model $(MODEL)

@@ -289,7 +289,7 @@ impl Engine {
             let t = Tokenizer::from_gguf(l.gguf.as_ref().expect("gguf loader keeps the file"))?;
             (l, t, "gguf")
         };
-        let model = loaded.model;
+        let mut model = loaded.model;
         let spec = &model.spec;
         if tokenizer.vocab_size() > spec.vocab_size {
             return Err(Error::Config(format!(
@@ -393,6 +393,7 @@ impl Engine {
         let window = spec
             .sliding_window
             .filter(|_| spec.sliding_layers.iter().all(|&s| s));
+        model.set_context(context);
         Ok(Engine {
             model,
             tokenizer: Arc::new(tokenizer),

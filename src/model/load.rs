@@ -25,6 +25,17 @@ trait TensorSource {
     fn raw(&self, name: &str) -> Result<Option<(GgmlType, Vec<usize>, Storage)>>;
 }
 
+/// All values of a tensor, as f32, whatever its shape.
+fn read_vector(src: &dyn TensorSource, name: &str) -> Result<Option<Vec<f32>>> {
+    let Some((ty, dims, storage)) = src.raw(name)? else {
+        return Ok(None);
+    };
+    let len = dims.iter().product::<usize>();
+    let m = Matrix::new(ty, 1, len, storage)
+        .ok_or_else(|| Error::Config(format!("tensor {name}: bad data size")))?;
+    Ok(Some(m.to_f32()))
+}
+
 struct Loader<'a> {
     src: &'a dyn TensorSource,
     spec: &'a ModelSpec,
@@ -64,17 +75,15 @@ impl Loader<'_> {
     }
 
     fn vector(&self, key: &str, len: usize) -> Result<Option<Vec<f32>>> {
-        let Some((ty, dims, storage, name)) = self.find(key)? else {
-            return Ok(None);
-        };
-        if dims.iter().product::<usize>() != len {
-            return Err(Error::Config(format!(
-                "tensor {name} has shape {dims:?}, expected [{len}]"
-            )));
+        let name = (self.names)(key);
+        let v = read_vector(self.src, &name)?;
+        match v {
+            Some(v) if v.len() != len => Err(Error::Config(format!(
+                "tensor {name} has {} values, expected {len}",
+                v.len()
+            ))),
+            v => Ok(v),
         }
-        let m = Matrix::new(ty, 1, len, storage)
-            .ok_or_else(|| Error::Config(format!("tensor {name}: bad data size")))?;
-        Ok(Some(m.to_f32()))
     }
 
     fn linear(&self, key: &str, rows: usize, cols: usize) -> Result<Linear> {
@@ -185,15 +194,13 @@ impl Loader<'_> {
                 b: None,
             },
         };
-        let rope_freqs = self.vector("rope_freqs.weight", s.rope_dim / 2)?;
-        Ok(Model {
-            spec: s.clone(),
+        Ok(Model::new(
+            s.clone(),
             embed,
             layers,
-            final_norm: self.req_norm("output_norm", h)?,
+            self.req_norm("output_norm", h)?,
             output,
-            rope_freqs,
-        })
+        ))
     }
 }
 
@@ -217,10 +224,11 @@ impl TensorSource for GgufSource<'_> {
 
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
-    let spec = ModelSpec::from_gguf(&g)?;
+    let src = GgufSource(&g);
+    let spec = ModelSpec::from_gguf(&g, &|name| read_vector(&src, name))?;
     let id = |n: &str| n.to_string();
     let model = Loader {
-        src: &GgufSource(&g),
+        src: &src,
         spec: &spec,
         norm_shift: 0.0,
         names: &id,

@@ -7,6 +7,7 @@
 
 mod load;
 pub mod ops;
+pub mod rope;
 pub mod spec;
 
 use crate::error::{Error, Result};
@@ -14,7 +15,9 @@ use crate::kv::{AnyKvCache, KvCache, KvElem};
 use crate::tensor::{matmul, Matrix};
 use crate::threadpool::{SyncPtr, ThreadPool};
 pub use load::{load_gguf, load_hf_folder, LoadedModel};
-use ops::{activate, dot_multi, exp, softcap, weighted_sum_multi, Norm, Rope};
+use ops::{activate, dot_multi, exp, softcap, weighted_sum_multi, Norm};
+use rope::{Rope, RopeFreqs};
+pub use rope::{RopeParams, RopeScaling};
 pub use spec::{Activation, Family, ModelSpec, RopeStyle};
 
 /// Calls `f(j, block, slots)` for each block holding positions `lo..=pos`
@@ -84,8 +87,10 @@ pub struct Model {
     pub layers: Vec<Layer>,
     pub final_norm: Norm,
     pub output: Linear,
-    /// Per-frequency divisors of RoPE (llama 3.1 style `rope_freqs`).
-    pub rope_freqs: Option<Vec<f32>>,
+    /// RoPE frequencies of full-attention layers, and of sliding ones when
+    /// they differ, for the context set by [`Model::set_context`].
+    rope: RopeFreqs,
+    rope_local: Option<RopeFreqs>,
 }
 
 /// A flat batch of tokens from one or more sequences.
@@ -107,6 +112,42 @@ pub struct Output {
 }
 
 impl Model {
+    /// A model for sequences up to the spec's context length.
+    pub fn new(
+        spec: ModelSpec,
+        embed: Matrix,
+        layers: Vec<Layer>,
+        final_norm: Norm,
+        output: Linear,
+    ) -> Self {
+        let context = spec.context_length;
+        let mut m = Model {
+            spec,
+            embed,
+            layers,
+            final_norm,
+            output,
+            rope: RopeFreqs {
+                inv_freq: Vec::new(),
+                mscale: 1.0,
+            },
+            rope_local: None,
+        };
+        m.set_context(context);
+        m
+    }
+
+    /// Fixes the longest sequence the model will see, which decides the
+    /// RoPE frequencies where they depend on it (LongRoPE's factor set).
+    pub fn set_context(&mut self, context: usize) {
+        let s = &self.spec;
+        self.rope = s.rope.frequencies(s.rope_dim, context);
+        self.rope_local = s
+            .rope_local
+            .as_ref()
+            .map(|r| r.frequencies(s.rope_dim, context));
+    }
+
     /// Runs the batch through the model, appending its keys/values to `kv`,
     /// and returns logits for the batch rows listed in `rows` and final
     /// hidden states for those in `hidden_rows`.
@@ -155,22 +196,11 @@ impl Model {
             }
         }
 
-        let rope_global = Rope::new(
-            batch.positions,
-            s.rope_dim,
-            s.rope_theta,
-            s.rope_scale,
-            self.rope_freqs.as_deref(),
-        );
-        let rope_local = s.rope_theta_local.map(|th| {
-            Rope::new(
-                batch.positions,
-                s.rope_dim,
-                th,
-                s.rope_scale,
-                self.rope_freqs.as_deref(),
-            )
-        });
+        let rope_global = Rope::new(batch.positions, &self.rope);
+        let rope_local = self
+            .rope_local
+            .as_ref()
+            .map(|f| Rope::new(batch.positions, f));
 
         let mut normed = vec![0f32; n * h];
         for (li, layer) in self.layers.iter().enumerate() {

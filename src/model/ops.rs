@@ -1,6 +1,7 @@
-//! Element-wise layers shared by every architecture: norms, activations, RoPE.
+//! Element-wise layers shared by every architecture: norms, activations,
+//! attention dot products.
 
-use super::spec::{Activation, RopeStyle};
+use super::spec::Activation;
 use crate::kv::KvElem;
 
 /// A normalisation layer's parameters: RMSNorm when `bias` is None and
@@ -79,73 +80,6 @@ pub fn activate(act: Activation, x: f32) -> f32 {
     match act {
         Activation::Silu => silu(x),
         Activation::GeluTanh => gelu_tanh(x),
-    }
-}
-
-/// Rotary embedding tables for a set of positions: `cos`/`sin` of
-/// `pos · inv_freq[i]`, `rope_dim / 2` values per position.
-pub struct Rope {
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    half: usize,
-}
-
-impl Rope {
-    pub fn new(
-        positions: &[usize],
-        rope_dim: usize,
-        theta: f32,
-        scale: f32,
-        freq_factors: Option<&[f32]>,
-    ) -> Self {
-        let half = rope_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                let f = 1.0 / theta.powf((2 * i) as f32 / rope_dim as f32);
-                match freq_factors {
-                    Some(ff) => f / ff[i],
-                    None => f,
-                }
-            })
-            .collect();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            let p = p as f32 / scale;
-            for &f in &inv_freq {
-                let a = p * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        Rope { cos, sin, half }
-    }
-
-    /// Rotates the first `2·half` dims of every `head_dim`-wide head in `x`,
-    /// which holds the heads of the token at table row `t`.
-    pub fn apply(&self, style: RopeStyle, x: &mut [f32], head_dim: usize, t: usize) {
-        let (c, s) = (
-            &self.cos[t * self.half..(t + 1) * self.half],
-            &self.sin[t * self.half..(t + 1) * self.half],
-        );
-        for head in x.chunks_exact_mut(head_dim) {
-            match style {
-                RopeStyle::Neox => {
-                    for i in 0..self.half {
-                        let (a, b) = (head[i], head[i + self.half]);
-                        head[i] = a * c[i] - b * s[i];
-                        head[i + self.half] = b * c[i] + a * s[i];
-                    }
-                }
-                RopeStyle::Interleaved => {
-                    for i in 0..self.half {
-                        let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * c[i] - b * s[i];
-                        head[2 * i + 1] = b * c[i] + a * s[i];
-                    }
-                }
-            }
-        }
     }
 }
 
