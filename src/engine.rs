@@ -34,6 +34,8 @@ pub struct EngineOptions {
     pub context: Option<usize>,
     /// Memory for the KV block pool.
     pub kv_cache_mb: Option<usize>,
+    /// Blocks in the KV pool; takes precedence over `kv_cache_mb`.
+    pub kv_blocks: Option<usize>,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Tokens one step may run, across all sequences (also the prefill chunk).
@@ -50,6 +52,7 @@ impl Default for EngineOptions {
             threads: default_threads(),
             context: None,
             kv_cache_mb: None,
+            kv_blocks: None,
             block_size: 16,
             max_batched_tokens: 512,
             max_num_seqs: 32,
@@ -351,9 +354,10 @@ impl Engine {
             .max(1);
         let per_block =
             bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, opts.kv_dtype) * bs;
-        let n_blocks = match opts.kv_cache_mb {
-            Some(mb) => (mb << 20) / per_block,
-            None => (wanted.div_ceil(bs) * DEFAULT_KV_CONTEXTS)
+        let n_blocks = match (opts.kv_blocks, opts.kv_cache_mb) {
+            (Some(n), _) => n,
+            (None, Some(mb)) => (mb << 20) / per_block,
+            (None, None) => (wanted.div_ceil(bs) * DEFAULT_KV_CONTEXTS)
                 .min((DEFAULT_KV_CAP_MB << 20) / per_block)
                 .max(wanted.div_ceil(bs)),
         };
@@ -486,6 +490,19 @@ impl Engine {
         }
         self.maybe_fault(FaultKind::AdmitPanic, &req.prompt);
         let max_tokens = req.max_tokens.min(self.context - req.prompt.len());
+        if max_tokens == 0 && !req.embed {
+            // Nothing asked, nothing generated (not even a first token).
+            sink(SeqEvent::Finished(GenerationSummary {
+                tokens: Vec::new(),
+                text: String::new(),
+                finish: FinishReason::Length,
+                prompt_tokens: req.prompt.len(),
+                cached_tokens: 0,
+                prefill_secs: 0.0,
+                decode_secs: 0.0,
+            }));
+            return;
+        }
         self.sched.add(
             id,
             req.prompt.clone(),
@@ -762,7 +779,12 @@ impl Engine {
         if !a.req.ignore_eos && stop_ids.contains(&tok) {
             return Some(FinishReason::Stop);
         }
-        let (piece, hit_stop) = a.text.push(self.tokenizer.token_bytes(tok));
+        let (mut piece, hit_stop) = a.text.push(self.tokenizer.token_bytes(tok));
+        let out_of_room = !hit_stop && a.generated.len() >= a.max_tokens;
+        if out_of_room {
+            // The last token carries what was held back, not an extra event.
+            piece.push_str(&a.text.finish());
+        }
         let logprobs = lp.map(|(all, top)| TokenLogprobs {
             logprob: all[tok as usize],
             top,
@@ -778,7 +800,7 @@ impl Engine {
         if hit_stop {
             return Some(FinishReason::Stop);
         }
-        if a.generated.len() >= a.max_tokens {
+        if out_of_room {
             return Some(FinishReason::Length);
         }
         self.sched.append(id, tok);

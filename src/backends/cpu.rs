@@ -6,17 +6,34 @@ use super::*;
 use crate::engine::{Engine, EngineOptions, GenerationRequest, SeqEvent};
 use crate::engine_loop::{EngineHandle, LoopOptions};
 use crate::error::Error;
-use crate::quant::GgmlType;
+use crate::kv::KvDtype;
+use crate::model::{Family, ModelSpec};
 use std::path::Path;
+
+/// The paged KV cache's shape, when the caller sets it
+/// ([`MistralBackendConfig::paged_attention`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Paging {
+    pub block_size: usize,
+    pub blocks: usize,
+}
 
 #[derive(Default)]
 pub struct CpuBackend {
     engine: Option<EngineHandle>,
+    paging: Option<Paging>,
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub(crate) fn with_paging(paging: Option<Paging>) -> Self {
+        CpuBackend {
+            engine: None,
+            paging,
+        }
     }
 
     fn engine(&self) -> Result<&EngineHandle> {
@@ -51,40 +68,163 @@ fn request(
         sampling: params.sampling(),
         max_tokens: params.max_tokens,
         stop: params.stop_sequences.clone(),
+        // The chosen token's log-probability, for GeneratedToken::logprob.
+        logprobs: Some(0),
         ..Default::default()
     })
 }
 
-impl LlmBackend for CpuBackend {
-    fn load_model(&mut self, model_id: &str, config: ModelConfig) -> Result<()> {
-        if config.device != DeviceType::Cpu {
-            return Err(Error::NotImplemented(format!(
-                "device {:?}: this build runs on the CPU only",
-                config.device
+/// The engine options `config` asks for, or why they cannot be had.
+fn engine_options(config: &ModelConfig, paging: Option<Paging>) -> Result<EngineOptions> {
+    if config.device != DeviceType::Cpu {
+        return Err(Error::NotImplemented(format!(
+            "device {:?}: this build runs on the CPU only",
+            config.device
+        )));
+    }
+    if !config.use_flash_attention {
+        return Err(Error::NotImplemented(
+            "use_flash_attention = false: the only attention kernel here is the \
+             memory-efficient one (linear in the context)"
+                .into(),
+        ));
+    }
+    if config.max_sequence_length == 0 {
+        return Err(Error::InvalidRequest(
+            "max_sequence_length must be at least 1".into(),
+        ));
+    }
+    let kv_dtype = match config.dtype {
+        DType::F32 => KvDtype::F32,
+        DType::F16 => KvDtype::F16,
+        DType::Bf16 => {
+            return Err(Error::NotImplemented(
+                "dtype Bf16: the KV cache stores F16 or F32".into(),
+            ))
+        }
+    };
+    let mut opts = EngineOptions {
+        threads: config
+            .num_threads
+            .unwrap_or_else(crate::engine::default_threads),
+        context: Some(config.max_sequence_length),
+        kv_dtype,
+        ..Default::default()
+    };
+    if let Some(p) = paging {
+        opts.block_size = p.block_size;
+        opts.kv_blocks = Some(p.blocks);
+    }
+    Ok(opts)
+}
+
+/// Refuses a model whose description contradicts `config`'s.
+fn check_description(config: &ModelConfig, spec: &ModelSpec) -> Result<()> {
+    let family = ModelArchitecture::from_family(spec.family);
+    let arch_ok = match config.architecture {
+        ModelArchitecture::Llama => true,
+        ModelArchitecture::Mistral => matches!(spec.family, Family::Mistral | Family::Llama),
+        a => a == family,
+    };
+    if !arch_ok {
+        return Err(Error::InvalidRequest(format!(
+            "ModelConfig.architecture is {:?} but the model is {family:?} ({})",
+            config.architecture,
+            spec.family.name()
+        )));
+    }
+    let sizes = [
+        ("num_kv_heads", config.num_kv_heads, spec.n_kv_heads),
+        ("hidden_size", config.hidden_size, spec.hidden),
+        ("num_layers", config.num_layers, spec.n_layers),
+        ("vocab_size", config.vocab_size, spec.vocab_size),
+    ];
+    for (name, want, have) in sizes {
+        if want.is_some_and(|w| w != have) {
+            return Err(Error::InvalidRequest(format!(
+                "ModelConfig.{name} is {} but the model has {have}",
+                want.unwrap_or_default()
             )));
         }
+    }
+    if let Some(t) = config.rope_theta {
+        // The file stores the base as f32.
+        if t as f32 != spec.rope_theta {
+            return Err(Error::InvalidRequest(format!(
+                "ModelConfig.rope_theta is {t} but the model's is {}",
+                spec.rope_theta
+            )));
+        }
+    }
+    if config.sliding_window.is_some() && config.sliding_window != spec.sliding_window {
+        return Err(Error::InvalidRequest(format!(
+            "ModelConfig.sliding_window is {:?} but the model's is {:?}",
+            config.sliding_window, spec.sliding_window
+        )));
+    }
+    Ok(())
+}
+
+/// Brings the weights to the format `config` asks for, or says why not.
+fn apply_quantization(engine: &mut Engine, want: Option<Quantization>) -> Result<()> {
+    let Some(want) = want else {
+        return Ok(());
+    };
+    let target = want.ggml_type();
+    let have = engine
+        .model
+        .dominant_type()
+        .ok_or_else(|| Error::Internal("the model has no weight matrices".into()))?;
+    if have == target {
+        return Ok(());
+    }
+    if have.is_quantized() {
+        return Err(Error::NotImplemented(format!(
+            "quantization {want:?}: the weights are stored as {}, and converting \
+             quantized weights at load is not implemented (load a {} file instead)",
+            have.name(),
+            target.name()
+        )));
+    }
+    if want != Quantization::Q8 {
+        return Err(Error::NotImplemented(format!(
+            "in-situ quantization of {} weights to {} (Q8 is available; or load a \
+             file quantized to {})",
+            have.name(),
+            target.name(),
+            target.name()
+        )));
+    }
+    engine.model.quantize_unquantized(target);
+    match engine.model.dominant_type() {
+        Some(t) if t == target => Ok(()),
+        _ => Err(Error::Unsupported(format!(
+            "the model's matrices cannot be quantized to {}: their rows are not \
+             multiples of {} values",
+            target.name(),
+            target.block_size()
+        ))),
+    }
+}
+
+impl LlmBackend for CpuBackend {
+    fn load_model(&mut self, model_id: &str, config: ModelConfig) -> Result<()> {
+        let opts = engine_options(&config, self.paging)?;
         let path = Path::new(model_id);
         if !path.exists() {
             return Err(Error::InvalidRequest(format!(
                 "model '{model_id}' is not a local file or folder (loading from a hub is not supported)"
             )));
         }
-        let opts = EngineOptions {
-            threads: config
-                .num_threads
-                .unwrap_or_else(crate::engine::default_threads),
-            context: Some(config.max_sequence_length),
-            ..Default::default()
-        };
         let mut engine = Engine::load(path, &opts)?;
-        match config.quantization {
-            None | Some(Quantization::None) => {}
-            Some(Quantization::Q8) => engine.model.quantize_unquantized(GgmlType::Q8_0),
-            Some(q) => {
-                return Err(Error::NotImplemented(format!(
-                    "in-situ quantization to {q:?} (Q8 is available; or load a pre-quantized GGUF)"
-                )))
-            }
+        check_description(&config, &engine.model.spec)?;
+        apply_quantization(&mut engine, config.quantization)?;
+        if engine.context() < config.max_sequence_length {
+            tracing::info!(
+                asked = config.max_sequence_length,
+                granted = engine.context(),
+                "max_sequence_length capped by the model's context and the KV cache"
+            );
         }
         self.engine = Some(EngineHandle::spawn(
             engine,
@@ -119,7 +259,7 @@ impl LlmBackend for CpuBackend {
     fn generate_stream_v2(&self, prompt: &str, params: GenerateParams) -> Result<TokenStream> {
         let engine = self.engine()?;
         let req = request(engine, prompt, &params)?;
-        let (tx, stream) = TokenStream::channel();
+        let (tx, stream) = TokenStream::waking_channel();
         let tok = engine.tokenizer.clone();
         let sink = Box::new(move |ev: SeqEvent| {
             let ev = match ev {
@@ -141,7 +281,7 @@ impl LlmBackend for CpuBackend {
                 SeqEvent::Failed(e) => StreamEvent::Error(e.to_string()),
                 SeqEvent::Embedding { .. } | SeqEvent::PromptLogprobs(_) => return true,
             };
-            tx.unbounded_send(ev).is_ok()
+            tx.send(ev)
         });
         // Invalid requests fail this call, not the stream.
         let guard = engine.submit(vec![req], vec![sink])?;
@@ -178,17 +318,6 @@ impl LlmBackend for CpuBackend {
     fn model_info(&self) -> Option<ModelInfo> {
         let m = &self.engine.as_ref()?.model;
         let s = &m.spec;
-        let quantization = m.dominant_type.and_then(|t| match t {
-            GgmlType::Q8_0 => Some(Quantization::Q8),
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                Some(Quantization::Q4)
-            }
-            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K | GgmlType::Q3K => {
-                Some(Quantization::Q4K)
-            }
-            GgmlType::Q2K => Some(Quantization::Q2K),
-            _ => None,
-        });
         Some(ModelInfo {
             name: m.name.clone(),
             architecture: ModelArchitecture::from_family(s.family),
@@ -196,8 +325,8 @@ impl LlmBackend for CpuBackend {
             vocab_size: s.vocab_size,
             hidden_size: s.hidden,
             num_layers: s.n_layers,
-            max_context_length: s.context_length,
-            quantization,
+            max_context_length: m.context,
+            quantization: m.dominant_type.map(Quantization::from_ggml_type),
             memory_usage: m.weight_bytes,
         })
     }
@@ -206,6 +335,70 @@ impl LlmBackend for CpuBackend {
         self.engine = None;
     }
 }
+
+/// The original's name for its Rust-native backend: here, the CPU backend.
+#[derive(Default)]
+pub struct CandleBackend(CpuBackend);
+
+impl CandleBackend {
+    /// Never fails; the `Result` is the original's signature.
+    pub fn new() -> Result<Self> {
+        Ok(Self::default())
+    }
+}
+
+/// Implements [`LlmBackend`] for a wrapper by forwarding to its `CpuBackend`
+/// field, except `load_model`, which goes to the wrapper's own `load`.
+macro_rules! forward_backend {
+    ($ty:ty, $field:tt) => {
+        impl LlmBackend for $ty {
+            fn load_model(&mut self, model_id: &str, config: ModelConfig) -> Result<()> {
+                self.load(model_id, config)
+            }
+            fn generate(&self, prompt: &str, params: GenerateParams) -> Result<String> {
+                self.$field.generate(prompt, params)
+            }
+            fn generate_stream(
+                &self,
+                prompt: &str,
+                params: GenerateParams,
+            ) -> Result<Box<dyn Iterator<Item = Result<GeneratedToken>> + Send + '_>> {
+                self.$field.generate_stream(prompt, params)
+            }
+            fn generate_stream_v2(
+                &self,
+                prompt: &str,
+                params: GenerateParams,
+            ) -> Result<TokenStream> {
+                self.$field.generate_stream_v2(prompt, params)
+            }
+            fn get_embeddings(&self, text: &str) -> Result<Vec<f32>> {
+                self.$field.get_embeddings(text)
+            }
+            fn tokenizer(&self) -> Option<&dyn Tokenizer> {
+                self.$field.tokenizer()
+            }
+            fn is_model_loaded(&self) -> bool {
+                self.$field.is_model_loaded()
+            }
+            fn model_info(&self) -> Option<ModelInfo> {
+                self.$field.model_info()
+            }
+            fn unload_model(&mut self) {
+                self.$field.unload_model()
+            }
+        }
+    };
+}
+pub(crate) use forward_backend;
+
+impl CandleBackend {
+    fn load(&mut self, model_id: &str, config: ModelConfig) -> Result<()> {
+        self.0.load_model(model_id, config)
+    }
+}
+
+forward_backend!(CandleBackend, 0);
 
 impl Tokenizer for crate::tokenizer::Tokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {

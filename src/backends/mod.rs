@@ -1,6 +1,9 @@
-//! The public library API, with the names of the original ruvllm `backends`
-//! module: [`LlmBackend`], [`ModelConfig`], [`GenerateParams`],
-//! [`TokenStream`] and friends. [`create_backend`] returns the CPU backend.
+//! The public library API, with the names, signatures and defaults of the
+//! original ruvllm `backends` module: [`LlmBackend`], [`ModelConfig`],
+//! [`GenerateParams`], [`TokenStream`], [`AsyncTokenStream`] and friends.
+//! [`create_backend`] returns the CPU backend; [`CandleBackend`] and
+//! [`MistralBackend`] are the original's names for it (X-LoRA adapters are
+//! not implemented and say so), [`NoopBackend`] refuses everything.
 //!
 //! ```no_run
 //! use ruvllm::backends::{create_backend, GenerateParams, ModelConfig, StreamEvent};
@@ -13,20 +16,34 @@
 //! # Ok::<(), ruvllm::Error>(())
 //! ```
 
+pub mod async_stream;
 mod cpu;
+mod mistral;
+mod noop;
+mod stream;
 
-pub use cpu::CpuBackend;
+pub use async_stream::{AsyncTokenStream, LlmBackendAsync};
+pub use cpu::{CandleBackend, CpuBackend};
+pub use mistral::{
+    IsqConfig, IsqMethod, MistralBackend, MistralBackendConfig, PagedAttentionConfigExt,
+    XLoraConfig, XLoraManager, XLoraManagerStats, XLoraMixingMode,
+};
+pub use noop::NoopBackend;
+pub use stream::TokenStream;
 
 use crate::error::Result;
+use crate::quant::GgmlType;
 use crate::sampling::SamplingParams;
-use futures::channel::mpsc;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 /// Model families. `Qwen` covers Qwen2; the others are as named.
+///
+/// ```
+/// use ruvllm::backends::ModelArchitecture;
+/// assert_eq!(ModelArchitecture::Mistral.config_name(), "mistral");
+/// assert_eq!(ModelArchitecture::Phi3.config_name(), "phi3");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum ModelArchitecture {
     Mistral,
@@ -86,17 +103,27 @@ impl ModelArchitecture {
         })
     }
 
-    /// Whether the family's usual checkpoints group query heads over fewer KV heads.
+    /// Whether the family's usual checkpoints share KV heads between query
+    /// heads (Phi-2 and Phi-3-mini do not).
     pub fn uses_gqa(&self) -> bool {
-        !matches!(self, Self::Phi)
+        !matches!(self, Self::Phi | Self::Phi3)
     }
 
     /// Whether the family uses sliding-window attention (in some or all layers).
     pub fn uses_sliding_window(&self) -> bool {
-        matches!(
-            self,
-            Self::Mistral | Self::Phi3 | Self::Gemma2 | Self::Gemma3
-        )
+        self.default_sliding_window().is_some()
+    }
+
+    /// The window of the family's usual checkpoints; the model file's own
+    /// value is what runs.
+    pub fn default_sliding_window(&self) -> Option<usize> {
+        match self {
+            Self::Mistral | Self::Gemma2 => Some(4096),
+            Self::Phi3 => Some(2048),
+            // The Gemma 3 report's local window (the 270M and 1B use 512).
+            Self::Gemma3 => Some(1024),
+            _ => None,
+        }
     }
 
     fn from_family(f: crate::model::Family) -> Self {
@@ -115,92 +142,171 @@ impl ModelArchitecture {
     }
 }
 
-/// Weight formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Weight formats: one variant per GGML type this runtime reads.
+///
+/// ```
+/// use ruvllm::backends::Quantization;
+/// let quant = Quantization::Q4K;
+/// assert_eq!(quant.bytes_per_weight(), 0.5625); // 4.5 bits: 4-bit values plus block scales
+/// assert!(quant.is_gguf());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum Quantization {
+    /// F32, unquantized.
     None,
     F16,
     Bf16,
-    /// 8-bit (Q8_0).
+    /// Q8_0.
     Q8,
-    /// 4-bit K-quants (Q4_K).
+    /// Q4_K.
+    #[default]
     Q4K,
-    /// 4-bit legacy (Q4_0 / Q4_1).
+    /// Q4_0.
     Q4,
-    /// 2-bit K-quants.
+    /// Q2_K.
     Q2K,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    /// Q3_K.
+    Q3K,
+    /// Q5_K.
+    Q5K,
+    /// Q6_K.
+    Q6K,
 }
 
 impl Quantization {
+    /// Storage per weight, block scales included (Q4_0 and Q4_K: 4.5 bits).
     pub fn bytes_per_weight(&self) -> f32 {
+        let t = self.ggml_type();
+        t.type_size() as f32 / t.block_size() as f32
+    }
+
+    /// Whether this is one of GGUF's block-quantized formats.
+    pub fn is_gguf(&self) -> bool {
+        self.ggml_type().is_quantized()
+    }
+
+    pub(crate) fn ggml_type(self) -> GgmlType {
         match self {
-            Self::None => 4.0,
-            Self::F16 | Self::Bf16 => 2.0,
-            Self::Q8 => 1.0625,
-            Self::Q4K => 0.5625,
-            Self::Q4 => 0.5625,
-            Self::Q2K => 0.328125,
+            Self::None => GgmlType::F32,
+            Self::F16 => GgmlType::F16,
+            Self::Bf16 => GgmlType::BF16,
+            Self::Q8 => GgmlType::Q8_0,
+            Self::Q4K => GgmlType::Q4K,
+            Self::Q4 => GgmlType::Q4_0,
+            Self::Q2K => GgmlType::Q2K,
+            Self::Q4_1 => GgmlType::Q4_1,
+            Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q5_1 => GgmlType::Q5_1,
+            Self::Q3K => GgmlType::Q3K,
+            Self::Q5K => GgmlType::Q5K,
+            Self::Q6K => GgmlType::Q6K,
         }
     }
 
-    pub fn is_gguf(&self) -> bool {
-        matches!(self, Self::Q8 | Self::Q4K | Self::Q4 | Self::Q2K)
+    pub(crate) fn from_ggml_type(t: GgmlType) -> Self {
+        match t {
+            GgmlType::F32 => Self::None,
+            GgmlType::F16 => Self::F16,
+            GgmlType::BF16 => Self::Bf16,
+            GgmlType::Q8_0 => Self::Q8,
+            GgmlType::Q4K => Self::Q4K,
+            GgmlType::Q4_0 => Self::Q4,
+            GgmlType::Q2K => Self::Q2K,
+            GgmlType::Q4_1 => Self::Q4_1,
+            GgmlType::Q5_0 => Self::Q5_0,
+            GgmlType::Q5_1 => Self::Q5_1,
+            GgmlType::Q3K => Self::Q3K,
+            GgmlType::Q5K => Self::Q5K,
+            GgmlType::Q6K => Self::Q6K,
+        }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where the model runs. This build runs on the CPU only; the others are
+/// refused by `load_model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum DeviceType {
+    #[default]
     Cpu,
     Metal,
     Cuda(usize),
 }
 
-impl Default for DeviceType {
-    /// The best device this build can run on: the CPU.
-    fn default() -> Self {
-        DeviceType::Cpu
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+/// How the KV cache stores keys and values (activations are f32 on the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum DType {
-    /// Activations are computed in f32 on the CPU.
-    #[default]
+    /// Exact.
     F32,
+    /// Half the memory; what llama.cpp and `ruvllm serve` use.
+    #[default]
     F16,
+    /// Not implemented: refused by `load_model`.
     Bf16,
 }
 
-/// How to load a model. Fields describing the architecture are hints only:
-/// the model file's own metadata wins.
+/// How to load a model. Every field is honoured or refused by `load_model`
+/// with an error saying why; none is ignored.
+///
+/// ```
+/// use ruvllm::backends::{DType, DeviceType, ModelArchitecture, ModelConfig, Quantization};
+/// let config = ModelConfig {
+///     architecture: ModelArchitecture::Mistral,
+///     quantization: Some(Quantization::Q4K),
+///     use_flash_attention: true,
+///     max_sequence_length: 8192,
+///     device: DeviceType::Cpu,
+///     dtype: DType::F16,
+///     ..Default::default()
+/// };
+/// ```
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
+    /// The family the caller expects. `Llama`, the default, accepts any
+    /// family; another value must match the file's (`Mistral` also accepts
+    /// files labelled llama, as Mistral GGUFs usually are).
     pub architecture: ModelArchitecture,
-    /// In-situ quantization of unquantized (F32/F16/BF16) weights at load.
-    /// Quantized GGUF weights are always used as stored. `None` keeps all
-    /// weights as stored; only `Q8` is implemented.
+    /// The weight format to run. `None` keeps the weights as stored.
+    /// `Some(q)` with `q` the file's (dominant) format is the same; asking
+    /// for `Q8` from unquantized (F32/F16/BF16) weights quantizes them to
+    /// Q8_0 at load (in-situ quantization, round-to-nearest as llama.cpp);
+    /// any other conversion is refused as not implemented.
     pub quantization: Option<Quantization>,
+    /// Attention here is always memory-efficient: per token and KV head over
+    /// the paged cache, memory linear in the context, never its square. So
+    /// `true` (the default) is what runs; `false` is refused.
     pub use_flash_attention: bool,
-    /// Tokens of context to reserve KV cache for (capped by the model's).
+    /// Longest sequence (prompt + output) to reserve KV cache for; capped by
+    /// the model's own context ([`ModelInfo::max_context_length`] says what
+    /// was granted). Must be at least 1.
     pub max_sequence_length: usize,
+    /// `num_kv_heads` to `sliding_window` describe the model: `Some(v)`
+    /// asserts the file's value and a different one is refused (they cannot
+    /// change a trained model).
     pub num_kv_heads: Option<usize>,
     pub hidden_size: Option<usize>,
     pub num_layers: Option<usize>,
     pub vocab_size: Option<usize>,
     pub rope_theta: Option<f64>,
     pub sliding_window: Option<usize>,
+    /// Only [`DeviceType::Cpu`] runs in this build.
     pub device: DeviceType,
+    /// The KV cache's element type: F16 (default) or F32; BF16 is refused.
     pub dtype: DType,
     /// Worker threads; None uses every core.
     pub num_threads: Option<usize>,
 }
 
 impl Default for ModelConfig {
+    /// The original's defaults, except `quantization: None` (load the file
+    /// as stored rather than demand Q4_K) and the CPU device.
     fn default() -> Self {
         ModelConfig {
             architecture: ModelArchitecture::default(),
             quantization: None,
-            use_flash_attention: false,
+            use_flash_attention: true,
             max_sequence_length: crate::engine::DEFAULT_MAX_CONTEXT,
             num_kv_heads: None,
             hidden_size: None,
@@ -321,123 +427,27 @@ pub struct GeneratedToken {
     /// Text this token completes (may be empty while a character or a
     /// possible stop string is pending).
     pub text: String,
+    /// Natural log of the token's probability under the model (the softmax
+    /// of its raw logits, before temperature and penalties). `None` only on
+    /// the event that flushes held-back text after an end-of-sequence token.
     pub logprob: Option<f32>,
+    /// A control token (BOS, EOS, end of turn...).
     pub is_special: bool,
 }
 
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
     Token(GeneratedToken),
+    /// The generation ended (stop, length or end of sequence).
     Done {
+        /// Tokens generated, an end-of-sequence token included.
         total_tokens: usize,
+        /// From submission to the last token.
         duration_ms: u64,
+        /// Decoding speed after the first token.
         tokens_per_second: f64,
     },
     Error(String),
-}
-
-/// Tokens as they are produced. Use it as a blocking `Iterator` or as an
-/// async `futures::Stream`; the stream's task is woken only when an event
-/// arrives. Dropping the stream cancels the generation.
-pub struct TokenStream {
-    rx: mpsc::UnboundedReceiver<StreamEvent>,
-    /// Cancels the generation when the stream is dropped.
-    _guard: Option<crate::engine_loop::RequestGuard>,
-    finished: bool,
-    start: Instant,
-    tokens: usize,
-}
-
-impl TokenStream {
-    pub fn channel() -> (mpsc::UnboundedSender<StreamEvent>, Self) {
-        let (tx, rx) = mpsc::unbounded();
-        (
-            tx,
-            TokenStream {
-                rx,
-                _guard: None,
-                finished: false,
-                start: Instant::now(),
-                tokens: 0,
-            },
-        )
-    }
-
-    /// Ties the generation's lifetime to the stream's.
-    pub(crate) fn with_guard(mut self, guard: crate::engine_loop::RequestGuard) -> Self {
-        self._guard = Some(guard);
-        self
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-    pub fn tokens_received(&self) -> usize {
-        self.tokens
-    }
-    pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
-    }
-    pub fn tokens_per_second(&self) -> f64 {
-        let s = self.elapsed().as_secs_f64();
-        if s > 0.0 {
-            self.tokens as f64 / s
-        } else {
-            0.0
-        }
-    }
-
-    fn note(&mut self, ev: Option<StreamEvent>) -> Option<Result<StreamEvent>> {
-        match ev {
-            Some(ev) => {
-                match &ev {
-                    StreamEvent::Token(_) => self.tokens += 1,
-                    StreamEvent::Done { .. } | StreamEvent::Error(_) => self.finished = true,
-                }
-                Some(Ok(ev))
-            }
-            None => {
-                self.finished = true;
-                None
-            }
-        }
-    }
-
-    /// The next event if one is ready, without blocking.
-    pub fn try_next(&mut self) -> Option<Result<StreamEvent>> {
-        if self.finished {
-            return None;
-        }
-        match self.rx.try_recv() {
-            Ok(ev) => self.note(Some(ev)),
-            Err(mpsc::TryRecvError::Closed) => self.note(None),
-            Err(mpsc::TryRecvError::Empty) => None,
-        }
-    }
-}
-
-impl Iterator for TokenStream {
-    type Item = Result<StreamEvent>;
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.finished {
-            return None;
-        }
-        let ev = futures::executor::block_on(self.rx.next());
-        self.note(ev)
-    }
-}
-
-impl futures::Stream for TokenStream {
-    type Item = Result<StreamEvent>;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.finished {
-            return Poll::Ready(None);
-        }
-        match self.rx.poll_next_unpin(cx) {
-            Poll::Ready(ev) => Poll::Ready(self.note(ev)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }
 
 /// Text ↔ token ids.
@@ -466,8 +476,11 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_layers: usize,
+    /// The longest sequence a request may reach: the model's context,
+    /// capped by [`ModelConfig::max_sequence_length`] and the KV cache.
     pub max_context_length: usize,
-    /// The dominant weight format, when the weights are quantized.
+    /// The format holding most of the weights, as stored or as quantized
+    /// at load (`Some(Quantization::None)` for F32).
     pub quantization: Option<Quantization>,
     /// Bytes of weights (memory-mapped ones included).
     pub memory_usage: usize,
@@ -499,4 +512,38 @@ pub trait LlmBackend: Send + Sync {
 /// The best backend this build has: the CPU backend.
 pub fn create_backend() -> Box<dyn LlmBackend> {
     Box::new(CpuBackend::new())
+}
+
+/// A backend shared between threads (every method but loading takes `&self`).
+pub type SharedBackend = Arc<dyn LlmBackend>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every weight type has its own name: Q5_0 is not Q4, Q6_K is not Q4_K.
+    #[test]
+    fn quantization_names_each_ggml_type() {
+        use GgmlType as G;
+        let all = [
+            G::F32,
+            G::F16,
+            G::BF16,
+            G::Q4_0,
+            G::Q4_1,
+            G::Q5_0,
+            G::Q5_1,
+            G::Q8_0,
+            G::Q2K,
+            G::Q3K,
+            G::Q4K,
+            G::Q5K,
+            G::Q6K,
+        ];
+        for t in all {
+            let q = Quantization::from_ggml_type(t);
+            assert_eq!(q.ggml_type(), t, "{q:?}");
+            assert_eq!(q.is_gguf(), t.is_quantized());
+        }
+    }
 }

@@ -1,0 +1,295 @@
+//! The original's `MistralBackend` names, over the CPU backend: its paged
+//! attention settings and round-to-nearest 8-bit ISQ are honoured; X-LoRA
+//! adapters and the other ISQ methods are not implemented and every call
+//! that needs them says so.
+//!
+//! ```
+//! use ruvllm::backends::{MistralBackend, MistralBackendConfig};
+//!
+//! let config = MistralBackendConfig::default().with_paged_attention(16, 4096);
+//! let backend = MistralBackend::with_config(config)?;
+//! // X-LoRA is refused up front rather than ignored:
+//! let xlora = MistralBackendConfig::default().with_xlora_adapters(vec!["code", "chat"]);
+//! assert!(MistralBackend::with_config(xlora).is_err());
+//! # Ok::<(), ruvllm::Error>(())
+//! ```
+
+use super::cpu::{forward_backend, CpuBackend, Paging};
+use super::*;
+use crate::error::Error;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Largest KV pool [`PagedAttentionConfigExt`] may ask for, in tokens.
+const MAX_KV_TOKENS: usize = 1 << 24;
+
+/// How a [`MistralBackend`] runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MistralBackendConfig {
+    /// The paged KV cache's block size and pool size; `None` keeps the
+    /// engine's defaults (16-token blocks, four full contexts at most 1 GiB).
+    pub paged_attention: Option<PagedAttentionConfigExt>,
+    /// X-LoRA adapters: not implemented, so a config naming any is refused
+    /// by [`MistralBackend::with_config`].
+    pub xlora: Option<XLoraConfig>,
+    /// In-situ quantization at load: 8-bit round-to-nearest (Q8_0) is
+    /// implemented, other bit widths and methods are refused.
+    pub isq: Option<IsqConfig>,
+}
+
+impl MistralBackendConfig {
+    /// Blocks of `block_size` tokens, `max_pages` of them in the KV pool.
+    pub fn with_paged_attention(mut self, block_size: usize, max_pages: usize) -> Self {
+        self.paged_attention = Some(PagedAttentionConfigExt {
+            block_size,
+            max_pages,
+        });
+        self
+    }
+
+    pub fn with_xlora_adapters(mut self, adapter_names: Vec<&str>) -> Self {
+        self.xlora = Some(XLoraConfig {
+            adapter_names: adapter_names.into_iter().map(String::from).collect(),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// ISQ to `bits` with the default method ([`IsqMethod::AWQ`], not
+    /// implemented); set `method: IsqMethod::RTN` for the implemented one.
+    pub fn with_isq(mut self, bits: u8) -> Self {
+        self.isq = Some(IsqConfig {
+            bits,
+            ..Default::default()
+        });
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagedAttentionConfigExt {
+    /// Tokens per KV block (1..=1024).
+    pub block_size: usize,
+    /// Blocks in the KV pool, shared by all sequences.
+    pub max_pages: usize,
+}
+
+impl Default for PagedAttentionConfigExt {
+    fn default() -> Self {
+        PagedAttentionConfigExt {
+            block_size: 16,
+            max_pages: 4096,
+        }
+    }
+}
+
+/// X-LoRA (mixture of LoRA experts) settings. Not implemented.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct XLoraConfig {
+    pub adapter_names: Vec<String>,
+    pub base_adapter: Option<String>,
+    pub adapter_scales: Option<Vec<f32>>,
+    pub router_hidden_dim: usize,
+    pub router_layers: usize,
+    pub top_k: usize,
+    pub temperature: f32,
+    pub use_learned_routing: bool,
+    pub mixing_mode: XLoraMixingMode,
+}
+
+impl Default for XLoraConfig {
+    fn default() -> Self {
+        XLoraConfig {
+            adapter_names: Vec::new(),
+            base_adapter: None,
+            adapter_scales: None,
+            router_hidden_dim: 64,
+            router_layers: 2,
+            top_k: 2,
+            temperature: 1.0,
+            use_learned_routing: true,
+            mixing_mode: XLoraMixingMode::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum XLoraMixingMode {
+    #[default]
+    Additive,
+    Concatenate,
+    Gated,
+    Attention,
+}
+
+/// In-situ quantization settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsqConfig {
+    /// 8 is implemented (Q8_0); 2 and 4 are not.
+    pub bits: u8,
+    pub method: IsqMethod,
+}
+
+impl Default for IsqConfig {
+    fn default() -> Self {
+        IsqConfig {
+            bits: 4,
+            method: IsqMethod::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum IsqMethod {
+    /// Activation-aware weight quantization: not implemented (needs calibration data).
+    #[default]
+    AWQ,
+    /// Not implemented (needs calibration data).
+    GPTQ,
+    /// Round to nearest, per 32-weight block with one scale (Q8_0, as llama.cpp).
+    RTN,
+    /// Not implemented.
+    SmoothQuant,
+}
+
+impl IsqConfig {
+    /// The weight format this ISQ produces, or why it cannot be had.
+    fn quantization(&self) -> Result<Quantization> {
+        match (self.bits, self.method) {
+            (8, IsqMethod::RTN) => Ok(Quantization::Q8),
+            (bits, method) => Err(Error::NotImplemented(format!(
+                "ISQ with {bits} bits by {method:?} (8-bit RTN is available, as \
+                 ModelConfig.quantization = Some(Quantization::Q8))"
+            ))),
+        }
+    }
+}
+
+fn no_xlora<T>() -> Result<T> {
+    Err(Error::NotImplemented("X-LoRA adapters".into()))
+}
+
+/// X-LoRA adapter management. Not implemented: every operation fails with
+/// [`Error::NotImplemented`], and no adapter is ever loaded.
+pub struct XLoraManager {
+    config: XLoraConfig,
+}
+
+impl XLoraManager {
+    pub fn new(config: XLoraConfig) -> Self {
+        XLoraManager { config }
+    }
+
+    pub fn config(&self) -> &XLoraConfig {
+        &self.config
+    }
+
+    pub fn load_adapter(&self, _name: &str, _path: &Path) -> Result<()> {
+        no_xlora()
+    }
+
+    pub fn unload_adapter(&self, _name: &str) -> Result<()> {
+        no_xlora()
+    }
+
+    pub fn set_active(&self, _adapters: Vec<(&str, f32)>) -> Result<()> {
+        no_xlora()
+    }
+
+    /// Always empty: nothing can be loaded.
+    pub fn stats(&self) -> XLoraManagerStats {
+        XLoraManagerStats::default()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct XLoraManagerStats {
+    pub loaded_adapters: usize,
+    pub forward_count: u64,
+    pub adapter_usage: HashMap<String, u64>,
+}
+
+/// The CPU backend under the original's `MistralBackend` name and config.
+pub struct MistralBackend {
+    config: MistralBackendConfig,
+    inner: CpuBackend,
+}
+
+impl MistralBackend {
+    pub fn new() -> Result<Self> {
+        Self::with_config(MistralBackendConfig::default())
+    }
+
+    /// Checks `config` now, so that what cannot be honoured fails here.
+    pub fn with_config(config: MistralBackendConfig) -> Result<Self> {
+        if config.xlora.is_some() {
+            return no_xlora();
+        }
+        if let Some(isq) = &config.isq {
+            isq.quantization()?;
+        }
+        let paging = match config.paged_attention {
+            None => None,
+            Some(p) => {
+                if !(1..=1024).contains(&p.block_size) {
+                    return Err(Error::InvalidRequest(format!(
+                        "paged attention block size must be within 1..=1024, got {}",
+                        p.block_size
+                    )));
+                }
+                if p.max_pages == 0 || p.max_pages.saturating_mul(p.block_size) > MAX_KV_TOKENS {
+                    return Err(Error::InvalidRequest(format!(
+                        "paged attention pages must hold 1 to {MAX_KV_TOKENS} tokens, got {} × {}",
+                        p.max_pages, p.block_size
+                    )));
+                }
+                Some(Paging {
+                    block_size: p.block_size,
+                    blocks: p.max_pages,
+                })
+            }
+        };
+        Ok(MistralBackend {
+            config,
+            inner: CpuBackend::with_paging(paging),
+        })
+    }
+
+    pub fn config(&self) -> &MistralBackendConfig {
+        &self.config
+    }
+
+    /// Not implemented.
+    pub fn load_xlora_adapter(&self, _name: &str, _path: &Path) -> Result<()> {
+        no_xlora()
+    }
+
+    /// Not implemented.
+    pub fn set_xlora_adapters(&self, _adapters: Vec<(&str, f32)>) -> Result<()> {
+        no_xlora()
+    }
+
+    /// None: X-LoRA is never configured (see [`Self::with_config`]).
+    pub fn xlora_stats(&self) -> Option<XLoraManagerStats> {
+        None
+    }
+
+    /// The config's ISQ joins `config.quantization`; the two must agree.
+    fn load(&mut self, model_id: &str, mut config: ModelConfig) -> Result<()> {
+        if let Some(isq) = &self.config.isq {
+            let q = isq.quantization()?;
+            match config.quantization {
+                None => config.quantization = Some(q),
+                Some(c) if c == q => {}
+                Some(c) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "ModelConfig.quantization {c:?} contradicts the backend's ISQ ({q:?})"
+                    )))
+                }
+            }
+        }
+        self.inner.load_model(model_id, config)
+    }
+}
+
+forward_backend!(MistralBackend, inner);
