@@ -149,10 +149,10 @@ fn check_description(config: &ModelConfig, spec: &ModelSpec) -> Result<()> {
     }
     if let Some(t) = config.rope_theta {
         // The file stores the base as f32.
-        if t as f32 != spec.rope_theta {
+        if t as f32 != spec.rope.theta {
             return Err(Error::InvalidRequest(format!(
                 "ModelConfig.rope_theta is {t} but the model's is {}",
-                spec.rope_theta
+                spec.rope.theta
             )));
         }
     }
