@@ -18,6 +18,11 @@ const MAX_DIMS: u32 = 4;
 /// Arrays nest at most this deep; deeper nesting only serves to overflow a stack.
 const MAX_ARRAY_DEPTH: u32 = 4;
 
+/// Bytes all metadata values may take in memory together. Real files need
+/// a few MiB (a 256k-token vocabulary with its merges); the cap keeps a
+/// hostile file from asking for more memory than it holds.
+pub const MAX_METADATA_BYTES: usize = 256 << 20;
+
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -33,62 +38,223 @@ pub enum Value {
     F64(f64),
     Bool(bool),
     String(String),
-    Array(Vec<Value>),
+    Array(Array),
 }
 
-impl Value {
-    pub fn as_u64(&self) -> Option<u64> {
-        match *self {
-            Value::U8(v) => Some(v as u64),
-            Value::U16(v) => Some(v as u64),
-            Value::U32(v) => Some(v as u64),
-            Value::U64(v) => Some(v),
-            Value::I8(v) if v >= 0 => Some(v as u64),
-            Value::I16(v) if v >= 0 => Some(v as u64),
-            Value::I32(v) if v >= 0 => Some(v as u64),
-            Value::I64(v) if v >= 0 => Some(v as u64),
-            Value::Bool(v) => Some(v as u64),
+/// A metadata array, stored as a vector of its element type (a token list
+/// takes its text and one offset per token, not a `Value` per element).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Bool(Vec<bool>),
+    String(Strings),
+    Array(Vec<Array>),
+}
+
+/// A list of strings in one buffer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Strings {
+    text: String,
+    /// End of string i in `text`; it starts where string i - 1 ends.
+    ends: Vec<usize>,
+}
+
+impl Strings {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.text[start..end])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).map(|i| self.get(i).expect("index in range"))
+    }
+
+    fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+}
+
+/// A borrowed metadata value: what [`Value`] holds, or one element of an
+/// [`Array`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    Str(&'a str),
+    Array(&'a Array),
+}
+
+impl<'a> ValueRef<'a> {
+    pub fn as_u64(self) -> Option<u64> {
+        match self {
+            ValueRef::U8(v) => Some(v as u64),
+            ValueRef::U16(v) => Some(v as u64),
+            ValueRef::U32(v) => Some(v as u64),
+            ValueRef::U64(v) => Some(v),
+            ValueRef::I8(v) if v >= 0 => Some(v as u64),
+            ValueRef::I16(v) if v >= 0 => Some(v as u64),
+            ValueRef::I32(v) if v >= 0 => Some(v as u64),
+            ValueRef::I64(v) if v >= 0 => Some(v as u64),
+            ValueRef::Bool(v) => Some(v as u64),
             _ => None,
         }
     }
 
-    pub fn as_i64(&self) -> Option<i64> {
-        match *self {
-            Value::I8(v) => Some(v as i64),
-            Value::I16(v) => Some(v as i64),
-            Value::I32(v) => Some(v as i64),
-            Value::I64(v) => Some(v),
+    pub fn as_i64(self) -> Option<i64> {
+        match self {
+            ValueRef::I8(v) => Some(v as i64),
+            ValueRef::I16(v) => Some(v as i64),
+            ValueRef::I32(v) => Some(v as i64),
+            ValueRef::I64(v) => Some(v),
             _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
         }
     }
 
-    pub fn as_f64(&self) -> Option<f64> {
-        match *self {
-            Value::F32(v) => Some(v as f64),
-            Value::F64(v) => Some(v),
+    pub fn as_f64(self) -> Option<f64> {
+        match self {
+            ValueRef::F32(v) => Some(v as f64),
+            ValueRef::F64(v) => Some(v),
             _ => self.as_i64().map(|v| v as f64),
         }
     }
 
-    pub fn as_bool(&self) -> Option<bool> {
-        match *self {
-            Value::Bool(v) => Some(v),
+    pub fn as_bool(self) -> Option<bool> {
+        match self {
+            ValueRef::Bool(v) => Some(v),
             _ => self.as_u64().map(|v| v != 0),
         }
     }
 
-    pub fn as_str(&self) -> Option<&str> {
+    pub fn as_str(self) -> Option<&'a str> {
         match self {
-            Value::String(s) => Some(s),
+            ValueRef::Str(s) => Some(s),
             _ => None,
         }
     }
 
-    pub fn as_array(&self) -> Option<&[Value]> {
+    pub fn as_array(self) -> Option<&'a Array> {
         match self {
-            Value::Array(a) => Some(a),
+            ValueRef::Array(a) => Some(a),
             _ => None,
         }
+    }
+}
+
+impl Value {
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::U8(v) => ValueRef::U8(*v),
+            Value::I8(v) => ValueRef::I8(*v),
+            Value::U16(v) => ValueRef::U16(*v),
+            Value::I16(v) => ValueRef::I16(*v),
+            Value::U32(v) => ValueRef::U32(*v),
+            Value::I32(v) => ValueRef::I32(*v),
+            Value::U64(v) => ValueRef::U64(*v),
+            Value::I64(v) => ValueRef::I64(*v),
+            Value::F32(v) => ValueRef::F32(*v),
+            Value::F64(v) => ValueRef::F64(*v),
+            Value::Bool(v) => ValueRef::Bool(*v),
+            Value::String(s) => ValueRef::Str(s),
+            Value::Array(a) => ValueRef::Array(a),
+        }
+    }
+
+    pub fn as_u64(&self) -> Option<u64> {
+        self.as_ref().as_u64()
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        self.as_ref().as_i64()
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        self.as_ref().as_f64()
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        self.as_ref().as_bool()
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        self.as_ref().as_str()
+    }
+
+    pub fn as_array(&self) -> Option<&Array> {
+        self.as_ref().as_array()
+    }
+}
+
+impl Array {
+    pub fn len(&self) -> usize {
+        match self {
+            Array::U8(v) => v.len(),
+            Array::I8(v) => v.len(),
+            Array::U16(v) => v.len(),
+            Array::I16(v) => v.len(),
+            Array::U32(v) => v.len(),
+            Array::I32(v) => v.len(),
+            Array::U64(v) => v.len(),
+            Array::I64(v) => v.len(),
+            Array::F32(v) => v.len(),
+            Array::F64(v) => v.len(),
+            Array::Bool(v) => v.len(),
+            Array::String(v) => v.len(),
+            Array::Array(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, i: usize) -> Option<ValueRef<'_>> {
+        Some(match self {
+            Array::U8(v) => ValueRef::U8(*v.get(i)?),
+            Array::I8(v) => ValueRef::I8(*v.get(i)?),
+            Array::U16(v) => ValueRef::U16(*v.get(i)?),
+            Array::I16(v) => ValueRef::I16(*v.get(i)?),
+            Array::U32(v) => ValueRef::U32(*v.get(i)?),
+            Array::I32(v) => ValueRef::I32(*v.get(i)?),
+            Array::U64(v) => ValueRef::U64(*v.get(i)?),
+            Array::I64(v) => ValueRef::I64(*v.get(i)?),
+            Array::F32(v) => ValueRef::F32(*v.get(i)?),
+            Array::F64(v) => ValueRef::F64(*v.get(i)?),
+            Array::Bool(v) => ValueRef::Bool(*v.get(i)?),
+            Array::String(v) => ValueRef::Str(v.get(i)?),
+            Array::Array(v) => ValueRef::Array(v.get(i)?),
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = ValueRef<'_>> {
+        (0..self.len()).map(|i| self.get(i).expect("index in range"))
     }
 }
 
@@ -159,7 +325,11 @@ impl GgufFile {
 /// Parses header, metadata and tensor infos of a GGUF image. Public so the
 /// fuzz target can drive it on raw bytes.
 pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<TensorInfo>)> {
-    let mut r = Reader { buf, pos: 0 };
+    let mut r = Reader {
+        buf,
+        pos: 0,
+        budget: MAX_METADATA_BYTES,
+    };
     let magic = r.bytes(4, "magic")?;
     if magic != MAGIC {
         return Err(bad(format!("bad magic {magic:02x?}, expected \"GGUF\"")));
@@ -180,6 +350,10 @@ pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<TensorInfo>
     let mut metadata = HashMap::new();
     for i in 0..n_kv {
         let key = r.string(&format!("key of metadata entry {i}"))?;
+        r.charge(
+            key.len() + std::mem::size_of::<(String, Value)>(),
+            &format!("metadata '{key}'"),
+        )?;
         let ty = r.u32(&format!("type of metadata '{key}'"))?;
         let value = r.value(ty, &key, 0)?;
         if metadata.insert(key.clone(), value).is_some() {
@@ -300,6 +474,8 @@ fn align_up(v: u64, a: u64) -> Option<u64> {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Bytes of metadata memory still allowed.
+    budget: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -318,6 +494,17 @@ impl<'a> Reader<'a> {
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
+    }
+
+    /// Takes `bytes` from the metadata memory budget, before allocating them.
+    fn charge(&mut self, bytes: usize, what: &str) -> Result<()> {
+        self.budget = self.budget.checked_sub(bytes).ok_or_else(|| {
+            bad(format!(
+                "{what} needs more memory than the {} MiB allowed for all metadata",
+                MAX_METADATA_BYTES >> 20
+            ))
+        })?;
+        Ok(())
     }
 
     fn check_count(&self, count: u64, min_item_bytes: u64, what: &str) -> Result<()> {
@@ -342,7 +529,8 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    fn string(&mut self, what: &str) -> Result<String> {
+    /// A string's bytes.
+    fn str_bytes(&mut self, what: &str) -> Result<&'a [u8]> {
         let len = self.u64(what)?;
         if len > self.remaining() as u64 {
             return Err(bad(format!(
@@ -350,8 +538,16 @@ impl<'a> Reader<'a> {
                 self.remaining()
             )));
         }
-        let b = self.bytes(len as usize, what)?;
-        Ok(String::from_utf8_lossy(b).into_owned())
+        self.bytes(len as usize, what)
+    }
+
+    /// A string as text (invalid UTF-8 replaced).
+    fn str(&mut self, what: &str) -> Result<std::borrow::Cow<'a, str>> {
+        Ok(String::from_utf8_lossy(self.str_bytes(what)?))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        Ok(self.str(what)?.into_owned())
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<Value> {
@@ -363,41 +559,111 @@ impl<'a> Reader<'a> {
             4 => Value::U32(self.u32(key)?),
             5 => Value::I32(i32::from_le_bytes(self.array(key)?)),
             6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
-            7 => match self.array::<1>(key)?[0] {
-                0 => Value::Bool(false),
-                1 => Value::Bool(true),
-                b => return Err(bad(format!("metadata '{key}': invalid bool byte {b}"))),
-            },
-            8 => Value::String(self.string(key)?),
-            9 => {
-                if depth >= MAX_ARRAY_DEPTH {
-                    return Err(bad(format!("metadata '{key}': arrays nested too deeply")));
-                }
-                let elem_ty = self.u32(key)?;
-                let count = self.u64(key)?;
-                let min = match elem_ty {
-                    0 | 1 | 7 => 1,
-                    2 | 3 => 2,
-                    4..=6 => 4,
-                    8 | 10..=12 => 8,
-                    9 => 12,
-                    t => {
-                        return Err(bad(format!(
-                            "metadata '{key}': unknown array element type {t}"
-                        )))
-                    }
-                };
-                self.check_count(count, min, &format!("metadata '{key}': array length"))?;
-                let mut items = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    items.push(self.value(elem_ty, key, depth + 1)?);
-                }
-                Value::Array(items)
+            7 => Value::Bool(self.bool(key)?),
+            8 => {
+                let s = self.str(key)?;
+                self.charge(s.len(), &format!("metadata '{key}'"))?;
+                Value::String(s.into_owned())
             }
+            9 => Value::Array(self.array_value(key, depth)?),
             10 => Value::U64(self.u64(key)?),
             11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
             12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
             t => return Err(bad(format!("metadata '{key}': unknown value type {t}"))),
+        })
+    }
+
+    fn bool(&mut self, key: &str) -> Result<bool> {
+        match self.array::<1>(key)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(bad(format!("metadata '{key}': invalid bool byte {b}"))),
+        }
+    }
+
+    /// An array's element type and count, then its elements. Every count is
+    /// checked against the bytes left in the file and the memory budget
+    /// before anything is allocated.
+    fn array_value(&mut self, key: &str, depth: u32) -> Result<Array> {
+        if depth >= MAX_ARRAY_DEPTH {
+            return Err(bad(format!("metadata '{key}': arrays nested too deeply")));
+        }
+        let elem_ty = self.u32(key)?;
+        let count = self.u64(key)?;
+        // Bytes one element takes in the file at least, and in memory.
+        let (file_min, mem) = match elem_ty {
+            0 | 1 | 7 => (1, 1),
+            2 | 3 => (2, 2),
+            4..=6 => (4, 4),
+            10..=12 => (8, 8),
+            8 => (8, std::mem::size_of::<usize>()),
+            9 => (12, std::mem::size_of::<Array>()),
+            t => {
+                return Err(bad(format!(
+                    "metadata '{key}': unknown array element type {t}"
+                )))
+            }
+        };
+        let what = format!("metadata '{key}'");
+        self.check_count(count, file_min, &format!("{what}: array length"))?;
+        let n = count as usize;
+        self.charge(n.saturating_mul(mem), &format!("{what} ({n} elements)"))?;
+        macro_rules! numbers {
+            ($variant:ident, $t:ty) => {{
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(<$t>::from_le_bytes(self.array(key)?));
+                }
+                Array::$variant(v)
+            }};
+        }
+        Ok(match elem_ty {
+            0 => numbers!(U8, u8),
+            1 => numbers!(I8, i8),
+            2 => numbers!(U16, u16),
+            3 => numbers!(I16, i16),
+            4 => numbers!(U32, u32),
+            5 => numbers!(I32, i32),
+            6 => numbers!(F32, f32),
+            10 => numbers!(U64, u64),
+            11 => numbers!(I64, i64),
+            12 => numbers!(F64, f64),
+            7 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.bool(key)?);
+                }
+                Array::Bool(v)
+            }
+            8 => {
+                // Lengths first, so that the text is allocated once, at its size.
+                let start = self.pos;
+                let mut total = 0;
+                for _ in 0..n {
+                    total += self.str_bytes(key)?.len();
+                }
+                self.pos = start;
+                self.charge(total, &what)?;
+                let mut v = Strings {
+                    text: String::with_capacity(total),
+                    ends: Vec::with_capacity(n),
+                };
+                for _ in 0..n {
+                    let raw = self.str_bytes(key)?;
+                    let s = String::from_utf8_lossy(raw);
+                    // Invalid UTF-8 grows into replacement characters.
+                    self.charge(s.len() - raw.len(), &what)?;
+                    v.push(&s);
+                }
+                Array::String(v)
+            }
+            _ => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.array_value(key, depth + 1)?);
+                }
+                Array::Array(v)
+            }
         })
     }
 }

@@ -233,3 +233,114 @@ fn damaged_models_fail_to_load_with_a_message() {
     assert!(Engine::load(&p, &opts).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A sparse file of `len` bytes starting with `head`: the body costs no disk
+/// and reads as zeros.
+fn sparse_file(name: &str, head: &[u8], len: u64) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("ruvllm-{name}-{}.gguf", std::process::id()));
+    let f = std::fs::File::create(&p).unwrap();
+    std::io::Write::write_all(&mut &f, head).unwrap();
+    f.set_len(len).unwrap();
+    p
+}
+
+fn open_err(path: &std::path::Path, needles: &[&str]) {
+    let r = ruvllm::gguf::GgufFile::open(path);
+    std::fs::remove_file(path).ok();
+    let msg = match r {
+        Ok(_) => panic!("accepted a hostile file"),
+        Err(e) => e.to_string(),
+    };
+    for n in needles {
+        assert!(msg.contains(n), "error '{msg}' does not mention '{n}'");
+    }
+}
+
+#[test]
+fn a_huge_array_claim_with_a_small_body_fails_cleanly() {
+    let mut w = Writer::header(3, 0, 1);
+    w.str("big").u32(9).u32(0).u64(1 << 30).data(64);
+    expect_err(&w.bytes(), "array length");
+}
+
+#[test]
+fn a_huge_array_that_the_file_does_hold_is_refused_before_allocating() {
+    // 2^30 one-byte elements really are in the (sparse) file, so the
+    // length check passes; one 32-byte value per element would ask for
+    // 32 GiB. Typed storage needs 1 GiB, still over the metadata cap.
+    let mut w = Writer::header(3, 0, 1);
+    w.str("big").u32(9).u32(0).u64(1 << 30);
+    let len = w.0.len() as u64 + (1 << 30);
+    let p = sparse_file("huge-array", &w.0, len);
+    open_err(&p, &["'big'", "MiB allowed"]);
+}
+
+#[test]
+fn metadata_memory_is_capped_in_total() {
+    // Two arrays of 20M u64, 160 MB each: either fits the cap, both do not.
+    let n = 20_000_000u64;
+    let mut w = Writer::header(3, 0, 2);
+    w.str("first").u32(9).u32(10).u64(n);
+    let head = w.0.len() as u64;
+    let second_at = head + 8 * n;
+    let mut second = Writer::default();
+    second.str("second").u32(9).u32(10).u64(n);
+    let p = sparse_file(
+        "two-arrays",
+        &w.0,
+        second_at + second.0.len() as u64 + 8 * n,
+    );
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.seek(std::io::SeekFrom::Start(second_at)).unwrap();
+        f.write_all(&second.0).unwrap();
+    }
+    open_err(&p, &["'second'", "MiB allowed"]);
+}
+
+#[test]
+fn arrays_are_stored_as_typed_vectors() {
+    use ruvllm::gguf::{Array, ValueRef};
+    let mut w = Writer::header(3, 0, 4);
+    w.str("tokens").u32(9).u32(8).u64(3);
+    w.str("a").str("").str("\u{2581}hello");
+    w.str("scores").u32(9).u32(6).u64(2);
+    w.0.extend_from_slice(&1.5f32.to_le_bytes());
+    w.0.extend_from_slice(&(-2.0f32).to_le_bytes());
+    w.str("types").u32(9).u32(5).u64(2);
+    w.0.extend_from_slice(&1i32.to_le_bytes());
+    w.0.extend_from_slice(&(-3i32).to_le_bytes());
+    // [[true], []] as arrays of bools.
+    w.str("nested").u32(9).u32(9).u64(2);
+    w.u32(7).u64(1);
+    w.0.push(1);
+    w.u32(7).u64(0);
+    w.data(0);
+    let (_, md, _) = parse(&w.bytes()).unwrap();
+
+    let Some(Array::String(tokens)) = md["tokens"].as_array() else {
+        panic!("tokens: {:?}", md["tokens"]);
+    };
+    assert_eq!(
+        tokens.iter().collect::<Vec<_>>(),
+        ["a", "", "\u{2581}hello"]
+    );
+    assert_eq!(tokens.get(3), None);
+    assert_eq!(md["scores"].as_array(), Some(&Array::F32(vec![1.5, -2.0])));
+    let types = md["types"].as_array().unwrap();
+    assert_eq!(types, &Array::I32(vec![1, -3]));
+    assert_eq!(types.get(1).and_then(ValueRef::as_i64), Some(-3));
+    assert_eq!(types.get(1).and_then(ValueRef::as_u64), None);
+    let nested = md["nested"].as_array().unwrap();
+    assert_eq!(nested.len(), 2);
+    assert_eq!(
+        nested.get(0).and_then(ValueRef::as_array),
+        Some(&Array::Bool(vec![true]))
+    );
+    assert!(nested
+        .get(1)
+        .and_then(ValueRef::as_array)
+        .unwrap()
+        .is_empty());
+}
