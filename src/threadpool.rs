@@ -4,10 +4,13 @@
 //! workers matters more than anything else here: workers spin on a generation
 //! counter for a while after each job (about a millisecond) before parking, so
 //! back-to-back operations hand over in well under a microsecond.
+//!
+//! One job runs at a time: callers on different threads take turns, and a
+//! job that itself calls into a pool runs that inner call on its own thread.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 type Job = *const (dyn Fn(usize) + Sync);
@@ -21,10 +24,11 @@ struct Shared {
     job: UnsafeCell<Option<Job>>,
 }
 
-// SAFETY: `job` is written only by the thread inside `ThreadPool::run` before it
-// publishes a new generation (release), and read by workers after they observe
-// that generation (acquire); `run` does not return until every worker is done
-// with it, so the pointee outlives all reads.
+// SAFETY: `job` is written only by the thread inside `ThreadPool::run` that
+// holds `ThreadPool::turn` (so by one thread at a time), before it publishes a
+// new generation (release), and read by workers after they observe that
+// generation (acquire); `run` does not return, nor release `turn`, until
+// every worker is done with it, so the pointee outlives all reads.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -32,6 +36,16 @@ pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     n_threads: usize,
+    /// Held for the whole of a `run`: two callers publishing jobs at once
+    /// would overwrite each other's job and completion count.
+    turn: Mutex<()>,
+}
+
+thread_local! {
+    /// Whether this thread is running a pool job (a worker, or a caller
+    /// inside `run`): a `run` from there must not wait for workers, which
+    /// may be the ones waiting for it.
+    static IN_JOB: Cell<bool> = const { Cell::new(false) };
 }
 
 const SPIN_LIMIT: u32 = 200_000;
@@ -61,6 +75,7 @@ impl ThreadPool {
             shared,
             workers,
             n_threads,
+            turn: Mutex::new(()),
         }
     }
 
@@ -68,12 +83,17 @@ impl ThreadPool {
         self.n_threads
     }
 
-    /// Runs `f(thread_index)` on every thread of the pool and waits for all.
+    /// Runs `f(thread_index)` for every index `0..n_threads` and waits for
+    /// all, each index on its own thread. Concurrent callers take turns; a
+    /// call from inside a job runs every index on the calling thread.
     pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
-        if self.n_threads == 1 {
-            f(0);
+        if self.n_threads == 1 || IN_JOB.get() {
+            (0..self.n_threads).for_each(f);
             return;
         }
+        // A panic in an earlier job poisons the lock but leaves no state
+        // behind: that run waited for its workers before unwinding.
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
         let s = &*self.shared;
         // SAFETY: see `Shared`; erasing the lifetime is sound because we wait for
         // `pending == 0` before returning.
@@ -87,7 +107,9 @@ impl ThreadPool {
                 w.thread().unpark();
             }
         }
+        IN_JOB.set(true);
         let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
+        IN_JOB.set(false);
         while s.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
@@ -145,6 +167,7 @@ impl ThreadPool {
 }
 
 fn worker(s: Arc<Shared>, idx: usize) {
+    IN_JOB.set(true);
     let mut seen = 0usize;
     loop {
         let mut spins = 0u32;
