@@ -16,10 +16,16 @@ build:
 run: models build
 	target/release/ruvllm chat --model $(MODEL)
 
+# Kernel copies below the best one (which plain runs use) that this CPU can run.
+LOWER_SIMD := portable $(shell grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null && grep -qw avx2 /proc/cpuinfo && echo avx2)
+
 test: models pydeps
 	cargo test --release
-	# The portable (non-SIMD) kernels against the same references.
-	RUVLLM_NO_SIMD=1 cargo test --release --test fixtures --test quant --test rope
+	# The other kernel copies against the same references.
+	for l in $(LOWER_SIMD); do RUVLLM_SIMD=$$l cargo test --release --test fixtures --test quant --test rope || exit 1; done
+	# Unit tests with debug assertions on (the dev profile): the KV cache's
+	# and scheduler's invariants are debug_asserts.
+	cargo test --lib
 
 serve: models build
 	target/release/ruvllm serve --model $(MODEL)

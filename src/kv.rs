@@ -7,16 +7,44 @@
 //! half the memory and half the bandwidth of decode attention).
 
 use crate::error::{Error, Result};
+use crate::simd::{dispatch, Kernel, Simd};
 use half::f16;
 use std::collections::{BTreeMap, HashMap};
 
-/// An element type of the KV cache: a float type whose all-zero bit
-/// pattern is the value zero.
-pub trait KvElem: Copy + Send + Sync + 'static {
+mod sealed {
+    /// Private supertrait of [`super::KvElem`]: only this module's impls exist.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+/// An element type of the KV cache: `f32` or `f16`.
+///
+/// The trait is sealed (no other crate can implement it): the cache hands
+/// out freshly zeroed and `madvise`d memory as elements, which is sound only
+/// for types whose all-zero bit pattern is a value.
+///
+/// ```compile_fail
+/// #[derive(Clone, Copy)]
+/// struct Mine(f32);
+/// impl ruvllm::kv::KvElem for Mine {
+///     fn from_f32(v: f32) -> Self { Mine(v) }
+///     fn to_f32(self) -> f32 { self.0 }
+///     fn load8<S: ruvllm::simd::Simd>(_: S, s: &[Self]) -> [f32; 8] {
+///         std::array::from_fn(|i| s[i].0)
+///     }
+///     fn store<S: ruvllm::simd::Simd>(_: S, src: &[f32], dst: &mut [Self]) {
+///         dst.iter_mut().zip(src).for_each(|(d, s)| *d = Mine(*s));
+///     }
+/// }
+/// ```
+pub trait KvElem: sealed::Sealed + Copy + Send + Sync + 'static {
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
-    /// The first eight elements of `s` as floats.
-    fn load8(s: &[Self]) -> [f32; 8];
+    /// The first eight elements of `src` as floats.
+    fn load8<S: Simd>(s: S, src: &[Self]) -> [f32; 8];
+    /// `dst[i] = src[i]` converted, over the shorter of the two.
+    fn store<S: Simd>(s: S, src: &[f32], dst: &mut [Self]);
 }
 
 impl KvElem for f32 {
@@ -29,8 +57,13 @@ impl KvElem for f32 {
         self
     }
     #[inline(always)]
-    fn load8(s: &[Self]) -> [f32; 8] {
-        s[..8].try_into().expect("eight elements")
+    fn load8<S: Simd>(_: S, src: &[Self]) -> [f32; 8] {
+        src[..8].try_into().expect("eight elements")
+    }
+    #[inline(always)]
+    fn store<S: Simd>(_: S, src: &[f32], dst: &mut [Self]) {
+        let n = src.len().min(dst.len());
+        dst[..n].copy_from_slice(&src[..n]);
     }
 }
 
@@ -43,23 +76,20 @@ impl KvElem for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
-    /// One F16C instruction where the target has it.
+    /// One F16C instruction in the AVX2 copy.
     #[inline(always)]
-    fn load8(s: &[Self]) -> [f32; 8] {
-        let s = &s[..8];
-        #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
-        {
-            use std::arch::x86_64::{__m128i, __m256, _mm256_cvtph_ps, _mm_loadu_si128};
-            // SAFETY: `s` holds 8 halves = 16 bytes, read unaligned; F16C is
-            // enabled at compile time (the cfg above).
-            unsafe {
-                let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
-                std::mem::transmute::<__m256, [f32; 8]>(_mm256_cvtph_ps(h))
-            }
+    fn load8<S: Simd>(s: S, src: &[Self]) -> [f32; 8] {
+        s.f16x8_to_f32(src[..8].try_into().expect("eight elements"))
+    }
+    #[inline(always)]
+    fn store<S: Simd>(s: S, src: &[f32], dst: &mut [Self]) {
+        let mut d8 = dst.chunks_exact_mut(8);
+        let mut s8 = src.chunks_exact(8);
+        for (d, v) in (&mut d8).zip(&mut s8) {
+            d.copy_from_slice(&s.f32x8_to_f16(v.try_into().expect("eight elements")));
         }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "f16c")))]
-        {
-            std::array::from_fn(|l| s[l].to_f32())
+        for (d, v) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+            *d = f16::from_f32(*v);
         }
     }
 }
@@ -75,7 +105,7 @@ fn zeroed<T: KvElem>(n: usize) -> Vec<T> {
     // SAFETY: the layout has a non-zero size; a null result is handled; the
     // memory is allocated by the global allocator with T's layout for n
     // elements, so Vec may own and free it; all-zero bits are a valid T
-    // (KvElem's contract: f32 and f16 zeros).
+    // (KvElem is sealed to f32 and f16, whose zero bits are 0.0).
     unsafe {
         let p = std::alloc::alloc_zeroed(layout) as *mut T;
         if p.is_null() {
@@ -151,16 +181,19 @@ impl<T: KvElem> KvCache<T> {
 
     /// Stores one token's keys and values (`n_kv_heads × head_dim` each).
     pub fn write(&mut self, layer: usize, block: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let hd = self.head_dim;
-        for h in 0..self.n_kv_heads {
-            let i = self.index(block, h, slot);
-            let (kd, vd) = (&mut self.k[layer][i..i + hd], &mut self.v[layer][i..i + hd]);
-            for (d, s) in kd.iter_mut().zip(&k[h * hd..(h + 1) * hd]) {
-                *d = T::from_f32(*s);
-            }
-            for (d, s) in vd.iter_mut().zip(&v[h * hd..(h + 1) * hd]) {
-                *d = T::from_f32(*s);
-            }
+        let (start, hd) = (self.index(block, 0, slot), self.head_dim);
+        // Head h of a block sits one head's slots after head h - 1.
+        let stride = self.block_size * hd;
+        let heads = self.n_kv_heads;
+        for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
+            dispatch(Store {
+                dst,
+                src,
+                start,
+                stride,
+                hd,
+                heads,
+            });
         }
     }
 
@@ -200,8 +233,33 @@ impl<T: KvElem> KvCache<T> {
     }
 }
 
+/// Head h of `src` (`hd` values each) into `dst[start + h·stride..]`, converted.
+struct Store<'a, T> {
+    dst: &'a mut [T],
+    src: &'a [f32],
+    start: usize,
+    stride: usize,
+    hd: usize,
+    heads: usize,
+}
+
+impl<T: KvElem> Kernel for Store<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        for h in 0..self.heads {
+            let i = self.start + h * self.stride;
+            T::store(
+                s,
+                &self.src[h * self.hd..(h + 1) * self.hd],
+                &mut self.dst[i..i + self.hd],
+            );
+        }
+    }
+}
+
 /// Drops the whole pages inside `data` from memory.
-fn release_pages<T>(data: &mut [T]) {
+fn release_pages<T: KvElem>(data: &mut [T]) {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let start = data.as_mut_ptr() as usize;

@@ -2,6 +2,7 @@
 //! models.
 //!
 //! Layers, each depending only on those above it:
+//! - [`simd`]: which kernel copy (AVX-512 VNNI, AVX2, portable) this CPU runs;
 //! - [`gguf`], [`quant`], [`tensor`]: model files, block formats, SIMD kernels;
 //! - [`kv`]: the paged KV cache and its block manager (prefix caching);
 //! - [`model`]: pure forward functions over a flat batch of tokens, reading
@@ -28,6 +29,7 @@ pub mod quant;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
+pub mod simd;
 pub mod tensor;
 pub mod threadpool;
 pub mod tokenizer;

@@ -301,7 +301,9 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    // A kernel level the CPU lacks is refused here, before any work starts.
+    if let Err(e) = ruvllm::simd::requested().and_then(|_| run(cli)) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -588,6 +590,7 @@ fn info(m: &ModelArgs) -> ruvllm::Result<()> {
         e.provenance.file_size as f64 / 1048576.0
     );
     println!("architecture:   {}", s.family.name());
+    println!("kernels:        {}", ruvllm::simd::level().name());
     println!("parameters:     {:.1} M", e.model.n_params() as f64 / 1e6);
     println!("layers:         {}", s.n_layers);
     println!("hidden / ffn:   {} / {}", s.hidden, s.ffn);

@@ -173,3 +173,178 @@ fn q8_0_quantization_round_trips() {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     assert!(max_abs_diff(&x, &back) <= amax / 127.0);
 }
+
+/// The kernel level a forced run (`RUVLLM_SIMD`, `RUVLLM_NO_SIMD`) asked for
+/// is the one every test here ran with, so the run cannot silently test
+/// another path.
+#[test]
+fn the_requested_kernels_are_the_ones_in_use() {
+    use ruvllm::simd::{level, Level};
+    let want = if std::env::var_os("RUVLLM_NO_SIMD").is_some() {
+        Some(Level::Portable)
+    } else {
+        std::env::var("RUVLLM_SIMD")
+            .ok()
+            .filter(|v| v != "auto")
+            .map(|v| Level::from_name(&v).unwrap_or_else(|| panic!("RUVLLM_SIMD={v}")))
+    };
+    eprintln!("kernels: {}", level().name());
+    if let Some(want) = want {
+        assert_eq!(level(), want);
+    }
+}
+
+fn panics(f: impl FnOnce()) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err()
+}
+
+#[test]
+fn kernels_refuse_inputs_of_the_wrong_shape() {
+    use ruvllm::quant::kernels::{act_kind, dot_rows, ActKind, Acts};
+    let pool = ThreadPool::new(2);
+    for name in ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "F16", "BF16"] {
+        let (m, _) = load_sample(name);
+        let (k, kind) = (m.cols, act_kind(m.ty));
+        let x = activations(3 * k, 1);
+        let mut scratch = Vec::new();
+        // Activations that are not n × k, or not whole blocks.
+        assert!(
+            panics(|| drop(Acts::new(kind, &x[1..], 3, k, &pool))),
+            "{name}"
+        );
+        assert!(
+            panics(|| drop(Acts::new(kind, &x, 3, k + 1, &pool))),
+            "{name}"
+        );
+        assert!(
+            panics(|| drop(Acts::new(kind, &x, usize::MAX, 2, &pool))),
+            "{name}"
+        );
+        if kind != ActKind::F32 {
+            assert!(
+                panics(|| drop(Acts::new(kind, &x[..3 * (k - 16)], 3, k - 16, &pool))),
+                "{name}: partial blocks"
+            );
+        }
+        let a = Acts::new(kind, &x, 3, k, &pool);
+        let row = m.row(0);
+        let mut out = [0f32; 8];
+        // The well-formed call works.
+        dot_rows(m.ty, row, &a, 1..3, &mut out[..2], &mut scratch);
+        // Rows beyond the activations, none, or more than a call takes.
+        assert!(panics(|| dot_rows(
+            m.ty,
+            row,
+            &a,
+            2..4,
+            &mut out[..2],
+            &mut scratch
+        )));
+        assert!(panics(|| dot_rows(
+            m.ty,
+            row,
+            &a,
+            1..1,
+            &mut out[..0],
+            &mut scratch
+        )));
+        let big = Acts::new(kind, &x[..k], 1, k, &pool);
+        assert!(panics(|| dot_rows(
+            m.ty,
+            row,
+            &big,
+            0..9,
+            &mut [0f32; 9],
+            &mut scratch
+        )));
+        // An output of the wrong length.
+        assert!(panics(|| dot_rows(
+            m.ty,
+            row,
+            &a,
+            0..2,
+            &mut out[..1],
+            &mut scratch
+        )));
+        // A weight row that is short, or of another type.
+        let short = &row[..row.len() - 1];
+        assert!(panics(|| dot_rows(
+            m.ty,
+            short,
+            &a,
+            0..2,
+            &mut out[..2],
+            &mut scratch
+        )));
+        assert!(panics(|| dot_rows(
+            m.ty,
+            &[],
+            &a,
+            0..2,
+            &mut out[..2],
+            &mut scratch
+        )));
+        let other = if m.ty == GgmlType::Q4K {
+            GgmlType::Q8_0
+        } else {
+            GgmlType::Q4K
+        };
+        let long = vec![0u8; other.row_bytes(k).unwrap()];
+        if act_kind(other) != kind {
+            assert!(
+                panics(|| dot_rows(other, &long, &a, 0..2, &mut out[..2], &mut scratch)),
+                "{name}: activations prepared for another type"
+            );
+        }
+    }
+}
+
+/// Rows whose length is not a whole number of vectors end exactly where the
+/// weights end: a kernel that loads a full vector at the tail reads into the
+/// unmapped page after them and crashes.
+#[test]
+fn float_rows_with_odd_lengths_read_only_their_own_bytes() {
+    use memmap2::MmapMut;
+    let page = 4096;
+    let pool = ThreadPool::new(1);
+    for (ty, size) in [(GgmlType::F32, 4), (GgmlType::F16, 2), (GgmlType::BF16, 2)] {
+        for cols in [1usize, 7, 20, 37] {
+            let bytes = cols * size;
+            let mut map = MmapMut::map_anon(2 * page).unwrap();
+            let w: Vec<f32> = (0..cols).map(|i| (i as f32 - 3.0) * 0.25).collect();
+            let at = page - bytes;
+            for (i, v) in w.iter().enumerate() {
+                let b = &mut map[at + i * size..at + (i + 1) * size];
+                match ty {
+                    GgmlType::F32 => b.copy_from_slice(&v.to_le_bytes()),
+                    GgmlType::F16 => b.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes()),
+                    _ => b.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes()),
+                }
+            }
+            let map = map.make_read_only().unwrap();
+            // SAFETY (test): the second page lies inside our own mapping.
+            let guard = unsafe { map.as_ptr().add(page) } as *mut libc::c_void;
+            assert_eq!(unsafe { libc::mprotect(guard, page, libc::PROT_NONE) }, 0);
+            let storage = Storage::Mapped {
+                map: Arc::new(map),
+                offset: at,
+                len: bytes,
+            };
+            let m = Matrix::new(ty, 1, cols, storage).unwrap();
+            for n in [1usize, 3] {
+                let x = activations(n * cols, 3);
+                let mut out = vec![0f32; n];
+                matmul(&m, &x, n, &mut out, &pool);
+                for (i, o) in out.iter().enumerate() {
+                    let xr = &x[i * cols..(i + 1) * cols];
+                    let want: f32 = xr.iter().zip(&w).map(|(a, b)| a * b).sum();
+                    let scale: f32 = xr.iter().zip(&w).map(|(a, b)| (a * b).abs()).sum();
+                    assert!(
+                        (o - want).abs() <= 1e-5 * scale,
+                        "{ty:?} cols={cols}: {o} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -12,18 +12,20 @@ pub mod spec;
 
 use crate::error::{Error, Result};
 use crate::kv::{AnyKvCache, KvCache, KvElem};
+use crate::simd::{dispatch, Kernel, Simd};
 use crate::tensor::{matmul, Matrix};
 use crate::threadpool::{SyncPtr, ThreadPool};
 pub use load::{load_gguf, load_hf_folder, LoadedModel};
-use ops::{activate, dot_multi, exp, softcap, weighted_sum_multi, Norm};
+use ops::{activate_slice, dot_multi, exp, softcap, softcap_in, weighted_sum_multi, Norm};
 use rope::{Rope, RopeFreqs};
 pub use rope::{RopeParams, RopeScaling};
 pub use spec::{Activation, Family, ModelSpec, RopeStyle};
 
 /// Calls `f(j, block, slots)` for each block holding positions `lo..=pos`
 /// of a sequence, where `slots` are the block's slots in that range and `j`
-/// counts positions from `lo`.
-#[inline]
+/// counts positions from `lo`. Always inlined, so that the attention kernel's
+/// copies hold `f` compiled with their instruction set.
+#[inline(always)]
 fn for_each_block(
     table: &[u32],
     lo: usize,
@@ -220,9 +222,9 @@ impl Model {
                 kn.apply_in_place(&mut k);
             }
             let (qd, kd) = (s.q_dim(), s.kv_dim());
+            rope.apply(s.rope_style, &mut q, qd, s.head_dim);
+            rope.apply(s.rope_style, &mut k, kd, s.head_dim);
             for t in 0..n {
-                rope.apply(s.rope_style, &mut q[t * qd..(t + 1) * qd], s.head_dim, t);
-                rope.apply(s.rope_style, &mut k[t * kd..(t + 1) * kd], s.head_dim, t);
                 let (b, slot) = slots[t];
                 kv.write(
                     li,
@@ -280,13 +282,11 @@ impl Model {
             Some(gate) => {
                 let g = gate.forward(x, n, pool);
                 pool.par_chunks_mut(&mut up, ELEMENTWISE_CHUNK, &|off, u| {
-                    u.iter_mut()
-                        .zip(&g[off..])
-                        .for_each(|(u, g)| *u *= activate(act, *g));
+                    activate_slice(act, u, Some(&g[off..off + u.len()]))
                 });
             }
             None => pool.par_chunks_mut(&mut up, ELEMENTWISE_CHUNK, &|_, u| {
-                u.iter_mut().for_each(|u| *u = activate(act, *u))
+                activate_slice(act, u, None)
             }),
         }
         let mut post = layer.down.forward(&up, n, pool);
@@ -308,59 +308,21 @@ impl Model {
         pool: &ThreadPool,
     ) -> Vec<f32> {
         let s = &self.spec;
-        let (hd, nh) = (s.head_dim, s.n_heads);
-        let group = nh / s.n_kv_heads;
         let n = batch.tokens.len();
-        let mut out = vec![0f32; n * nh * hd];
-        let outp = SyncPtr(out.as_mut_ptr());
-        let bs = kv.block_size;
+        let mut out = vec![0f32; n * s.n_heads * s.head_dim];
+        let job = Attention {
+            spec: s,
+            layer,
+            q,
+            batch,
+            kv,
+            window,
+            out: SyncPtr(out.as_mut_ptr()),
+        };
         // One task per (token, KV head): the group of query heads sharing that
         // KV head reads each key and value once.
-        pool.for_each_chunk(n * s.n_kv_heads, 2, &|range| {
-            let mut scores: Vec<f32> = Vec::new();
-            let mut vals: Vec<&[T]> = Vec::new();
-            for task in range {
-                let (t, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
-                let pos = batch.positions[t];
-                let table = batch.block_tables[batch.seq_index[t]];
-                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let len = pos + 1 - lo;
-                let h0 = kvh * group;
-                let qs = &q[(t * nh + h0) * hd..(t * nh + h0 + group) * hd];
-                // scores[g * len + j]: head h0 + g against key lo + j.
-                scores.clear();
-                scores.resize(group * len, 0.0);
-                for_each_block(table, lo, pos, bs, |j, block, slots| {
-                    let keys = kv.keys(layer, block, kvh, slots.end);
-                    for (i, k) in keys[slots.start * hd..].chunks_exact(hd).enumerate() {
-                        dot_multi(qs, k, &mut scores[j + i..], len);
-                    }
-                });
-                for row in scores.chunks_exact_mut(len) {
-                    row.iter_mut().for_each(|v| *v *= s.attn_scale);
-                    if let Some(cap) = s.attn_softcap {
-                        softcap(row, cap);
-                    }
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f32;
-                    for v in row.iter_mut() {
-                        *v = exp(*v - max);
-                        sum += *v;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|v| *v *= inv);
-                }
-                // SAFETY: task (t, kvh) alone owns the heads h0..h0+group of token t.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(outp.get().add((t * nh + h0) * hd), group * hd)
-                };
-                vals.clear();
-                for_each_block(table, lo, pos, bs, |_, block, slots| {
-                    let values = kv.values(layer, block, kvh, slots.end);
-                    vals.extend(values[slots.start * hd..].chunks_exact(hd));
-                });
-                weighted_sum_multi(o, &scores, &vals);
-            }
+        pool.for_each_chunk(n * s.n_kv_heads, 2, &|tasks| {
+            dispatch(AttentionTasks { job: &job, tasks })
         });
         out
     }
@@ -457,6 +419,86 @@ impl Model {
         }
         if tied {
             self.output.w = self.embed.clone();
+        }
+    }
+}
+
+/// What every attention task reads, and the output they share.
+struct Attention<'a, T: KvElem> {
+    spec: &'a ModelSpec,
+    layer: usize,
+    q: &'a [f32],
+    batch: &'a Batch<'a>,
+    kv: &'a KvCache<T>,
+    window: Option<usize>,
+    /// `n × n_heads × head_dim`; each task writes its own heads.
+    out: SyncPtr<f32>,
+}
+
+struct AttentionTasks<'a, T: KvElem> {
+    job: &'a Attention<'a, T>,
+    tasks: std::ops::Range<usize>,
+}
+
+impl<T: KvElem> Kernel for AttentionTasks<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, simd: S) {
+        let Attention {
+            spec: s,
+            layer,
+            q,
+            batch,
+            kv,
+            window,
+            out,
+        } = *self.job;
+        let (hd, nh) = (s.head_dim, s.n_heads);
+        let group = nh / s.n_kv_heads;
+        let bs = kv.block_size;
+        let mut scores: Vec<f32> = Vec::new();
+        let mut vals: Vec<&[T]> = Vec::new();
+        for task in self.tasks {
+            let (t, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
+            let pos = batch.positions[t];
+            let table = batch.block_tables[batch.seq_index[t]];
+            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let len = pos + 1 - lo;
+            let h0 = kvh * group;
+            let qs = &q[(t * nh + h0) * hd..(t * nh + h0 + group) * hd];
+            // scores[g * len + j]: head h0 + g against key lo + j.
+            scores.clear();
+            scores.resize(group * len, 0.0);
+            for_each_block(table, lo, pos, bs, |j, block, slots| {
+                let keys = kv.keys(layer, block, kvh, slots.end);
+                for (i, k) in keys[slots.start * hd..].chunks_exact(hd).enumerate() {
+                    dot_multi(simd, qs, k, &mut scores[j + i..], len);
+                }
+            });
+            for row in scores.chunks_exact_mut(len) {
+                row.iter_mut().for_each(|v| *v *= s.attn_scale);
+                if let Some(cap) = s.attn_softcap {
+                    softcap_in(row, cap);
+                }
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                // Exponentials first, then their sum in the same order: the
+                // first loop vectorises, the in-order sum cannot.
+                row.iter_mut().for_each(|v| *v = exp(*v - max));
+                let sum: f32 = row.iter().sum();
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+            // SAFETY: task (t, kvh) alone owns the heads h0..h0+group of
+            // token t, which lie inside the n × nh × hd output.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(out.get().add((t * nh + h0) * hd), group * hd)
+            };
+            vals.clear();
+            for_each_block(table, lo, pos, bs, |_, block, slots| {
+                let values = kv.values(layer, block, kvh, slots.end);
+                vals.extend(values[slots.start * hd..].chunks_exact(hd));
+            });
+            weighted_sum_multi(simd, o, &scores, &vals);
         }
     }
 }

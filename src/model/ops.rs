@@ -1,8 +1,13 @@
-//! Element-wise layers shared by every architecture: norms, activations,
-//! attention dot products.
+//! Element-wise layers shared by every architecture: norms, activations and
+//! attention's inner loops (RoPE is in `rope.rs`).
+//!
+//! Each entry point dispatches once per call (per row range, never per
+//! element) to a copy of its loop compiled for the CPU's level; the
+//! `#[inline(always)]` bodies are what the copies are made of.
 
 use super::spec::Activation;
 use crate::kv::KvElem;
+use crate::simd::{dispatch, Kernel, Simd};
 
 /// A normalisation layer's parameters: RMSNorm when `bias` is None and
 /// `layer_norm` is false, LayerNorm (mean-centred, with bias) otherwise.
@@ -22,20 +27,34 @@ impl Norm {
     }
 
     pub fn apply_in_place(&self, x: &mut [f32]) {
-        for row in x.chunks_exact_mut(self.weight.len()) {
+        dispatch(NormRows { norm: self, x })
+    }
+}
+
+struct NormRows<'a> {
+    norm: &'a Norm,
+    x: &'a mut [f32],
+}
+
+impl Kernel for NormRows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, _: S) {
+        let norm = self.norm;
+        for row in self.x.chunks_exact_mut(norm.weight.len()) {
             let n = row.len() as f32;
             // LayerNorm centres on the mean; RMSNorm does not.
-            let shift = if self.layer_norm {
+            let shift = if norm.layer_norm {
                 row.iter().sum::<f32>() / n
             } else {
                 0.0
             };
             let var = row.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>() / n;
-            let inv = 1.0 / (var + self.eps).sqrt();
-            for (v, w) in row.iter_mut().zip(&self.weight) {
+            let inv = 1.0 / (var + norm.eps).sqrt();
+            for (v, w) in row.iter_mut().zip(&norm.weight) {
                 *v = (*v - shift) * inv * w;
             }
-            if let Some(b) = &self.bias {
+            if let Some(b) = &norm.bias {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
             }
         }
@@ -83,7 +102,58 @@ pub fn activate(act: Activation, x: f32) -> f32 {
     }
 }
 
+/// `u[i] = act(g[i]) · u[i]` (gated MLP), or `u[i] = act(u[i])` without a gate.
+pub fn activate_slice(act: Activation, u: &mut [f32], gate: Option<&[f32]>) {
+    dispatch(Activate { act, u, gate })
+}
+
+struct Activate<'a> {
+    act: Activation,
+    u: &'a mut [f32],
+    gate: Option<&'a [f32]>,
+}
+
+impl Kernel for Activate<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, _: S) {
+        let act = self.act;
+        // One loop per activation, so none holds a branch per element.
+        macro_rules! apply {
+            ($f:expr) => {
+                match self.gate {
+                    Some(g) => self.u.iter_mut().zip(g).for_each(|(u, g)| *u *= $f(*g)),
+                    None => self.u.iter_mut().for_each(|u| *u = $f(*u)),
+                }
+            };
+        }
+        match act {
+            Activation::Silu => apply!(silu),
+            Activation::GeluTanh => apply!(gelu_tanh),
+        }
+    }
+}
+
+/// `x = cap · tanh(x / cap)`.
 pub fn softcap(x: &mut [f32], cap: f32) {
+    dispatch(Softcap { x, cap })
+}
+
+struct Softcap<'a> {
+    x: &'a mut [f32],
+    cap: f32,
+}
+
+impl Kernel for Softcap<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, _: S) {
+        softcap_in(self.x, self.cap)
+    }
+}
+
+#[inline(always)]
+pub fn softcap_in(x: &mut [f32], cap: f32) {
     for v in x {
         let t = 1.0 - 2.0 / (exp(2.0 * *v / cap) + 1.0);
         *v = t * cap;
@@ -94,12 +164,18 @@ pub fn softcap(x: &mut [f32], cap: f32) {
 /// `k.len()` long), reading `k` once: the compiler keeps `M × 8`
 /// accumulators in registers.
 #[inline(always)]
-fn dots<T: KvElem, const M: usize>(qs: &[f32], k: &[T], out: &mut [f32], stride: usize) {
+fn dots<S: Simd, T: KvElem, const M: usize>(
+    s: S,
+    qs: &[f32],
+    k: &[T],
+    out: &mut [f32],
+    stride: usize,
+) {
     let d = k.len();
     let mut acc = [[0f32; 8]; M];
     let full = d / 8 * 8;
     for c in (0..full).step_by(8) {
-        let kc = T::load8(&k[c..]);
+        let kc = T::load8(s, &k[c..]);
         for (i, a) in acc.iter_mut().enumerate() {
             let q = &qs[i * d + c..i * d + c + 8];
             for l in 0..8 {
@@ -116,16 +192,18 @@ fn dots<T: KvElem, const M: usize>(qs: &[f32], k: &[T], out: &mut [f32], stride:
     }
 }
 
-/// `out[i·stride] = dot(qs[i], k)` for the query vectors stored back to back in `qs`.
-pub fn dot_multi<T: KvElem>(qs: &[f32], k: &[T], out: &mut [f32], stride: usize) {
+/// `out[i·stride] = dot(qs[i], k)` for the query vectors stored back to back
+/// in `qs`. A body for kernels: call it from inside one.
+#[inline(always)]
+pub fn dot_multi<S: Simd, T: KvElem>(s: S, qs: &[f32], k: &[T], out: &mut [f32], stride: usize) {
     let d = k.len();
     for (c, chunk) in qs.chunks(4 * d).enumerate() {
         let out = &mut out[c * 4 * stride..];
         match chunk.len() / d {
-            1 => dots::<T, 1>(chunk, k, out, stride),
-            2 => dots::<T, 2>(chunk, k, out, stride),
-            3 => dots::<T, 3>(chunk, k, out, stride),
-            _ => dots::<T, 4>(chunk, k, out, stride),
+            1 => dots::<S, T, 1>(s, chunk, k, out, stride),
+            2 => dots::<S, T, 2>(s, chunk, k, out, stride),
+            3 => dots::<S, T, 3>(s, chunk, k, out, stride),
+            _ => dots::<S, T, 4>(s, chunk, k, out, stride),
         }
     }
 }
@@ -133,7 +211,7 @@ pub fn dot_multi<T: KvElem>(qs: &[f32], k: &[T], out: &mut [f32], stride: usize)
 /// `ys[i] = Σ_j w[i·n + j] · xs[j]` (n = `xs.len()`) for the `M` output
 /// vectors of `ys`, eight dimensions at a time so the sums stay in registers.
 #[inline(always)]
-fn weighted_sums<T: KvElem, const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[T]]) {
+fn weighted_sums<S: Simd, T: KvElem, const M: usize>(s: S, ys: &mut [f32], w: &[f32], xs: &[&[T]]) {
     let (d, n) = (ys.len() / M, xs.len());
     let full = d / 8 * 8;
     // Four 8-wide chunks at once: 4·M independent sums per value row keep
@@ -143,7 +221,7 @@ fn weighted_sums<T: KvElem, const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[T
     for c in (0..wide).step_by(32) {
         let mut acc = [[[0f32; 8]; 4]; M];
         for (j, x) in xs.iter().enumerate() {
-            let xc: [[f32; 8]; 4] = std::array::from_fn(|q| T::load8(&x[c + 8 * q..]));
+            let xc: [[f32; 8]; 4] = std::array::from_fn(|q| T::load8(s, &x[c + 8 * q..]));
             for (i, a) in acc.iter_mut().enumerate() {
                 let wi = w[i * n + j];
                 for q in 0..4 {
@@ -162,7 +240,7 @@ fn weighted_sums<T: KvElem, const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[T
     for c in (wide..full).step_by(8) {
         let mut acc = [[0f32; 8]; M];
         for (j, x) in xs.iter().enumerate() {
-            let xc = T::load8(&x[c..]);
+            let xc = T::load8(s, &x[c..]);
             for (i, a) in acc.iter_mut().enumerate() {
                 let wi = w[i * n + j];
                 for l in 0..8 {
@@ -186,15 +264,17 @@ fn weighted_sums<T: KvElem, const M: usize>(ys: &mut [f32], w: &[f32], xs: &[&[T
 }
 
 /// `ys[i] = Σ_j w[i·n + j] · xs[j]` for the output vectors stored back to
-/// back in `ys` (each `xs[j].len()` long; n = `xs.len()`).
-pub fn weighted_sum_multi<T: KvElem>(ys: &mut [f32], w: &[f32], xs: &[&[T]]) {
+/// back in `ys` (each `xs[j].len()` long; n = `xs.len()`). A body for
+/// kernels: call it from inside one.
+#[inline(always)]
+pub fn weighted_sum_multi<S: Simd, T: KvElem>(s: S, ys: &mut [f32], w: &[f32], xs: &[&[T]]) {
     let (d, n) = (xs.first().map_or(1, |x| x.len()), xs.len());
     for (ych, wch) in ys.chunks_mut(4 * d).zip(w.chunks(4 * n)) {
         match ych.len() / d {
-            1 => weighted_sums::<T, 1>(ych, wch, xs),
-            2 => weighted_sums::<T, 2>(ych, wch, xs),
-            3 => weighted_sums::<T, 3>(ych, wch, xs),
-            _ => weighted_sums::<T, 4>(ych, wch, xs),
+            1 => weighted_sums::<S, T, 1>(s, ych, wch, xs),
+            2 => weighted_sums::<S, T, 2>(s, ych, wch, xs),
+            3 => weighted_sums::<S, T, 3>(s, ych, wch, xs),
+            _ => weighted_sums::<S, T, 4>(s, ych, wch, xs),
         }
     }
 }

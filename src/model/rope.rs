@@ -9,6 +9,7 @@
 
 use super::spec::RopeStyle;
 use crate::error::{Error, Result};
+use crate::simd::{dispatch, Kernel, Simd};
 
 /// How a model stretches RoPE beyond the context it was pretrained on.
 #[derive(Debug, Clone, PartialEq)]
@@ -296,26 +297,56 @@ impl Rope {
     }
 
     /// Rotates the first `2·half` dims of every `head_dim`-wide head in `x`,
-    /// which holds the heads of the token at table row `t`.
-    pub fn apply(&self, style: RopeStyle, x: &mut [f32], head_dim: usize, t: usize) {
-        let (c, s) = (
-            &self.cos[t * self.half..(t + 1) * self.half],
-            &self.sin[t * self.half..(t + 1) * self.half],
-        );
-        for head in x.chunks_exact_mut(head_dim) {
-            match style {
-                RopeStyle::Neox => {
-                    for i in 0..self.half {
-                        let (a, b) = (head[i], head[i + self.half]);
-                        head[i] = a * c[i] - b * s[i];
-                        head[i + self.half] = b * c[i] + a * s[i];
+    /// which holds one `width`-wide row of heads per table row (token).
+    pub fn apply(&self, style: RopeStyle, x: &mut [f32], width: usize, head_dim: usize) {
+        dispatch(RopeRows {
+            rope: self,
+            style,
+            x,
+            width,
+            head_dim,
+        })
+    }
+}
+
+struct RopeRows<'a> {
+    rope: &'a Rope,
+    style: RopeStyle,
+    x: &'a mut [f32],
+    width: usize,
+    head_dim: usize,
+}
+
+impl Kernel for RopeRows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, _: S) {
+        let half = self.rope.half;
+        if half == 0 {
+            return;
+        }
+        let tables = self
+            .rope
+            .cos
+            .chunks_exact(half)
+            .zip(self.rope.sin.chunks_exact(half));
+        for (row, (c, s)) in self.x.chunks_exact_mut(self.width).zip(tables) {
+            for head in row.chunks_exact_mut(self.head_dim) {
+                match self.style {
+                    RopeStyle::Neox => {
+                        let (lo, hi) = head.split_at_mut(half);
+                        for i in 0..half {
+                            let (a, b) = (lo[i], hi[i]);
+                            lo[i] = a * c[i] - b * s[i];
+                            hi[i] = b * c[i] + a * s[i];
+                        }
                     }
-                }
-                RopeStyle::Interleaved => {
-                    for i in 0..self.half {
-                        let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * c[i] - b * s[i];
-                        head[2 * i + 1] = b * c[i] + a * s[i];
+                    RopeStyle::Interleaved => {
+                        for i in 0..half {
+                            let (a, b) = (head[2 * i], head[2 * i + 1]);
+                            head[2 * i] = a * c[i] - b * s[i];
+                            head[2 * i + 1] = b * c[i] + a * s[i];
+                        }
                     }
                 }
             }

@@ -3,6 +3,7 @@
 
 pub mod kernels;
 
+use crate::simd::{dispatch, Kernel, Simd};
 use half::{bf16, f16};
 
 /// A GGML tensor element type, as numbered in the GGUF format.
@@ -112,181 +113,238 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Dequantizes whole blocks of `src` (a multiple of the type's block bytes) into `dst`.
 /// `dst.len()` must equal the number of elements the blocks hold.
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
-    let bs = ty.block_size();
-    let ts = ty.type_size();
-    assert_eq!(src.len() / ts * bs, dst.len(), "dequantize: size mismatch");
-    match ty {
-        GgmlType::F32 => {
-            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    dispatch(Dequantize { ty, src, dst })
+}
+
+/// [`dequantize`] as a kernel, for callers that are kernels themselves.
+pub(crate) struct Dequantize<'a> {
+    pub ty: GgmlType,
+    pub src: &'a [u8],
+    pub dst: &'a mut [f32],
+}
+
+impl Kernel for Dequantize<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let Dequantize { ty, src, dst } = self;
+        let bs = ty.block_size();
+        let ts = ty.type_size();
+        assert_eq!(src.len() / ts * bs, dst.len(), "dequantize: size mismatch");
+        match ty {
+            GgmlType::F32 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
             }
-        }
-        GgmlType::F16 => {
-            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            GgmlType::F16 => {
+                let mut d8 = dst.chunks_exact_mut(8);
+                let mut c8 = src.chunks_exact(16);
+                for (d, c) in (&mut d8).zip(&mut c8) {
+                    let h = std::array::from_fn(|i| f16::from_le_bytes([c[2 * i], c[2 * i + 1]]));
+                    d.copy_from_slice(&s.f16x8_to_f32(&h));
+                }
+                for (d, c) in d8
+                    .into_remainder()
+                    .iter_mut()
+                    .zip(c8.remainder().chunks_exact(2))
+                {
+                    *d = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
             }
-        }
-        GgmlType::BF16 => {
-            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            GgmlType::BF16 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
             }
+            GgmlType::Q4_0 => each_block(src, dst, ty, q4_0),
+            GgmlType::Q4_1 => each_block(src, dst, ty, q4_1),
+            GgmlType::Q5_0 => each_block(src, dst, ty, q5_0),
+            GgmlType::Q5_1 => each_block(src, dst, ty, q5_1),
+            GgmlType::Q8_0 => each_block(src, dst, ty, q8_0),
+            GgmlType::Q2K => each_block(src, dst, ty, q2_k),
+            GgmlType::Q3K => each_block(src, dst, ty, q3_k),
+            GgmlType::Q4K => each_block(src, dst, ty, q4_k),
+            GgmlType::Q5K => each_block(src, dst, ty, q5_k),
+            GgmlType::Q6K => each_block(src, dst, ty, q6_k),
         }
-        _ => {
-            for (b, y) in src.chunks_exact(ts).zip(dst.chunks_exact_mut(bs)) {
-                dequantize_block(ty, b, y);
+    }
+}
+
+/// The type is matched once per call, not per block, so each loop is one
+/// type's code alone.
+#[inline(always)]
+fn each_block(src: &[u8], dst: &mut [f32], ty: GgmlType, f: impl Fn(&[u8], &mut [f32])) {
+    for (b, y) in src
+        .chunks_exact(ty.type_size())
+        .zip(dst.chunks_exact_mut(ty.block_size()))
+    {
+        f(b, y);
+    }
+}
+
+#[inline(always)]
+fn q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..18];
+    for j in 0..16 {
+        y[j] = ((qs[j] & 0xF) as i32 - 8) as f32 * d;
+        y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+#[inline(always)]
+fn q4_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let qs = &b[4..20];
+    for j in 0..16 {
+        y[j] = (qs[j] & 0xF) as f32 * d + m;
+        y[j + 16] = (qs[j] >> 4) as f32 * d + m;
+    }
+}
+
+#[inline(always)]
+fn q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    for j in 0..16 {
+        let h0 = ((qh >> j) << 4) & 0x10;
+        let h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = (((qs[j] & 0xF) as u32 | h0) as i32 - 16) as f32 * d;
+        y[j + 16] = (((qs[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+    }
+}
+
+#[inline(always)]
+fn q5_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let qs = &b[8..24];
+    for j in 0..16 {
+        let h0 = ((qh >> j) << 4) & 0x10;
+        let h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = ((qs[j] & 0xF) as u32 | h0) as f32 * d + m;
+        y[j + 16] = ((qs[j] >> 4) as u32 | h1) as f32 * d + m;
+    }
+}
+
+#[inline(always)]
+fn q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for j in 0..32 {
+        y[j] = b[2 + j] as i8 as f32 * d;
+    }
+}
+
+#[inline(always)]
+fn q2_k(b: &[u8], y: &mut [f32]) {
+    let scales = &b[0..16];
+    let qs = &b[16..80];
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    let mut is = 0;
+    let mut o = 0;
+    for n in 0..2 {
+        let q = &qs[n * 32..n * 32 + 32];
+        for shift in [0, 2, 4, 6] {
+            for half in 0..2 {
+                let sc = scales[is];
+                is += 1;
+                let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                for l in 0..16 {
+                    y[o] = dl * ((q[l + 16 * half] >> shift) & 3) as f32 - ml;
+                    o += 1;
+                }
             }
         }
     }
 }
 
-fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
-    match ty {
-        GgmlType::Q4_0 => {
-            let d = f16_at(b, 0);
-            let qs = &b[2..18];
-            for j in 0..16 {
-                y[j] = ((qs[j] & 0xF) as i32 - 8) as f32 * d;
-                y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
-            }
-        }
-        GgmlType::Q4_1 => {
-            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-            let qs = &b[4..20];
-            for j in 0..16 {
-                y[j] = (qs[j] & 0xF) as f32 * d + m;
-                y[j + 16] = (qs[j] >> 4) as f32 * d + m;
-            }
-        }
-        GgmlType::Q5_0 => {
-            let d = f16_at(b, 0);
-            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            let qs = &b[6..22];
-            for j in 0..16 {
-                let h0 = ((qh >> j) << 4) & 0x10;
-                let h1 = (qh >> (j + 12)) & 0x10;
-                y[j] = (((qs[j] & 0xF) as u32 | h0) as i32 - 16) as f32 * d;
-                y[j + 16] = (((qs[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
-            }
-        }
-        GgmlType::Q5_1 => {
-            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-            let qs = &b[8..24];
-            for j in 0..16 {
-                let h0 = ((qh >> j) << 4) & 0x10;
-                let h1 = (qh >> (j + 12)) & 0x10;
-                y[j] = ((qs[j] & 0xF) as u32 | h0) as f32 * d + m;
-                y[j + 16] = ((qs[j] >> 4) as u32 | h1) as f32 * d + m;
-            }
-        }
-        GgmlType::Q8_0 => {
-            let d = f16_at(b, 0);
-            for j in 0..32 {
-                y[j] = b[2 + j] as i8 as f32 * d;
-            }
-        }
-        GgmlType::Q2K => {
-            let scales = &b[0..16];
-            let qs = &b[16..80];
-            let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
-            let mut is = 0;
-            let mut o = 0;
-            for n in 0..2 {
-                let q = &qs[n * 32..n * 32 + 32];
-                for shift in [0, 2, 4, 6] {
-                    for half in 0..2 {
-                        let sc = scales[is];
-                        is += 1;
-                        let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
-                        for l in 0..16 {
-                            y[o] = dl * ((q[l + 16 * half] >> shift) & 3) as f32 - ml;
-                            o += 1;
-                        }
-                    }
+#[inline(always)]
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let hm = &b[0..32];
+    let qs = &b[32..96];
+    let scales = q3k_scales(&b[96..108]);
+    let d = f16_at(b, 108);
+    let mut is = 0;
+    let mut o = 0;
+    let mut m = 1u8;
+    for n in 0..2 {
+        let q = &qs[n * 32..n * 32 + 32];
+        for shift in [0, 2, 4, 6] {
+            for half in 0..2 {
+                let dl = d * (scales[is] as i32 - 32) as f32;
+                is += 1;
+                for l in 0..16 {
+                    let k = l + 16 * half;
+                    let hi = if hm[k] & m != 0 { 0 } else { 4 };
+                    y[o] = dl * (((q[k] >> shift) & 3) as i32 - hi) as f32;
+                    o += 1;
                 }
             }
+            m <<= 1;
         }
-        GgmlType::Q3K => {
-            let hm = &b[0..32];
-            let qs = &b[32..96];
-            let scales = q3k_scales(&b[96..108]);
-            let d = f16_at(b, 108);
-            let mut is = 0;
-            let mut o = 0;
-            let mut m = 1u8;
-            for n in 0..2 {
-                let q = &qs[n * 32..n * 32 + 32];
-                for shift in [0, 2, 4, 6] {
-                    for half in 0..2 {
-                        let dl = d * (scales[is] as i32 - 32) as f32;
-                        is += 1;
-                        for l in 0..16 {
-                            let k = l + 16 * half;
-                            let hi = if hm[k] & m != 0 { 0 } else { 4 };
-                            y[o] = dl * (((q[k] >> shift) & 3) as i32 - hi) as f32;
-                            o += 1;
-                        }
-                    }
-                    m <<= 1;
-                }
-            }
+    }
+}
+
+#[inline(always)]
+fn q4_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    for j in 0..4 {
+        let (s1, m1) = scale_min_k4(2 * j, scales);
+        let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+        let q = &qs[j * 32..j * 32 + 32];
+        let y = &mut y[j * 64..j * 64 + 64];
+        for l in 0..32 {
+            y[l] = d * s1 as f32 * (q[l] & 0xF) as f32 - dmin * m1 as f32;
+            y[l + 32] = d * s2 as f32 * (q[l] >> 4) as f32 - dmin * m2 as f32;
         }
-        GgmlType::Q4K => {
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            let scales = &b[4..16];
-            let qs = &b[16..144];
-            for j in 0..4 {
-                let (s1, m1) = scale_min_k4(2 * j, scales);
-                let (s2, m2) = scale_min_k4(2 * j + 1, scales);
-                let q = &qs[j * 32..j * 32 + 32];
-                let y = &mut y[j * 64..j * 64 + 64];
-                for l in 0..32 {
-                    y[l] = d * s1 as f32 * (q[l] & 0xF) as f32 - dmin * m1 as f32;
-                    y[l + 32] = d * s2 as f32 * (q[l] >> 4) as f32 - dmin * m2 as f32;
-                }
-            }
+    }
+}
+
+#[inline(always)]
+fn q5_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for j in 0..4 {
+        let (s1, m1) = scale_min_k4(2 * j, scales);
+        let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+        let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+        let q = &qs[j * 32..j * 32 + 32];
+        let y = &mut y[j * 64..j * 64 + 64];
+        for l in 0..32 {
+            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+            y[l] = d * s1 as f32 * ((q[l] & 0xF) + h1) as f32 - dmin * m1 as f32;
+            y[l + 32] = d * s2 as f32 * ((q[l] >> 4) + h2) as f32 - dmin * m2 as f32;
         }
-        GgmlType::Q5K => {
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            let scales = &b[4..16];
-            let qh = &b[16..48];
-            let qs = &b[48..176];
-            for j in 0..4 {
-                let (s1, m1) = scale_min_k4(2 * j, scales);
-                let (s2, m2) = scale_min_k4(2 * j + 1, scales);
-                let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
-                let q = &qs[j * 32..j * 32 + 32];
-                let y = &mut y[j * 64..j * 64 + 64];
-                for l in 0..32 {
-                    let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
-                    let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
-                    y[l] = d * s1 as f32 * ((q[l] & 0xF) + h1) as f32 - dmin * m1 as f32;
-                    y[l + 32] = d * s2 as f32 * ((q[l] >> 4) + h2) as f32 - dmin * m2 as f32;
-                }
-            }
+    }
+}
+
+#[inline(always)]
+fn q6_k(b: &[u8], y: &mut [f32]) {
+    let ql = &b[0..128];
+    let qh = &b[128..192];
+    let sc = &b[192..208];
+    let d = f16_at(b, 208);
+    for n in 0..2 {
+        let (ql, qh, sc) = (&ql[n * 64..], &qh[n * 32..], &sc[n * 8..]);
+        let y = &mut y[n * 128..n * 128 + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
         }
-        GgmlType::Q6K => {
-            let ql = &b[0..128];
-            let qh = &b[128..192];
-            let sc = &b[192..208];
-            let d = f16_at(b, 208);
-            for n in 0..2 {
-                let (ql, qh, sc) = (&ql[n * 64..], &qh[n * 32..], &sc[n * 8..]);
-                let y = &mut y[n * 128..n * 128 + 128];
-                for l in 0..32 {
-                    let is = l / 16;
-                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                    y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                    y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                    y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                    y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                }
-            }
-        }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("not a block type"),
     }
 }
 
