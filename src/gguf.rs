@@ -23,6 +23,10 @@ const MAX_ARRAY_DEPTH: u32 = 4;
 /// hostile file from asking for more memory than it holds.
 pub const MAX_METADATA_BYTES: usize = 256 << 20;
 
+/// Longest key or tensor name accepted, in bytes (the GGUF specification's
+/// limit for keys; ggml's own tensor names are far shorter).
+pub const MAX_NAME_BYTES: u64 = 65_535;
+
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -344,16 +348,15 @@ pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<TensorInfo>
     let n_kv = r.u64("metadata count")?;
     // Each KV needs at least 8 (key length) + 4 (type) + 1 bytes; each tensor
     // info at least 8 + 4 + 4 + 8. Counts beyond that cannot fit in the file.
-    r.check_count(n_kv, 13, "metadata count")?;
-    r.check_count(n_tensors, 24, "tensor count")?;
+    r.check_count(n_kv, 13, || "metadata count".into())?;
+    r.check_count(n_tensors, 24, || "tensor count".into())?;
 
     let mut metadata = HashMap::new();
     for i in 0..n_kv {
-        let key = r.string(&format!("key of metadata entry {i}"))?;
-        r.charge(
-            key.len() + std::mem::size_of::<(String, Value)>(),
-            &format!("metadata '{key}'"),
-        )?;
+        let key = r.name(&format!("key of metadata entry {i}"))?;
+        r.charge(key.len() + std::mem::size_of::<(String, Value)>(), || {
+            format!("metadata '{key}'")
+        })?;
         let ty = r.u32(&format!("type of metadata '{key}'"))?;
         let value = r.value(ty, &key, 0)?;
         if metadata.insert(key.clone(), value).is_some() {
@@ -374,7 +377,9 @@ pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<TensorInfo>
     let mut raw = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for i in 0..n_tensors {
-        let name = r.string(&format!("name of tensor {i}"))?;
+        let name = r.name(&format!("name of tensor {i}"))?;
+        // The entry below and its copy in `seen`.
+        r.charge(2 * name.len() + 128, || format!("tensor '{name}'"))?;
         if !seen.insert(name.clone()) {
             return Err(bad(format!("duplicate tensor name '{name}'")));
         }
@@ -384,6 +389,7 @@ pub fn parse(buf: &[u8]) -> Result<(u32, HashMap<String, Value>, Vec<TensorInfo>
                 "tensor '{name}' has {n_dims} dimensions (1..={MAX_DIMS} allowed)"
             )));
         }
+        r.charge(8 * n_dims as usize, || format!("tensor '{name}'"))?;
         let mut dims = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
             let v = r.u64(&format!("dimension {d} of '{name}'"))?;
@@ -497,24 +503,63 @@ impl<'a> Reader<'a> {
     }
 
     /// Takes `bytes` from the metadata memory budget, before allocating them.
-    fn charge(&mut self, bytes: usize, what: &str) -> Result<()> {
+    /// `what` names the item, and is only built when the budget is exceeded
+    /// (building it every time would copy keys once per element).
+    fn charge(&mut self, bytes: usize, what: impl FnOnce() -> String) -> Result<()> {
         self.budget = self.budget.checked_sub(bytes).ok_or_else(|| {
             bad(format!(
-                "{what} needs more memory than the {} MiB allowed for all metadata",
+                "{} needs more memory than the {} MiB allowed for all metadata",
+                what(),
                 MAX_METADATA_BYTES >> 20
             ))
         })?;
         Ok(())
     }
 
-    fn check_count(&self, count: u64, min_item_bytes: u64, what: &str) -> Result<()> {
+    fn check_count(
+        &self,
+        count: u64,
+        min_item_bytes: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
         if count.saturating_mul(min_item_bytes) > self.remaining() as u64 {
             return Err(bad(format!(
-                "{what} {count} cannot fit in the {} bytes left in the file",
+                "{} {count} cannot fit in the {} bytes left in the file",
+                what(),
                 self.remaining()
             )));
         }
         Ok(())
+    }
+
+    /// `raw` as text, charging what it takes beyond `raw.len()` (the caller
+    /// charges that) before allocating it: valid UTF-8 is borrowed; each
+    /// invalid byte may grow into a 3-byte replacement character.
+    fn text(
+        &mut self,
+        raw: &'a [u8],
+        what: impl FnOnce() -> String,
+    ) -> Result<std::borrow::Cow<'a, str>> {
+        if let Ok(s) = std::str::from_utf8(raw) {
+            return Ok(std::borrow::Cow::Borrowed(s));
+        }
+        let bound = 2 * raw.len();
+        self.charge(bound, what)?;
+        let s = String::from_utf8_lossy(raw).into_owned();
+        self.budget += bound - (s.len() - raw.len());
+        Ok(std::borrow::Cow::Owned(s))
+    }
+
+    /// A key or tensor name: at most [`MAX_NAME_BYTES`] long.
+    fn name(&mut self, what: &str) -> Result<String> {
+        let raw = self.str_bytes(what)?;
+        if raw.len() as u64 > MAX_NAME_BYTES {
+            return Err(bad(format!(
+                "{what} is {} bytes long (at most {MAX_NAME_BYTES} allowed)",
+                raw.len()
+            )));
+        }
+        Ok(String::from_utf8_lossy(raw).into_owned())
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
@@ -541,15 +586,6 @@ impl<'a> Reader<'a> {
         self.bytes(len as usize, what)
     }
 
-    /// A string as text (invalid UTF-8 replaced).
-    fn str(&mut self, what: &str) -> Result<std::borrow::Cow<'a, str>> {
-        Ok(String::from_utf8_lossy(self.str_bytes(what)?))
-    }
-
-    fn string(&mut self, what: &str) -> Result<String> {
-        Ok(self.str(what)?.into_owned())
-    }
-
     fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<Value> {
         Ok(match ty {
             0 => Value::U8(self.array::<1>(key)?[0]),
@@ -561,9 +597,9 @@ impl<'a> Reader<'a> {
             6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
             7 => Value::Bool(self.bool(key)?),
             8 => {
-                let s = self.str(key)?;
-                self.charge(s.len(), &format!("metadata '{key}'"))?;
-                Value::String(s.into_owned())
+                let raw = self.str_bytes(key)?;
+                self.charge(raw.len(), || format!("metadata '{key}'"))?;
+                Value::String(self.text(raw, || format!("metadata '{key}'"))?.into_owned())
             }
             9 => Value::Array(self.array_value(key, depth)?),
             10 => Value::U64(self.u64(key)?),
@@ -604,10 +640,12 @@ impl<'a> Reader<'a> {
                 )))
             }
         };
-        let what = format!("metadata '{key}'");
-        self.check_count(count, file_min, &format!("{what}: array length"))?;
+        let what = || format!("metadata '{key}'");
+        self.check_count(count, file_min, || format!("{}: array length", what()))?;
         let n = count as usize;
-        self.charge(n.saturating_mul(mem), &format!("{what} ({n} elements)"))?;
+        self.charge(n.saturating_mul(mem), || {
+            format!("{} ({n} elements)", what())
+        })?;
         macro_rules! numbers {
             ($variant:ident, $t:ty) => {{
                 let mut v = Vec::with_capacity(n);
@@ -643,16 +681,14 @@ impl<'a> Reader<'a> {
                     total += self.str_bytes(key)?.len();
                 }
                 self.pos = start;
-                self.charge(total, &what)?;
+                self.charge(total, what)?;
                 let mut v = Strings {
                     text: String::with_capacity(total),
                     ends: Vec::with_capacity(n),
                 };
                 for _ in 0..n {
                     let raw = self.str_bytes(key)?;
-                    let s = String::from_utf8_lossy(raw);
-                    // Invalid UTF-8 grows into replacement characters.
-                    self.charge(s.len() - raw.len(), &what)?;
+                    let s = self.text(raw, what)?;
                     v.push(&s);
                 }
                 Array::String(v)

@@ -147,8 +147,17 @@ const MIN_ROW_CHUNK: usize = 16;
 /// writing `out` as `n × w.rows`.
 pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPool) {
     let (m, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), n * k, "matmul: input is not n × cols");
-    assert_eq!(out.len(), n * m, "matmul: output is not n × rows");
+    // checked_mul: a wrapped product could make a huge `n` look consistent.
+    assert_eq!(
+        Some(x.len()),
+        n.checked_mul(k),
+        "matmul: input is not n × cols"
+    );
+    assert_eq!(
+        Some(out.len()),
+        n.checked_mul(m),
+        "matmul: output is not n × rows"
+    );
     if n == 0 {
         return;
     }

@@ -113,10 +113,13 @@ impl ThreadPool {
         while s.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
+        // Cleared before re-raising the caller's own panic, so that a worker
+        // panic of this call is not reported by the next, unrelated one.
+        let worker_panicked = s.panicked.swap(false, Ordering::SeqCst);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
-        if s.panicked.swap(false, Ordering::SeqCst) {
+        if worker_panicked {
             panic!("a worker thread panicked");
         }
     }

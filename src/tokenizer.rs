@@ -479,9 +479,18 @@ fn tokenizer_json_uses_byte_level(path: &Path) -> bool {
     is_bl(j.get("decoder")) || is_bl(j.get("pre_tokenizer"))
 }
 
+/// More entries than any real vocabulary or merge list has (Gemma 3's
+/// vocabulary is 262,144): a crafted file cannot make the tokenizer expand
+/// capped GGUF metadata into gigabytes of `String`s.
+const MAX_TOKENIZER_ENTRIES: usize = 1 << 22;
+
 fn strings(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
     match g.get(key) {
         None => Ok(None),
+        Some(Value::Array(a)) if a.len() > MAX_TOKENIZER_ENTRIES => Err(Error::Tokenizer(format!(
+            "{key} has {} entries (at most {MAX_TOKENIZER_ENTRIES} allowed)",
+            a.len()
+        ))),
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| v.as_str().map(String::from))

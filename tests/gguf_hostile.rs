@@ -344,3 +344,61 @@ fn arrays_are_stored_as_typed_vectors() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn keys_and_tensor_names_longer_than_the_spec_allows_are_refused() {
+    let long = "k".repeat(65_536);
+    let mut w = Writer::header(3, 0, 1);
+    w.kv_u32(&long, 1).data(0);
+    expect_err(&w.bytes(), "at most 65535");
+    let mut w = Writer::header(3, 1, 0);
+    w.tensor(&long, &[32], 0, 0).data(128);
+    expect_err(&w.bytes(), "at most 65535");
+    // The longest allowed key is fine.
+    let mut w = Writer::header(3, 0, 1);
+    w.kv_u32(&long[1..], 1).data(0);
+    parse(&w.bytes()).unwrap();
+}
+
+#[test]
+fn invalid_utf8_is_charged_at_the_size_it_grows_to() {
+    // 100 MiB of 0xFF bytes: 100 MiB in the file, but 300 MiB once each
+    // byte becomes U+FFFD, over the 256 MiB cap. A valid string of the same
+    // length is within it.
+    let n = 100u64 << 20;
+    for (byte, ok) in [(0xFFu8, false), (b'a', true)] {
+        let mut w = Writer::header(3, 0, 1);
+        w.str("text").u32(8).u64(n);
+        let head = w.0.len() as u64;
+        let p = sparse_file(&format!("utf8-{byte}"), &w.0, head + n + 64);
+        {
+            use std::io::{Seek, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.seek(std::io::SeekFrom::Start(head)).unwrap();
+            f.write_all(&vec![byte; n as usize]).unwrap();
+        }
+        if ok {
+            let r = ruvllm::gguf::GgufFile::open(&p);
+            std::fs::remove_file(&p).ok();
+            if let Err(e) = r {
+                // No tensors is fine here; only the metadata matters.
+                assert!(!e.to_string().contains("MiB allowed"), "{e}");
+            }
+        } else {
+            open_err(&p, &["'text'", "MiB allowed"]);
+        }
+    }
+}
+
+#[test]
+fn tensor_entries_count_against_the_metadata_cap() {
+    // 1.2M tensor infos with 64-byte names: 115 MB in the file, more than
+    // the 256 MiB cap once held as entries (each name is kept twice).
+    let n = 1_200_000u64;
+    let mut w = Writer::header(3, n, 0);
+    for i in 0..n {
+        w.tensor(&format!("{i:064}"), &[32], 0, 0);
+    }
+    w.data(64);
+    expect_err(&w.bytes(), "MiB allowed");
+}

@@ -105,7 +105,8 @@ fn kernels_match_the_dequantized_reference() {
     for name in SUPPORTED {
         let (m, _) = load_sample(name);
         let w = m.to_f32();
-        for n in [1usize, 3, 4, 7] {
+        // Every row count a kernel call takes (1..=8) and one past it.
+        for n in [1usize, 2, 3, 4, 5, 6, 7, 8, 11] {
             let x = activations(n * m.cols, n as u64);
             let mut outs = Vec::new();
             for pool in &pools {
@@ -149,10 +150,11 @@ fn a_row_computes_the_same_alone_or_batched() {
     let pool = ThreadPool::new(2);
     for name in SUPPORTED {
         let (m, _) = load_sample(name);
-        let x = activations(7 * m.cols, 99);
-        let mut batched = vec![0f32; 7 * m.rows];
-        matmul(&m, &x, 7, &mut batched, &pool);
-        for i in 0..7 {
+        // 11 rows: one call of 8 and one of 3.
+        let x = activations(11 * m.cols, 99);
+        let mut batched = vec![0f32; 11 * m.rows];
+        matmul(&m, &x, 11, &mut batched, &pool);
+        for i in 0..11 {
             let mut alone = vec![0f32; m.rows];
             matmul(&m, &x[i * m.cols..(i + 1) * m.cols], 1, &mut alone, &pool);
             assert_eq!(
@@ -345,6 +347,34 @@ fn float_rows_with_odd_lengths_read_only_their_own_bytes() {
                     );
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn non_finite_activations_give_non_finite_outputs_not_garbage() {
+    let pool = ThreadPool::new(2);
+    for name in SUPPORTED {
+        let (m, _) = load_sample(name);
+        for bad in [f32::NAN, f32::INFINITY] {
+            // Row 1 holds one bad value (twice in one block, which must not
+            // overflow any sum); rows 0 and 2 are clean.
+            let mut x = activations(3 * m.cols, 7);
+            x[m.cols + 5] = bad;
+            x[m.cols + 6] = -bad;
+            let mut out = vec![0f32; 3 * m.rows];
+            matmul(&m, &x, 3, &mut out, &pool);
+            for j in 0..m.rows {
+                assert!(out[j].is_finite(), "{name}: clean row 0 col {j}");
+                assert!(
+                    out[2 * m.rows + j].is_finite(),
+                    "{name}: clean row 2 col {j}"
+                );
+            }
+            assert!(
+                out[m.rows..2 * m.rows].iter().any(|v| !v.is_finite()),
+                "{name}: a row with {bad} gave only finite outputs"
+            );
         }
     }
 }

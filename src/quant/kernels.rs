@@ -179,22 +179,33 @@ unsafe fn quantize_blocks(
     for b in blocks {
         let xb = &x[b * block..(b + 1) * block];
         // SAFETY: block b owns qs[b*block..][..block] and, for K blocks,
-        // bsums[b*block/16..][..block/16] (the caller's contract).
-        let (q, bsums) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(out.qs.get().add(b * block), block),
-                std::slice::from_raw_parts_mut(
-                    out.bsums.get().add(b * block / 16),
-                    if out.kind == ActKind::Q8K {
-                        block / 16
-                    } else {
-                        0
-                    },
-                ),
-            )
+        // bsums[b*block/16..][..block/16] (the caller's contract). Legacy
+        // blocks have no bsums: that Vec is empty, so no offset is taken
+        // from its dangling pointer.
+        let q = unsafe { std::slice::from_raw_parts_mut(out.qs.get().add(b * block), block) };
+        let bsums: &mut [i16] = if out.kind == ActKind::Q8K {
+            unsafe {
+                std::slice::from_raw_parts_mut(out.bsums.get().add(b * block / 16), block / 16)
+            }
+        } else {
+            &mut []
         };
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let (db, sum) = if amax == 0.0 {
+        // The largest |x| through the bit patterns: for non-negative floats
+        // they order as the values do, an integer max vectorises, and NaN
+        // and infinity (which f32::max would drop or keep silently) land
+        // above every finite value. Such a block gets a NaN scale, so its
+        // outputs are not finite, as on the f32 path, instead of integers
+        // from an undefined conversion.
+        let amax_bits = xb
+            .iter()
+            .fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+        let finite = amax_bits < 0x7f80_0000;
+        let amax = f32::from_bits(amax_bits);
+        let (db, sum) = if !finite {
+            q.fill(0);
+            bsums.fill(0);
+            (f32::NAN, 0)
+        } else if amax == 0.0 {
             q.fill(0);
             bsums.fill(0);
             (0.0, 0)
