@@ -36,6 +36,9 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The original ruvllm's name for [`Error`], kept so its users' code compiles.
+pub type RuvLLMError = Error;
+
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

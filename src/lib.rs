@@ -34,4 +34,4 @@ pub mod tensor;
 pub mod threadpool;
 pub mod tokenizer;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, RuvLLMError};

@@ -208,6 +208,9 @@ fn architecture_quantization_and_defaults() {
     assert_eq!(Quantization::None.bytes_per_weight(), 4.0);
     assert_eq!(Quantization::F16.bytes_per_weight(), 2.0);
     assert_eq!(Quantization::Q8.bytes_per_weight(), 34.0 / 32.0);
+    assert_eq!(Quantization::Q4.bytes_per_weight(), 18.0 / 32.0);
+    assert_eq!(Quantization::Bf16.bytes_per_weight(), 2.0);
+    assert!(!Quantization::Bf16.is_gguf() && Quantization::Q4.is_gguf());
     assert!(!Quantization::F16.is_gguf() && Quantization::Q2K.is_gguf());
     assert_eq!(Quantization::default(), Quantization::Q4K);
 
@@ -409,6 +412,12 @@ fn model_info_names_the_real_weight_type() {
         b.load_model(&path.to_string_lossy(), config()).unwrap();
         let info: ModelInfo = b.model_info().unwrap();
         assert_eq!(info.quantization, Some(want), "{file}");
+        if file.starts_with("SmolLM2") {
+            // The file's general.name.
+            assert_eq!(info.name, "Smollm2 135M 8k Lc100K Mix1 Ep2");
+        } else {
+            assert!(!info.name.is_empty(), "{file}");
+        }
         assert!(info.memory_usage > 0 && info.num_parameters > 0);
     }
 }
@@ -481,9 +490,19 @@ fn llm_backend_doc_example_and_logprobs() -> ruvllm::Result<()> {
     assert_eq!(tokenizer.encode(prompt)?, input);
     assert_eq!(tokenizer.vocab_size(), 512);
     let special: SpecialTokens = tokenizer.special_tokens();
+    // The fixture's tokenizer.json: <s> 0, </s> 1, <unk> 2, <pad> 3.
     assert_eq!(
-        (special.bos_token_id, special.eos_token_id),
-        (Some(0), Some(1))
+        (
+            special.bos_token_id,
+            special.eos_token_id,
+            special.unk_token_id,
+            special.pad_token_id
+        ),
+        (Some(0), Some(1), Some(2), Some(3))
+    );
+    let none = SpecialTokens::default();
+    assert!(
+        none.bos_token_id.is_none() && none.pad_token_id.is_none() && none.unk_token_id.is_none()
     );
     assert_eq!(
         tokenizer.decode(&ids)?,
