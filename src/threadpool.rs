@@ -86,6 +86,10 @@ impl ThreadPool {
     /// Runs `f(thread_index)` for every index `0..n_threads` and waits for
     /// all, each index on its own thread. Concurrent callers take turns; a
     /// call from inside a job runs every index on the calling thread.
+    ///
+    /// A thread that a job spawns is not "inside a job": if it calls `run`
+    /// on the same pool while the job waits for it, it waits for the turn
+    /// the job holds, and both hang. Jobs must not do that.
     pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
         if self.n_threads == 1 || IN_JOB.get() {
             (0..self.n_threads).for_each(f);
