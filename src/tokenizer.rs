@@ -65,6 +65,20 @@ pub struct Tokenizer {
     specials: Option<SpecialSplitter>,
     /// Raw `tokenizer.ggml.pre` or "hf".
     pub pre: String,
+    /// See [`Tokenizer::max_token_bytes`]; found once at load, since every
+    /// request's length check reads it.
+    max_token_bytes: usize,
+}
+
+/// The longest piece or text of any token, at least 1.
+fn longest_token(pieces: &[Vec<u8>], texts: &[String]) -> usize {
+    pieces
+        .iter()
+        .map(Vec::len)
+        .chain(texts.iter().map(String::len))
+        .max()
+        .unwrap_or(1)
+        .max(1)
 }
 
 impl Tokenizer {
@@ -75,13 +89,7 @@ impl Tokenizer {
     /// The most bytes of text one token stands for: a text longer than
     /// `n` times this cannot encode to fewer than `n` tokens.
     pub fn max_token_bytes(&self) -> usize {
-        self.pieces
-            .iter()
-            .map(Vec::len)
-            .chain(self.texts.iter().map(String::len))
-            .max()
-            .unwrap_or(1)
-            .max(1)
+        self.max_token_bytes
     }
 
     pub fn token_text(&self, id: u32) -> Option<&str> {
@@ -205,7 +213,7 @@ impl Tokenizer {
             .and_then(|v| v.as_str())
             .unwrap_or("default")
             .to_string();
-        let (model, pieces, add_bos_default) = match model_name {
+        let (model, pieces, add_bos_default): (Model, Vec<Vec<u8>>, bool) = match model_name {
             "gpt2" => {
                 let merges = strings(g, "tokenizer.ggml.merges")?.unwrap_or_default();
                 let byte_of = byte_decoder();
@@ -289,6 +297,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             model,
             special,
+            max_token_bytes: longest_token(&pieces, &tokens),
             pieces,
             is_control: types.iter().map(|&t| t == TYPE_CONTROL).collect(),
             texts: tokens,
@@ -323,7 +332,7 @@ impl Tokenizer {
         }
         let byte_level = tokenizer_json_uses_byte_level(&path);
         let byte_of = byte_decoder();
-        let pieces = texts
+        let pieces: Vec<Vec<u8>> = texts
             .iter()
             .enumerate()
             .map(|(i, t)| {
@@ -412,6 +421,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             model: Model::Hf(tk),
             special,
+            max_token_bytes: longest_token(&pieces, &texts),
             pieces,
             texts,
             is_control,
