@@ -6,6 +6,7 @@
 use crate::chat::{ChatMessage, ChatTemplate, CHATML, GEMMA};
 use crate::error::{Error, Result};
 use crate::kv::{bytes_per_token, AnyKvCache, KvDtype};
+use crate::model::lora::{LoraAdapter, WeightedAdapter};
 use crate::model::{load_gguf, load_hf_folder, Batch, Family, Model, Output};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions};
@@ -44,6 +45,21 @@ pub struct EngineOptions {
     pub max_num_seqs: usize,
     /// How keys and values are stored: f32 is exact, f16 halves the memory.
     pub kv_dtype: KvDtype,
+    /// LoRA adapters to load: unnamed ones apply to every request, named
+    /// ones to the requests that ask for them.
+    pub lora: Vec<LoraOption>,
+}
+
+/// A LoRA adapter to load with the model.
+#[derive(Debug, Clone)]
+pub struct LoraOption {
+    /// `None`: always applied. `Some(name)`: applied to requests that name
+    /// it (the server's `"model": name`).
+    pub name: Option<String>,
+    /// A PEFT folder or a llama.cpp GGUF adapter.
+    pub path: PathBuf,
+    /// Multiplies the adapter's own `alpha / r`.
+    pub scale: f32,
 }
 
 impl Default for EngineOptions {
@@ -57,6 +73,7 @@ impl Default for EngineOptions {
             max_batched_tokens: 512,
             max_num_seqs: 32,
             kv_dtype: KvDtype::F32,
+            lora: Vec::new(),
         }
     }
 }
@@ -115,6 +132,9 @@ pub struct GenerationRequest {
     /// Only prefixes cached under the same salt are reused (tenants do not
     /// share, or learn about, each other's prompts).
     pub cache_salt: Option<String>,
+    /// Named adapters (loaded with [`LoraOption::name`]) to apply, with
+    /// their weights, on top of the engine's always-on ones.
+    pub adapters: Vec<(String, f32)>,
 }
 
 /// Alternatives reported per token at most.
@@ -240,6 +260,10 @@ pub struct Engine {
     context: usize,
     max_batched_tokens: usize,
     counters: Counters,
+    /// Adapters applied to every sequence.
+    always: Vec<WeightedAdapter>,
+    /// Adapters requests may name, in load order.
+    named: Vec<WeightedAdapter>,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
 }
@@ -266,6 +290,8 @@ struct Active {
     embed_sum: Vec<f32>,
     /// Log-probabilities of prompt tokens 1.., by position (when asked for).
     prompt_lps: Vec<Option<PromptTokenLogprob>>,
+    /// Every adapter applied to this sequence, with its weight.
+    adapters: Vec<WeightedAdapter>,
 }
 
 /// Which logit or hidden-state rows a chunk needs from the forward pass.
@@ -398,6 +424,44 @@ impl Engine {
             .sliding_window
             .filter(|_| spec.sliding_layers.iter().all(|&s| s));
         model.set_context(context);
+        let (mut always, mut named) = (Vec::new(), Vec::<WeightedAdapter>::new());
+        for o in &opts.lora {
+            if !o.scale.is_finite() {
+                return Err(Error::Config(format!(
+                    "LoRA scale {} of {} is not a finite number",
+                    o.scale,
+                    o.path.display()
+                )));
+            }
+            let label = o
+                .name
+                .clone()
+                .unwrap_or_else(|| o.path.display().to_string());
+            if o.name
+                .as_deref()
+                .is_some_and(|n| named.iter().any(|w| w.adapter.name == n))
+            {
+                return Err(Error::Config(format!(
+                    "two LoRA adapters are named {label}"
+                )));
+            }
+            let adapter = LoraAdapter::load(&o.path, &label, &model.spec)?;
+            tracing::info!(
+                name = %label,
+                rank = adapter.rank,
+                targets = ?adapter.targets(),
+                kib = adapter.bytes() >> 10,
+                "loaded LoRA adapter"
+            );
+            let w = WeightedAdapter {
+                adapter: Arc::new(adapter),
+                weight: o.scale,
+            };
+            match o.name {
+                Some(_) => named.push(w),
+                None => always.push(w),
+            }
+        }
         Ok(Engine {
             model,
             tokenizer: Arc::new(tokenizer),
@@ -421,6 +485,8 @@ impl Engine {
             context,
             max_batched_tokens,
             counters: Counters::default(),
+            always,
+            named,
             fault: None,
         })
     }
@@ -489,6 +555,13 @@ impl Engine {
             return;
         }
         self.maybe_fault(FaultKind::AdmitPanic, &req.prompt);
+        let adapters = match self.adapters_for(&req.adapters) {
+            Ok(a) => a,
+            Err(e) => {
+                sink(SeqEvent::Failed(e));
+                return;
+            }
+        };
         let max_tokens = req.max_tokens.min(self.context - req.prompt.len());
         if max_tokens == 0 && !req.embed {
             // Nothing asked, nothing generated (not even a first token).
@@ -509,7 +582,7 @@ impl Engine {
             SeqOptions {
                 use_prefix_cache: !req.embed,
                 after: after.filter(|a| self.requests.contains_key(a)),
-                cache_salt: req.cache_salt.clone(),
+                cache_salt: adapter_salt(req.cache_salt.as_deref(), &adapters),
                 full_logits: req.prompt_logprobs.is_some(),
             },
         );
@@ -523,9 +596,43 @@ impl Engine {
             first_token: None,
             embed_sum: Vec::new(),
             prompt_lps: Vec::new(),
+            adapters,
             req,
         };
         self.requests.insert(id, active);
+    }
+
+    /// The named adapters requests may ask for.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.named.iter().map(|w| w.adapter.name.clone()).collect()
+    }
+
+    /// The adapters every request gets.
+    pub fn always_on_adapters(&self) -> &[WeightedAdapter] {
+        &self.always
+    }
+
+    /// The always-on adapters followed by the named ones `wanted` asks
+    /// for (their weight multiplies the scale they were loaded with).
+    fn adapters_for(&self, wanted: &[(String, f32)]) -> Result<Vec<WeightedAdapter>> {
+        let mut v = self.always.clone();
+        for (name, weight) in wanted {
+            if !weight.is_finite() {
+                return Err(Error::InvalidRequest(format!(
+                    "adapter weight {weight} is not a finite number"
+                )));
+            }
+            let w = self
+                .named
+                .iter()
+                .find(|w| w.adapter.name == *name)
+                .ok_or_else(|| Error::InvalidRequest(format!("no LoRA adapter named {name:?}")))?;
+            v.push(WeightedAdapter {
+                adapter: w.adapter.clone(),
+                weight: w.weight * weight,
+            });
+        }
+        Ok(v)
     }
 
     /// Stops a request now and frees its blocks; its sink hears `Finished`
@@ -642,7 +749,9 @@ impl Engine {
         );
         let (mut rows, mut hidden_rows) = (Vec::new(), Vec::new());
         let mut tables = Vec::with_capacity(chunks.len());
+        let mut adapters: Vec<&[WeightedAdapter]> = Vec::with_capacity(chunks.len());
         for (i, c) in chunks.iter().enumerate() {
+            adapters.push(&self.requests[&c.id].adapters);
             let base = tokens.len();
             tokens.extend_from_slice(&self.sched.tokens(c.id)[c.start..c.start + c.len]);
             positions.extend(c.start..c.start + c.len);
@@ -660,11 +769,15 @@ impl Engine {
                 return Err(Error::Internal("injected fault: StepError".into()));
             }
         }
+        if adapters.iter().all(|a| a.is_empty()) {
+            adapters.clear();
+        }
         let batch = Batch {
             tokens: &tokens,
             positions: &positions,
             seq_index: &seq_index,
             block_tables: &tables,
+            adapters: &adapters,
         };
         self.model
             .forward_any(&batch, &mut self.kv, &rows, &hidden_rows, &self.pool)
@@ -907,6 +1020,7 @@ impl Engine {
                     positions: &positions,
                     seq_index: &vec![0; toks.len()],
                     block_tables: &[table],
+                    adapters: &[&e.always],
                 };
                 let o = e.model.forward_any(
                     &batch,
@@ -933,6 +1047,7 @@ impl Engine {
                     positions: &[p],
                     seq_index: &[0],
                     block_tables: &[table],
+                    adapters: &[&e.always],
                 };
                 logits.extend(
                     e.model
@@ -970,6 +1085,27 @@ impl Engine {
         self.sched.blocks.release(&table);
         r
     }
+}
+
+/// The prefix-cache salt of a sequence: its adapters change every key and
+/// value, so each mix (adapter identities and exact weights) caches apart.
+/// The encoding is injective, so no client-chosen salt can name another
+/// mix's entries: a client salt is length-prefixed, a mix without one
+/// starts with `-`.
+fn adapter_salt(salt: Option<&str>, adapters: &[WeightedAdapter]) -> Option<String> {
+    let mut s = match salt {
+        None if adapters.is_empty() => return None,
+        None => "-".to_string(),
+        Some(c) => format!("{}:{c}", c.len()),
+    };
+    for w in adapters {
+        s.push_str(&format!(
+            "/lora:{}x{:08x}",
+            w.adapter.id,
+            w.weight.to_bits()
+        ));
+    }
+    Some(s)
 }
 
 /// Checks a request against the engine's limits before it is queued.

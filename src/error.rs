@@ -16,6 +16,8 @@ pub enum Error {
     Safetensors(String),
     #[error("invalid model config: {0}")]
     Config(String),
+    #[error("invalid adapter: {0}")]
+    Adapter(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
     #[error("tokenizer: {0}")]

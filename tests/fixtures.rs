@@ -237,6 +237,7 @@ fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
             positions: &positions,
             seq_index: &vec![0; tokens.len()],
             block_tables: &[table],
+            adapters: &[],
         };
         model
             .forward(&batch, &mut kv, &rows, &[], &pool)
@@ -268,6 +269,7 @@ fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
         positions: &positions,
         seq_index: &seq_index,
         block_tables: &[&table_a, &table_b],
+        adapters: &[],
     };
     let both = model
         .forward(&batch, &mut kv, &rows, &[], &pool)

@@ -6,6 +6,7 @@
 //! data in [`ModelSpec`] and optional weights, not separate code paths.
 
 mod load;
+pub mod lora;
 pub mod ops;
 pub mod rope;
 pub mod spec;
@@ -16,6 +17,7 @@ use crate::simd::{dispatch, Kernel, Simd};
 use crate::tensor::{matmul, Matrix};
 use crate::threadpool::{SyncPtr, ThreadPool};
 pub use load::{load_gguf, load_hf_folder, LoadedModel};
+use lora::{add_lora, Target, WeightedAdapter};
 use ops::{activate_slice, dot_multi, exp, softcap, softcap_in, weighted_sum_multi, Norm};
 use rope::{Rope, RopeFreqs};
 pub use rope::{RopeParams, RopeScaling};
@@ -95,6 +97,9 @@ pub struct Model {
     rope_local: Option<RopeFreqs>,
 }
 
+/// Adds the batch's adapters to a projection's output: (target, input, output).
+type AddLora<'a> = dyn Fn(Target, &[f32], &mut [f32]) + 'a;
+
 /// A flat batch of tokens from one or more sequences.
 pub struct Batch<'a> {
     pub tokens: &'a [u32],
@@ -103,6 +108,9 @@ pub struct Batch<'a> {
     /// Index into `block_tables` of each token's sequence.
     pub seq_index: &'a [usize],
     pub block_tables: &'a [&'a [u32]],
+    /// LoRA adapters of each sequence (indexed like `block_tables`); empty
+    /// when no sequence has any.
+    pub adapters: &'a [&'a [WeightedAdapter]],
 }
 
 /// What a forward pass returns for the rows it was asked about.
@@ -212,9 +220,15 @@ impl Model {
                 _ => &rope_global,
             };
             layer.attn_norm.apply(&x, &mut normed);
+            let lora = |t: Target, x: &[f32], y: &mut [f32]| {
+                add_lora(batch.adapters, batch.seq_index, li, t, x, y, pool)
+            };
             let mut q = layer.q.forward(&normed, n, pool);
+            lora(Target::Q, &normed, &mut q);
             let mut k = layer.k.forward(&normed, n, pool);
-            let v = layer.v.forward(&normed, n, pool);
+            lora(Target::K, &normed, &mut k);
+            let mut v = layer.v.forward(&normed, n, pool);
+            lora(Target::V, &normed, &mut v);
             if let Some(qn) = &layer.q_norm {
                 qn.apply_in_place(&mut q);
             }
@@ -237,6 +251,7 @@ impl Model {
             let window = if sliding { s.sliding_window } else { None };
             let attn = self.attention(li, &q, batch, kv, window, pool);
             let mut o = layer.o.forward(&attn, n, pool);
+            lora(Target::O, &attn, &mut o);
             if let Some(pn) = &layer.post_attn_norm {
                 pn.apply_in_place(&mut o);
             }
@@ -244,12 +259,12 @@ impl Model {
                 Some(fnorm) => {
                     x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
                     fnorm.apply(&x, &mut normed);
-                    let f = self.mlp(layer, &normed, n, pool);
+                    let f = self.mlp(layer, &normed, n, &lora, pool);
                     x.iter_mut().zip(&f).for_each(|(x, f)| *x += f);
                 }
                 None => {
                     // Parallel block: attention and MLP both read the same normed input.
-                    let f = self.mlp(layer, &normed, n, pool);
+                    let f = self.mlp(layer, &normed, n, &lora, pool);
                     for i in 0..x.len() {
                         x[i] += o[i] + f[i];
                     }
@@ -275,12 +290,21 @@ impl Model {
         })
     }
 
-    fn mlp(&self, layer: &Layer, x: &[f32], n: usize, pool: &ThreadPool) -> Vec<f32> {
+    fn mlp(
+        &self,
+        layer: &Layer,
+        x: &[f32],
+        n: usize,
+        lora: &AddLora,
+        pool: &ThreadPool,
+    ) -> Vec<f32> {
         let act = self.spec.activation;
         let mut up = layer.up.forward(x, n, pool);
+        lora(Target::Up, x, &mut up);
         match &layer.gate {
             Some(gate) => {
-                let g = gate.forward(x, n, pool);
+                let mut g = gate.forward(x, n, pool);
+                lora(Target::Gate, x, &mut g);
                 pool.par_chunks_mut(&mut up, ELEMENTWISE_CHUNK, &|off, u| {
                     activate_slice(act, u, Some(&g[off..off + u.len()]))
                 });
@@ -290,6 +314,7 @@ impl Model {
             }),
         }
         let mut post = layer.down.forward(&up, n, pool);
+        lora(Target::Down, &up, &mut post);
         if let Some(pn) = &layer.post_ffn_norm {
             pn.apply_in_place(&mut post);
         }

@@ -1,0 +1,654 @@
+//! Low-rank adapters (LoRA), applied unmerged: `y = W x + s · B (A x)`.
+//!
+//! The base weights stay as loaded (quantized or not); each adapter keeps its
+//! `A` (`rank × in`) and `B` (`out × rank`) in f32. A batch row may carry any
+//! mix of adapters with weights, so requests with different adapters share
+//! one forward pass: the low-rank part is computed row by row in one parallel
+//! pass over the step's rows, and a row's result never depends on the other
+//! rows of its batch.
+//!
+//! Two file formats load: PEFT folders (`adapter_config.json` +
+//! `adapter_model.safetensors`) and llama.cpp's GGUF adapters
+//! (`general.type = adapter`).
+
+use super::spec::{Family, ModelSpec, RopeStyle};
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::quant::GgmlType;
+use crate::threadpool::ThreadPool;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The projections of a layer an adapter can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Q = 0,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+const TARGETS: usize = 7;
+
+/// One adapted projection: `s · B (A x)`.
+pub struct LoraPair {
+    pub rank: usize,
+    /// Input width of the projection.
+    pub cols: usize,
+    /// Output width of the projection.
+    pub rows: usize,
+    /// `rank × cols`, row-major.
+    pub a: Vec<f32>,
+    /// `rows × rank`, row-major.
+    pub b: Vec<f32>,
+    pub scale: f32,
+}
+
+/// A loaded adapter. `id` is unique in the process, so two loads of the
+/// same name (an unload and a reload of other weights) never share cached
+/// prefixes.
+pub struct LoraAdapter {
+    pub name: String,
+    pub id: u64,
+    /// The largest rank of its projections.
+    pub rank: usize,
+    layers: Vec<[Option<LoraPair>; TARGETS]>,
+}
+
+/// An adapter with the weight it is applied with (1.0 alone; mixing weights
+/// for several).
+#[derive(Clone)]
+pub struct WeightedAdapter {
+    pub adapter: Arc<LoraAdapter>,
+    pub weight: f32,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn bad(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Adapter(format!("{}: {what}", path.display()))
+}
+
+impl LoraAdapter {
+    /// Loads a PEFT folder or a llama.cpp GGUF adapter for a base model of
+    /// `spec`, checking every tensor against the base's shapes. Nothing is
+    /// kept from a file that fails.
+    pub fn load(path: &Path, name: &str, spec: &ModelSpec) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let layers = if meta.is_dir() {
+            load_peft(path, spec)?
+        } else {
+            load_gguf_adapter(path, spec)?
+        };
+        let rank = layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.rank)
+            .max()
+            .ok_or_else(|| bad(path, "the adapter has no LoRA tensors"))?;
+        Ok(LoraAdapter {
+            name: name.to_string(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            rank,
+            layers,
+        })
+    }
+
+    pub fn pair(&self, layer: usize, target: Target) -> Option<&LoraPair> {
+        self.layers.get(layer)?[target as usize].as_ref()
+    }
+
+    /// Memory the adapter's tensors take.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| (p.a.len() + p.b.len()) * 4)
+            .sum()
+    }
+
+    /// The projections it changes, e.g. `["q", "v", "down"]`.
+    pub fn targets(&self) -> Vec<&'static str> {
+        const NAMES: [&str; TARGETS] = ["q", "k", "v", "o", "gate", "up", "down"];
+        (0..TARGETS)
+            .filter(|&t| self.layers.iter().any(|l| l[t].is_some()))
+            .map(|t| NAMES[t])
+            .collect()
+    }
+}
+
+/// Adds every row's adapters to the output of the projection `target` of
+/// layer `layer`: `y[r] += Σ w · s · B (A x[r])` over the adapters of row
+/// `r`'s sequence. `x` is `n × cols`, `y` is `n × rows`.
+pub(super) fn add_lora(
+    adapters: &[&[WeightedAdapter]],
+    seq_index: &[usize],
+    layer: usize,
+    target: Target,
+    x: &[f32],
+    y: &mut [f32],
+    pool: &ThreadPool,
+) {
+    let n = seq_index.len();
+    if n == 0 || adapters.is_empty() {
+        return;
+    }
+    let (cols, out) = (x.len() / n, y.len() / n);
+    let mix = |r: usize| adapters.get(seq_index[r]).copied().unwrap_or(&[]);
+    if !(0..n).any(|r| {
+        mix(r)
+            .iter()
+            .any(|w| w.adapter.pair(layer, target).is_some())
+    }) {
+        return;
+    }
+    pool.par_chunks_mut(y, out, &|off, yr| {
+        let r = off / out;
+        let xr = &x[r * cols..(r + 1) * cols];
+        let mut t = Vec::new();
+        for wa in mix(r) {
+            let Some(p) = wa.adapter.pair(layer, target) else {
+                continue;
+            };
+            // Shrink: t = A x, then expand: y += (w·s) B t.
+            t.clear();
+            t.extend(p.a.chunks_exact(cols).map(|a| dot(a, xr)));
+            let k = wa.weight * p.scale;
+            for (yv, b) in yr.iter_mut().zip(p.b.chunks_exact(p.rank)) {
+                *yv += k * dot(b, &t);
+            }
+        }
+    });
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Four partial sums: lets the compiler vectorize without reassociating.
+    let mut s = [0f32; 4];
+    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..4 {
+            s[i] += x[i] * y[i];
+        }
+    }
+    (s[0] + s[1]) + (s[2] + s[3]) + tail
+}
+
+/// The (projection, row range) pieces one module of `family` feeds: a fused
+/// module (phi3's `qkv_proj`, `gate_up_proj`) is split along its outputs.
+fn module_targets(family: Family, module: &str, spec: &ModelSpec) -> Option<Vec<(Target, usize)>> {
+    let (qd, kd, f) = (spec.q_dim(), spec.kv_dim(), spec.ffn);
+    let phi2 = family == Family::Phi2;
+    let phi3 = family == Family::Phi3;
+    Some(match module {
+        "self_attn.q_proj" if !phi3 => vec![(Target::Q, qd)],
+        "self_attn.k_proj" if !phi3 => vec![(Target::K, kd)],
+        "self_attn.v_proj" if !phi3 => vec![(Target::V, kd)],
+        "self_attn.qkv_proj" if phi3 => vec![(Target::Q, qd), (Target::K, kd), (Target::V, kd)],
+        "self_attn.o_proj" if !phi2 => vec![(Target::O, spec.hidden)],
+        "self_attn.dense" if phi2 => vec![(Target::O, spec.hidden)],
+        "mlp.gate_proj" if !phi2 && !phi3 => vec![(Target::Gate, f)],
+        "mlp.up_proj" if !phi2 && !phi3 => vec![(Target::Up, f)],
+        "mlp.gate_up_proj" if phi3 => vec![(Target::Gate, f), (Target::Up, f)],
+        "mlp.down_proj" if !phi2 => vec![(Target::Down, spec.hidden)],
+        "mlp.fc1" if phi2 => vec![(Target::Up, f)],
+        "mlp.fc2" if phi2 => vec![(Target::Down, spec.hidden)],
+        _ => return None,
+    })
+}
+
+/// Input width of a projection.
+fn target_cols(spec: &ModelSpec, t: Target) -> usize {
+    match t {
+        Target::O => spec.q_dim(),
+        Target::Down => spec.ffn,
+        _ => spec.hidden,
+    }
+}
+
+/// llama.cpp stores Llama/Mistral q and k rows permuted so that RoPE rotates
+/// adjacent pairs; a PEFT `B` (in Hugging Face row order) must follow the
+/// same permutation on such a base: row `c·(d/2) + i` of each head moves to
+/// `2i + c`.
+fn permute_rows(b: &[f32], rank: usize, heads: usize) -> Vec<f32> {
+    let rows = b.len() / rank;
+    let d = rows / heads;
+    let mut out = vec![0f32; b.len()];
+    for h in 0..heads {
+        for c in 0..2 {
+            for i in 0..d / 2 {
+                let src = h * d + c * (d / 2) + i;
+                let dst = h * d + 2 * i + c;
+                out[dst * rank..(dst + 1) * rank].copy_from_slice(&b[src * rank..(src + 1) * rank]);
+            }
+        }
+    }
+    out
+}
+
+/// Places a checked (A, B) pair of one module into `layers`.
+#[allow(clippy::too_many_arguments)]
+fn place(
+    layers: &mut [[Option<LoraPair>; TARGETS]],
+    spec: &ModelSpec,
+    path: &Path,
+    name: &str,
+    layer: usize,
+    pieces: &[(Target, usize)],
+    a: Vec<f32>,
+    rank: usize,
+    b: Vec<f32>,
+    scale: f32,
+    permute_hf_rows: bool,
+) -> Result<()> {
+    if layer >= spec.n_layers {
+        return Err(bad(
+            path,
+            format!(
+                "{name}: layer {layer}, but the base model has {}",
+                spec.n_layers
+            ),
+        ));
+    }
+    let mut row0 = 0;
+    for &(t, rows) in pieces {
+        let cols = target_cols(spec, t);
+        let mut piece = b[row0 * rank..(row0 + rows) * rank].to_vec();
+        row0 += rows;
+        if permute_hf_rows && spec.rope_style == RopeStyle::Interleaved {
+            match t {
+                Target::Q => piece = permute_rows(&piece, rank, spec.n_heads),
+                Target::K => piece = permute_rows(&piece, rank, spec.n_kv_heads),
+                _ => {}
+            }
+        }
+        let slot = &mut layers[layer][t as usize];
+        if slot.is_some() {
+            return Err(bad(
+                path,
+                format!("{name}: a second adapter for the same projection"),
+            ));
+        }
+        *slot = Some(LoraPair {
+            rank,
+            cols,
+            rows,
+            a: a.clone(),
+            b: piece,
+            scale,
+        });
+    }
+    Ok(())
+}
+
+/// A tensor's values as f32 (F32, F16 or BF16 little-endian bytes).
+fn to_f32(ty: GgmlType, bytes: &[u8], len: usize) -> Option<Vec<f32>> {
+    let width = if ty == GgmlType::F32 { 4 } else { 2 };
+    if bytes.len() != len.checked_mul(width)? {
+        return None;
+    }
+    Some(match ty {
+        GgmlType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        GgmlType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        GgmlType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// PEFT's per-module overrides (`rank_pattern`, `alpha_pattern`): a key
+/// matches a module whose name is the key or ends in `.key`.
+fn pattern_value(cfg: &serde_json::Value, field: &str, module: &str) -> Option<f64> {
+    let map = cfg.get(field)?.as_object()?;
+    map.iter()
+        .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+        .and_then(|(_, v)| v.as_f64())
+}
+
+fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARGETS]>> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(&cfg_path, format!("not JSON: {e}")))?;
+    let field = |k: &str| cfg.get(k).filter(|v| !v.is_null());
+    let peft_type = field("peft_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return Err(Error::Unsupported(format!(
+            "{}: PEFT type {peft_type} (only LORA adapters load)",
+            cfg_path.display()
+        )));
+    }
+    let refuse = |what: &str| {
+        Err(Error::Unsupported(format!(
+            "{}: {what}",
+            cfg_path.display()
+        )))
+    };
+    if field("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+        return refuse("DoRA adapters (use_dora)");
+    }
+    if field("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
+        return refuse("fan_in_fan_out (Conv1D bases)");
+    }
+    if field("bias")
+        .and_then(|v| v.as_str())
+        .is_some_and(|b| b != "none")
+    {
+        return refuse("adapters that train biases (bias != \"none\")");
+    }
+    if field("modules_to_save")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| !a.is_empty())
+    {
+        return refuse("modules_to_save (whole replaced modules)");
+    }
+    let r = field("r")
+        .and_then(|v| v.as_u64())
+        .filter(|&r| r > 0)
+        .ok_or_else(|| bad(&cfg_path, "`r` must be a positive integer"))?;
+    let alpha = field("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
+    let rslora = field("use_rslora").and_then(|v| v.as_bool()) == Some(true);
+
+    let st_path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&st_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound && dir.join("adapter_model.bin").exists() {
+            Error::Unsupported(format!(
+                "{}: pickled adapter_model.bin; save the adapter as safetensors",
+                dir.display()
+            ))
+        } else {
+            Error::io(&st_path, e)
+        }
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(&st_path, format!("not a safetensors file: {e}")))?;
+
+    let mut layers: Vec<[Option<LoraPair>; TARGETS]> =
+        (0..spec.n_layers).map(|_| Default::default()).collect();
+    // (layer, module) → A name; B is looked up from it.
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut seen_b = 0usize;
+    let mut pairs = 0usize;
+    for name in &names {
+        let rest = name
+            .strip_prefix("base_model.model.")
+            .unwrap_or(name)
+            .strip_prefix("model.layers.")
+            .ok_or_else(|| {
+                bad(
+                    &st_path,
+                    format!("{name}: not a LoRA tensor of a decoder layer (unknown target module)"),
+                )
+            })?;
+        let (idx, module) = rest
+            .split_once('.')
+            .ok_or_else(|| bad(&st_path, format!("{name}: no layer index")))?;
+        let layer: usize = idx
+            .parse()
+            .map_err(|_| bad(&st_path, format!("{name}: bad layer index {idx:?}")))?;
+        let (module, is_a) = if let Some(m) = module.strip_suffix(".lora_A.weight") {
+            (m, true)
+        } else if let Some(m) = module.strip_suffix(".lora_B.weight") {
+            (m, false)
+        } else {
+            return Err(bad(
+                &st_path,
+                format!("{name}: not a lora_A/lora_B weight (unsupported adapter tensor)"),
+            ));
+        };
+        let pieces = module_targets(spec.family, module, spec).ok_or_else(|| {
+            bad(
+                &st_path,
+                format!(
+                    "{name}: unknown target module {module:?} for a {} model",
+                    spec.family.name()
+                ),
+            )
+        })?;
+        if !is_a {
+            seen_b += 1;
+            continue;
+        }
+        let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
+        let read = |n: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            let t = st
+                .tensor(n)
+                .map_err(|_| bad(&st_path, format!("{n} is missing (its pair is present)")))?;
+            let ty = match t.dtype() {
+                safetensors::Dtype::F32 => GgmlType::F32,
+                safetensors::Dtype::F16 => GgmlType::F16,
+                safetensors::Dtype::BF16 => GgmlType::BF16,
+                other => {
+                    return Err(bad(
+                        &st_path,
+                        format!("{n}: dtype {other:?} is not f32/f16/bf16"),
+                    ))
+                }
+            };
+            let shape = t.shape().to_vec();
+            let len = shape.iter().product();
+            let v = to_f32(ty, t.data(), len)
+                .ok_or_else(|| bad(&st_path, format!("{n}: data does not match its shape")))?;
+            Ok((shape, v))
+        };
+        let (a_shape, a) = read(name)?;
+        let (b_shape, b) = read(&b_name)?;
+        let out: usize = pieces.iter().map(|p| p.1).sum();
+        let cols = target_cols(spec, pieces[0].0);
+        if a_shape.len() != 2 || a_shape[1] != cols || a_shape[0] == 0 {
+            return Err(bad(
+                &st_path,
+                format!("{name} has shape {a_shape:?}, expected [rank, {cols}] for this base"),
+            ));
+        }
+        let rank = a_shape[0];
+        if b_shape != [out, rank] {
+            return Err(bad(
+                &st_path,
+                format!(
+                    "{b_name} has shape {b_shape:?}, expected [{out}, {rank}] (rank from lora_A)"
+                ),
+            ));
+        }
+        if let Some(pr) = pattern_value(&cfg, "rank_pattern", module) {
+            if pr as usize != rank {
+                return Err(bad(
+                    &st_path,
+                    format!("{name}: rank {rank}, but rank_pattern says {pr}"),
+                ));
+            }
+        } else if rank as u64 != r {
+            return Err(bad(
+                &st_path,
+                format!("{name}: rank {rank}, but the config's r is {r}"),
+            ));
+        }
+        let alpha = pattern_value(&cfg, "alpha_pattern", module).unwrap_or(alpha);
+        let scale = if rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        } as f32;
+        place(
+            &mut layers,
+            spec,
+            &st_path,
+            name,
+            layer,
+            &pieces,
+            a,
+            rank,
+            b,
+            scale,
+            true,
+        )?;
+        pairs += 1;
+    }
+    if seen_b != pairs {
+        return Err(bad(&st_path, "a lora_B weight has no lora_A"));
+    }
+    Ok(layers)
+}
+
+fn load_gguf_adapter(path: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARGETS]>> {
+    let g = GgufFile::open(path)?;
+    let ty = g.get("general.type").and_then(|v| v.as_str());
+    if ty != Some("adapter") {
+        return Err(bad(
+            path,
+            format!(
+                "general.type is {:?}, not \"adapter\" (is this a model rather than a LoRA?)",
+                ty.unwrap_or("missing")
+            ),
+        ));
+    }
+    let kind = g.get("adapter.type").and_then(|v| v.as_str());
+    if kind != Some("lora") {
+        return Err(Error::Unsupported(format!(
+            "{}: adapter.type {kind:?} (only lora adapters load)",
+            path.display()
+        )));
+    }
+    let arch = g
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let alpha = g
+        .get("adapter.lora.alpha")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.0);
+    let mut layers: Vec<[Option<LoraPair>; TARGETS]> =
+        (0..spec.n_layers).map(|_| Default::default()).collect();
+    let mut pairs = 0;
+    for t in &g.tensors {
+        let Some(base) = t.name.strip_suffix(".lora_a") else {
+            if t.name.ends_with(".lora_b") {
+                let a_name = t.name.replace(".lora_b", ".lora_a");
+                if g.tensor(&a_name).is_none() {
+                    return Err(bad(path, format!("{} has no {a_name}", t.name)));
+                }
+                continue;
+            }
+            return Err(bad(path, format!("{}: not a lora_a/lora_b tensor", t.name)));
+        };
+        let rest = base.strip_prefix("blk.").ok_or_else(|| {
+            bad(
+                path,
+                format!("{}: unknown target (only blk.N.* projections)", t.name),
+            )
+        })?;
+        let (idx, module) = rest.split_once('.').unwrap_or((rest, ""));
+        let layer: usize = idx
+            .parse()
+            .map_err(|_| bad(path, format!("{}: bad layer index", t.name)))?;
+        let (qd, kd, f, h) = (spec.q_dim(), spec.kv_dim(), spec.ffn, spec.hidden);
+        let pieces: Vec<(Target, usize)> = match module {
+            "attn_q.weight" => vec![(Target::Q, qd)],
+            "attn_k.weight" => vec![(Target::K, kd)],
+            "attn_v.weight" => vec![(Target::V, kd)],
+            "attn_qkv.weight" => vec![(Target::Q, qd), (Target::K, kd), (Target::V, kd)],
+            "attn_output.weight" => vec![(Target::O, h)],
+            "ffn_gate.weight" => vec![(Target::Gate, f)],
+            "ffn_up.weight" if spec.family == Family::Phi3 => {
+                vec![(Target::Gate, f), (Target::Up, f)]
+            }
+            "ffn_up.weight" => vec![(Target::Up, f)],
+            "ffn_down.weight" => vec![(Target::Down, h)],
+            _ => {
+                return Err(bad(
+                    path,
+                    format!(
+                        "{}: unknown target module for a {} model",
+                        t.name,
+                        spec.family.name()
+                    ),
+                ))
+            }
+        };
+        let b_name = format!("{base}.lora_b");
+        let bt = g
+            .tensor(&b_name)
+            .ok_or_else(|| bad(path, format!("{b_name} is missing (its pair is present)")))?;
+        let read = |ti: &crate::gguf::TensorInfo| -> Result<Vec<f32>> {
+            let len = ti.dims.iter().product();
+            if !matches!(ti.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                return Err(bad(
+                    path,
+                    format!("{}: type {} (f32/f16/bf16 only)", ti.name, ti.ty.name()),
+                ));
+            }
+            to_f32(ti.ty, g.tensor_data(ti), len)
+                .ok_or_else(|| bad(path, format!("{}: data does not match its shape", ti.name)))
+        };
+        // GGML order: lora_a is [in, rank] (rank rows of `in`), lora_b is
+        // [rank, out] (out rows of `rank`).
+        let out: usize = pieces.iter().map(|p| p.1).sum();
+        let cols = target_cols(spec, pieces[0].0);
+        if t.dims.len() != 2 || t.dims[0] != cols || t.dims[1] == 0 {
+            return Err(bad(
+                path,
+                format!(
+                    "{} has GGML shape {:?}, expected [{cols}, rank] for this base",
+                    t.name, t.dims
+                ),
+            ));
+        }
+        let rank = t.dims[1];
+        if bt.dims != [rank, out] {
+            return Err(bad(
+                path,
+                format!(
+                    "{b_name} has GGML shape {:?}, expected [{rank}, {out}]",
+                    bt.dims
+                ),
+            ));
+        }
+        let scale = if alpha > 0.0 {
+            alpha as f32 / rank as f32
+        } else {
+            1.0
+        };
+        let (a, b) = (read(t)?, read(bt)?);
+        // llama.cpp's converter already permuted B for its own base layout.
+        place(
+            &mut layers,
+            spec,
+            path,
+            &t.name,
+            layer,
+            &pieces,
+            a,
+            rank,
+            b,
+            scale,
+            false,
+        )?;
+        pairs += 1;
+    }
+    if !arch.is_empty() && pairs > 0 {
+        tracing::debug!(arch, pairs, "loaded GGUF LoRA");
+    }
+    Ok(layers)
+}

@@ -1,0 +1,413 @@
+//! LoRA adapters against PEFT (`../shared/fixtures/{llama,qwen2}/lora` and
+//! `llama/lora_mix`): unmerged application on Hugging Face and GGUF bases,
+//! mixing, mixed batches, the prefix cache, and refused files.
+
+mod common;
+use common::*;
+use ruvllm::engine::{Engine, EngineOptions, GenerationRequest, LoraOption, SeqEvent};
+use ruvllm::sampling::SamplingParams;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+fn with_loras(path: &Path, lora: Vec<LoraOption>) -> ruvllm::Result<Engine> {
+    Engine::load(
+        path,
+        &EngineOptions {
+            threads: 2,
+            context: Some(512),
+            lora,
+            ..Default::default()
+        },
+    )
+}
+
+fn always(path: PathBuf, scale: f32) -> LoraOption {
+    LoraOption {
+        name: None,
+        path,
+        scale,
+    }
+}
+
+fn named(name: &str, path: PathBuf) -> LoraOption {
+    LoraOption {
+        name: Some(name.into()),
+        path,
+        scale: 1.0,
+    }
+}
+
+fn greedy_request(prompt: &[u32], n: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams::greedy(),
+        max_tokens: n,
+        ignore_eos: true,
+        logprobs: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Logits of the prompt and the greedy continuation against `expected`.
+fn check(e: &mut Engine, expected: &serde_json::Value, logits: &serde_json::Value, what: &str) {
+    let input = ids(&expected["input_ids"]);
+    let rows: Vec<usize> = (0..input.len()).collect();
+    let got = e.forward_sequence(&input, &rows, false).unwrap().logits;
+    let d = max_abs_diff(&got, &floats(logits));
+    assert!(d <= 1e-3, "{what}: logits differ from PEFT's by {d}");
+    let greedy = ids(&expected["greedy"]);
+    let out = e
+        .generate(&greedy_request(&input, greedy.len()), &mut |_| true)
+        .unwrap();
+    assert_eq!(out.tokens, greedy, "{what}: greedy continuation");
+}
+
+#[test]
+fn peft_adapters_match_peft_on_hf_and_gguf_bases() {
+    for arch in ["llama", "qwen2"] {
+        let dir = fixtures().join(arch);
+        let expected = read_json(&dir.join("lora/expected.json"));
+        // The GGUF base has llama.cpp's permuted q/k rows (llama): the
+        // adapter's B must follow them.
+        for base in [dir.clone(), dir.join("model-f32.gguf")] {
+            let mut e = with_loras(&base, vec![always(dir.join("lora"), 1.0)]).unwrap();
+            check(
+                &mut e,
+                &expected,
+                &expected["logits"],
+                &format!("{arch} {}", base.display()),
+            );
+            let last = {
+                let mut all = ids(&expected["input_ids"]);
+                let g = ids(&expected["greedy"]);
+                all.extend_from_slice(&g[..g.len() - 1]);
+                e.decode_logits(&all).unwrap()
+            };
+            let v = e.model.spec.vocab_size;
+            let d = max_abs_diff(
+                &last[last.len() - v..],
+                &floats(&expected["greedy_logits_last"]),
+            );
+            assert!(
+                d <= 1e-3,
+                "{arch}: cached decode with the adapter differs by {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn scale_zero_is_the_base_model_and_the_adapter_changes_it() {
+    let dir = fixtures().join("llama");
+    let base = read_json(&dir.join("expected.json"));
+    let mut e = with_loras(&dir, vec![always(dir.join("lora"), 0.0)]).unwrap();
+    let input = ids(&base["input_ids"]);
+    let rows: Vec<usize> = (0..input.len()).collect();
+    let got = e.forward_sequence(&input, &rows, false).unwrap().logits;
+    assert!(max_abs_diff(&got, &floats(&base["logits"])) <= 1e-3);
+    let lora = read_json(&dir.join("lora/expected.json"));
+    assert!(
+        max_abs_diff(&floats(&lora["logits"]), &floats(&base["logits"])) > 1.0,
+        "the fixture's adapter must move the logits for these tests to mean anything"
+    );
+}
+
+#[test]
+fn mixed_adapters_match_peft_weightings() {
+    let dir = fixtures().join("llama");
+    let mix = read_json(&dir.join("lora_mix/expected.json"));
+    for case in mix["cases"].as_array().unwrap() {
+        let w = |k: &str| case["weights"][k].as_f64().unwrap() as f32;
+        let what = format!("code {} chat {}", w("code"), w("chat"));
+        let expected = serde_json::json!({
+            "input_ids": mix["input_ids"],
+            "greedy": case["greedy"],
+        });
+        // Loaded with the weights as scales…
+        let mut e = with_loras(
+            &dir,
+            vec![
+                always(dir.join("lora_mix/code"), w("code")),
+                always(dir.join("lora_mix/chat"), w("chat")),
+            ],
+        )
+        .unwrap();
+        check(&mut e, &expected, &case["logits"], &what);
+
+        // …and chosen per request from named adapters, on the GGUF base.
+        let mut e = with_loras(
+            &dir.join("model-f32.gguf"),
+            vec![
+                named("code", dir.join("lora_mix/code")),
+                named("chat", dir.join("lora_mix/chat")),
+            ],
+        )
+        .unwrap();
+        let greedy = ids(&case["greedy"]);
+        let mut req = greedy_request(&ids(&mix["input_ids"]), greedy.len());
+        req.adapters = vec![("code".into(), w("code")), ("chat".into(), w("chat"))];
+        let out = e.generate(&req, &mut |_| true).unwrap();
+        assert_eq!(
+            out.tokens, greedy,
+            "{what}: per-request mix on the GGUF base"
+        );
+    }
+}
+
+type Seen = (Vec<u32>, Vec<u32>, usize);
+
+/// Runs `reqs` together through one engine; each request's tokens, their
+/// logprobs' bits and its cached prompt tokens.
+fn run_together(e: &mut Engine, reqs: Vec<GenerationRequest>) -> Vec<Seen> {
+    let mut rxs = Vec::new();
+    for r in reqs {
+        let (tx, rx) = mpsc::channel();
+        let id = e.new_id();
+        e.add_request(id, r, None, Box::new(move |ev| tx.send(ev).is_ok()));
+        rxs.push(rx);
+    }
+    while e.step() {}
+    rxs.into_iter()
+        .map(|rx| {
+            let (mut toks, mut lps) = (Vec::new(), Vec::new());
+            loop {
+                match rx.recv().unwrap() {
+                    SeqEvent::Token(t) => {
+                        toks.push(t.id);
+                        lps.push(t.logprobs.unwrap().logprob.to_bits());
+                    }
+                    SeqEvent::Finished(s) => return (toks, lps, s.cached_tokens),
+                    SeqEvent::Failed(e) => panic!("{e}"),
+                    _ => {}
+                }
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_mixed_batch_gives_each_request_what_it_gets_alone() {
+    let dir = fixtures().join("llama");
+    let load = || {
+        with_loras(
+            &dir.join("model-f32.gguf"),
+            vec![
+                named("code", dir.join("lora_mix/code")),
+                named("chat", dir.join("lora_mix/chat")),
+            ],
+        )
+        .unwrap()
+    };
+    let prompt = ids(&read_json(&dir.join("expected.json"))["input_ids"]);
+    let reqs = || {
+        [
+            vec![],
+            vec![("code".to_string(), 1.0)],
+            vec![("chat".to_string(), 1.0)],
+        ]
+        .map(|a| {
+            let mut r = greedy_request(&prompt, 12);
+            r.adapters = a;
+            r
+        })
+    };
+    let alone: Vec<Seen> = reqs()
+        .into_iter()
+        .map(|r| run_together(&mut load(), vec![r]).remove(0))
+        .collect();
+    let together = run_together(&mut load(), reqs().to_vec());
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.0, t.0, "request {i}: tokens");
+        assert_eq!(a.1, t.1, "request {i}: logprobs, bit for bit");
+    }
+    assert_ne!(
+        together[0].0, together[1].0,
+        "the adapters must change the output"
+    );
+    assert_ne!(together[1].0, together[2].0);
+}
+
+#[test]
+fn an_adapter_never_reuses_another_adapters_cached_prefix() {
+    let dir = fixtures().join("llama");
+    let mut e = with_loras(
+        &dir.join("model-f32.gguf"),
+        vec![named("code", dir.join("lora_mix/code"))],
+    )
+    .unwrap();
+    let prompt: Vec<u32> = ids(&read_json(&dir.join("expected.json"))["input_ids"]);
+    let base = || greedy_request(&prompt, 4);
+    let code = || {
+        let mut r = greedy_request(&prompt, 4);
+        r.adapters = vec![("code".into(), 1.0)];
+        r
+    };
+    let half = || {
+        let mut r = code();
+        r.adapters[0].1 = 0.5;
+        r
+    };
+    assert_eq!(run_together(&mut e, vec![base()])[0].2, 0);
+    // Same prompt, other adapter (or weight): nothing cached for it yet.
+    let first = run_together(&mut e, vec![code()]).remove(0);
+    assert_eq!(first.2, 0, "the adapter hit the base model's blocks");
+    assert_eq!(
+        run_together(&mut e, vec![half()])[0].2,
+        0,
+        "another weight hit"
+    );
+    // Same adapter again: its own blocks are reused, with the same result.
+    let again = run_together(&mut e, vec![code()]).remove(0);
+    assert!(again.2 >= 16, "cached {} tokens", again.2);
+    assert_eq!(again.0, first.0);
+    // An unknown adapter is refused.
+    let mut r = base();
+    r.adapters = vec![("nope".into(), 1.0)];
+    let (tx, rx) = mpsc::channel();
+    let id = e.new_id();
+    e.add_request(id, r, None, Box::new(move |ev| tx.send(ev).is_ok()));
+    match rx.recv().unwrap() {
+        SeqEvent::Failed(err) => assert!(err.to_string().contains("nope"), "{err}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+/// Writes a copy of the llama adapter with `edit` applied to its tensors
+/// (name → (shape, values)) and config.
+fn crafted(
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>, &mut serde_json::Value),
+) -> PathBuf {
+    let src = fixtures().join("llama/lora");
+    let dir = std::env::temp_dir().join(format!("ruvllm-lora-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (n, t.shape().to_vec(), v)
+        })
+        .collect();
+    let mut cfg = read_json(&src.join("adapter_config.json"));
+    edit(&mut tensors, &mut cfg);
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn bad_adapters_are_refused_naming_the_problem() {
+    let base = fixtures().join("llama");
+    let refused = |dir: &Path, needle: &str| {
+        let err = match with_loras(&base, vec![always(dir.to_path_buf(), 1.0)]) {
+            Ok(_) => panic!("{}: loaded", dir.display()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(needle),
+            "error {err:?} does not mention {needle:?}"
+        );
+    };
+    let q_a = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight";
+    let q_b = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight";
+
+    // B of another rank than A.
+    let d = crafted("rank", |t, _| {
+        let b = t.iter_mut().find(|x| x.0 == q_b).unwrap();
+        b.1 = vec![64, 2];
+        b.2.truncate(128);
+    });
+    refused(&d, q_b);
+    // A for a projection of another width (a different base).
+    let d = crafted("shape", |t, _| {
+        let a = t.iter_mut().find(|x| x.0 == q_a).unwrap();
+        a.1 = vec![4, 32];
+        a.2.truncate(128);
+    });
+    refused(&d, q_a);
+    // A module the architecture has no such projection for.
+    let d = crafted("module", |t, _| {
+        t.push((
+            "base_model.model.lm_head.lora_A.weight".into(),
+            vec![4, 64],
+            vec![0.0; 256],
+        ));
+    });
+    refused(&d, "lm_head");
+    let d = crafted("module2", |t, _| {
+        for x in t.iter_mut() {
+            x.0 = x.0.replace("self_attn.q_proj", "self_attn.qkv_proj");
+        }
+    });
+    refused(&d, "qkv_proj");
+    // A without its B, and a layer the base does not have.
+    let d = crafted("pair", |t, _| t.retain(|x| x.0 != q_b));
+    refused(&d, q_b);
+    let d = crafted("layer", |t, _| {
+        for x in t.iter_mut() {
+            x.0 = x.0.replace("layers.1.", "layers.7.");
+        }
+    });
+    refused(&d, "layer 7");
+    // r in the config disagrees with the tensors.
+    let d = crafted("r", |_, c| c["r"] = 8.into());
+    refused(&d, "r is 8");
+    // Adapter kinds that do more than B·A.
+    let d = crafted("dora", |_, c| c["use_dora"] = true.into());
+    refused(&d, "DoRA");
+    let d = crafted("bias", |_, c| c["bias"] = "all".into());
+    refused(&d, "bias");
+    // A truncated file.
+    let d = crafted("trunc", |_, _| {});
+    let f = d.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    refused(&d, "adapter_model.safetensors");
+    // A model file is not an adapter.
+    refused(&base.join("model-f32.gguf"), "not \"adapter\"");
+    // No such folder.
+    refused(&base.join("no-such-adapter"), "no-such-adapter");
+    // Two adapters under one name.
+    let two = with_loras(
+        &base,
+        vec![named("x", base.join("lora")), named("x", base.join("lora"))],
+    );
+    assert!(two.is_err());
+}
+
+#[test]
+fn rs_lora_scales_by_the_square_root_of_the_rank() {
+    // use_rslora: s = alpha / sqrt(r) = 8 / 2 = 4, twice the plain 8 / 4;
+    // so the rsLoRA adapter at scale 0.5 is the plain one at scale 1.
+    let base = fixtures().join("llama");
+    let expected = read_json(&base.join("lora/expected.json"));
+    let d = crafted("rslora", |_, c| c["use_rslora"] = true.into());
+    let mut e = with_loras(&base, vec![always(d, 0.5)]).unwrap();
+    check(
+        &mut e,
+        &expected,
+        &expected["logits"],
+        "rsLoRA at half scale",
+    );
+}
