@@ -1036,6 +1036,41 @@ impl Engine {
         })
     }
 
+    /// `log p(tokens[i + 1] | tokens[..=i])` for every `i`: how likely the
+    /// model finds each token after the first (perplexity). Logits are
+    /// turned into log-probabilities a few rows at a time, so memory stays
+    /// bounded whatever the vocabulary.
+    pub fn token_logprobs(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let vocab = self.model.spec.vocab_size;
+        let piece = (FULL_LOGITS_BYTES / (vocab * 4).max(1)).clamp(1, self.max_batched_tokens);
+        self.with_sequence(tokens.len(), |e, table| {
+            let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
+            for (pi, toks) in tokens.chunks(piece).enumerate() {
+                let base = pi * piece;
+                let positions: Vec<usize> = (base..base + toks.len()).collect();
+                // Rows whose next token is known.
+                let rows: Vec<usize> = (0..toks.len())
+                    .filter(|&r| base + r + 1 < tokens.len())
+                    .collect();
+                let batch = Batch {
+                    tokens: toks,
+                    positions: &positions,
+                    seq_index: &vec![0; toks.len()],
+                    block_tables: &[table],
+                    adapters: &[&e.always],
+                };
+                let o = e
+                    .model
+                    .forward_any(&batch, &mut e.kv, &rows, &[], &e.pool)?;
+                for (&r, logits) in rows.iter().zip(o.logits.chunks_exact(vocab)) {
+                    let next = tokens[base + r + 1] as usize;
+                    out.push(logits[next] - log_sum_exp(logits));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// Feeds `tokens` one at a time through the KV cache (the first as a
     /// one-token prefill) and returns each step's logits, `n × vocab`.
     pub fn decode_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {

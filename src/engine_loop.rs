@@ -47,6 +47,8 @@ pub struct ModelSummary {
     pub n_params: usize,
     pub weight_bytes: usize,
     pub dominant_type: Option<crate::quant::GgmlType>,
+    /// Named LoRA adapters requests may choose (`"model": name`).
+    pub adapters: Vec<String>,
 }
 
 enum Command {
@@ -178,6 +180,7 @@ impl EngineHandle {
             n_params,
             weight_bytes,
             dominant_type: engine.model.dominant_type(),
+            adapters: engine.adapter_names(),
         });
         let metrics = Arc::new(Metrics::default());
         metrics

@@ -4,7 +4,7 @@ mod cli;
 
 use clap::{Args, Parser, Subcommand};
 use ruvllm::chat::ChatMessage;
-use ruvllm::engine::{default_threads, Engine, EngineOptions, GenerationRequest};
+use ruvllm::engine::{default_threads, Engine, EngineOptions, GenerationRequest, LoraOption};
 use ruvllm::sampling::SamplingParams;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,51 @@ struct ModelArgs {
     /// Tokens of context to reserve KV cache for (default: the model's, at most 4096).
     #[arg(long)]
     ctx_size: Option<usize>,
+    /// LoRA adapter: a PEFT folder or a llama.cpp GGUF adapter (repeatable;
+    /// several are summed). With `serve`, NAME=PATH loads an adapter that
+    /// requests choose with `"model": "NAME"`; a bare PATH applies to all.
+    #[arg(long = "lora", value_name = "[NAME=]PATH")]
+    lora: Vec<String>,
+    /// Weight of each --lora, in the same order (default 1.0).
+    #[arg(long = "lora-scale", value_name = "W", allow_negative_numbers = true)]
+    lora_scale: Vec<f32>,
+}
+
+impl ModelArgs {
+    /// The adapters to load. Only a server keeps names: elsewhere every
+    /// adapter applies.
+    fn lora_options(&self, keep_names: bool) -> ruvllm::Result<Vec<LoraOption>> {
+        if self.lora_scale.len() > self.lora.len() {
+            return Err(ruvllm::Error::InvalidRequest(format!(
+                "{} --lora-scale values for {} --lora adapters",
+                self.lora_scale.len(),
+                self.lora.len()
+            )));
+        }
+        self.lora
+            .iter()
+            .enumerate()
+            .map(|(i, arg)| {
+                let (name, path) = match arg.split_once('=') {
+                    Some((n, p)) if !n.is_empty() && !n.contains(['/', '\\']) => {
+                        (Some(n.to_string()), PathBuf::from(p))
+                    }
+                    _ => (None, PathBuf::from(arg)),
+                };
+                if !path.exists() {
+                    return Err(ruvllm::Error::InvalidRequest(format!(
+                        "LoRA adapter not found: {}",
+                        path.display()
+                    )));
+                }
+                Ok(LoraOption {
+                    name: name.filter(|_| keep_names),
+                    path,
+                    scale: self.lora_scale.get(i).copied().unwrap_or(1.0),
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Args, Clone)]
@@ -139,6 +184,22 @@ enum Command {
         /// Prefill the first token, then feed the rest one at a time through the KV cache.
         #[arg(long)]
         decode: bool,
+    },
+    /// Perplexity of a text file, scored as llama-perplexity does: the text is
+    /// cut into windows of --ctx-size tokens (default 512) and the second
+    /// half of each window is scored, the first half being its context.
+    Perplexity {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text to score.
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// Score at most this many windows.
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Prompt-processing and token-generation throughput (like llama-bench).
     Bench {
@@ -321,15 +382,16 @@ fn load(m: &ModelArgs) -> ruvllm::Result<Engine> {
             m.model.display()
         )));
     }
-    Engine::load(&m.model, &engine_options(m))
+    Engine::load(&m.model, &engine_options(m, false)?)
 }
 
-fn engine_options(m: &ModelArgs) -> EngineOptions {
-    EngineOptions {
+fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions> {
+    Ok(EngineOptions {
         threads: m.threads.unwrap_or_else(default_threads),
         context: m.ctx_size,
+        lora: m.lora_options(serving)?,
         ..Default::default()
-    }
+    })
 }
 
 fn secs(s: u64) -> std::time::Duration {
@@ -361,7 +423,7 @@ fn serve(a: ServeArgs) -> ruvllm::Result<()> {
             } else {
                 ruvllm::kv::KvDtype::F16
             },
-            ..engine_options(&a.model)
+            ..engine_options(&a.model, true)?
         },
         engine_loop: ruvllm::engine_loop::LoopOptions {
             max_waiting: a.max_waiting,
@@ -466,6 +528,12 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             println!("{}", serde_json::json!({ "logits": rows }));
             Ok(())
         }
+        Command::Perplexity {
+            model,
+            file,
+            chunks,
+            json,
+        } => perplexity(&model, &file, chunks, json),
         Command::Bench {
             model,
             n_prompt,
@@ -519,6 +587,81 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             })
         }
     }
+}
+
+fn perplexity(
+    m: &ModelArgs,
+    file: &Path,
+    max_chunks: Option<usize>,
+    json: bool,
+) -> ruvllm::Result<()> {
+    let text = std::fs::read_to_string(file).map_err(|e| ruvllm::Error::io(file, e))?;
+    let mut e = load(m)?;
+    let window = m.ctx_size.unwrap_or(512).min(e.context());
+    if window < 2 {
+        return Err(ruvllm::Error::InvalidRequest(
+            "--ctx-size must be at least 2 to score anything".into(),
+        ));
+    }
+    let tokens = e.tokenizer.encode(&text, false)?;
+    let n_chunks = (tokens.len() / window).min(max_chunks.unwrap_or(usize::MAX));
+    if n_chunks == 0 {
+        return Err(ruvllm::Error::InvalidRequest(format!(
+            "{}: {} tokens, fewer than one window of {window}",
+            file.display(),
+            tokens.len()
+        )));
+    }
+    let bos = e
+        .tokenizer
+        .special
+        .bos
+        .filter(|_| e.tokenizer.special.add_bos);
+    let start = Instant::now();
+    let (mut nll, mut count) = (0f64, 0usize);
+    let mut per_chunk = Vec::with_capacity(n_chunks);
+    for c in 0..n_chunks {
+        let mut chunk = tokens[c * window..(c + 1) * window].to_vec();
+        // As llama-perplexity: the window starts with BOS when the model
+        // wants one, in place of its first token.
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
+        let lps = e.token_logprobs(&chunk)?;
+        // lps[i] is log p(chunk[i + 1] | chunk[..=i]); score the second half.
+        let first = window / 2;
+        for lp in &lps[first - 1..] {
+            nll -= *lp as f64;
+            count += 1;
+        }
+        let ppl = (nll / count as f64).exp();
+        per_chunk.push(ppl);
+        if !json {
+            eprint!("[{}]{ppl:.4} ", c + 1);
+        }
+    }
+    let ppl = (nll / count as f64).exp();
+    let secs = start.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "perplexity": ppl,
+                "tokens_scored": count,
+                "windows": n_chunks,
+                "window": window,
+                "seconds": secs,
+                "running": per_chunk,
+            })
+        );
+    } else {
+        eprintln!();
+        println!(
+            "perplexity {ppl:.4} over {count} tokens ({n_chunks} windows of {window}; {:.1} tokens/s)",
+            (n_chunks * window) as f64 / secs
+        );
+    }
+    Ok(())
 }
 
 fn chat(m: &ModelArgs, s: &SamplingArgs, system: Option<String>) -> ruvllm::Result<()> {

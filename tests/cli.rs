@@ -147,3 +147,134 @@ fn run_streams_a_seeded_completion_reproducibly() {
     assert_eq!(a.stdout, b.stdout);
     assert!(a.stdout.len() > 1);
 }
+
+/// `--lora` on `logits`: PEFT's logits; on `perplexity`: the perplexity
+/// transformers' logits give, with and without the adapter.
+#[test]
+fn lora_flags_and_perplexity_agree_with_transformers() {
+    let lora = fixture("llama/lora");
+    let expected = read_json(&fixtures().join("llama/lora/expected.json"));
+    let tokens: Vec<String> = ids(&expected["input_ids"])
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let model = fixture("llama/model-f32.gguf");
+    let joined = tokens.join(",");
+    let out = ruvllm(&["logits", "-m", &model, "--lora", &lora, "--tokens", &joined]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = max_abs_diff(&floats(&json["logits"]), &floats(&expected["logits"]));
+    assert!(d <= 1e-3, "logits with --lora differ by {d}");
+
+    // Perplexity of the fixture prompt, scored as llama-perplexity scores
+    // one window: the first token becomes BOS ("\n" + prompt encodes to the
+    // prompt's ids after BOS), the second half is scored.
+    let text = std::env::temp_dir().join(format!("ruvllm-ppl-{}.txt", std::process::id()));
+    std::fs::write(
+        &text,
+        format!("\n{}", expected["prompt_text"].as_str().unwrap()),
+    )
+    .unwrap();
+    let text = text.to_string_lossy().into_owned();
+    let ppl_of = |logits: &[f32]| {
+        let input = ids(&expected["input_ids"]);
+        let (n, v) = (input.len(), logits.len() / input.len());
+        let mut nll = 0f64;
+        for r in n / 2 - 1..n - 1 {
+            let row = &logits[r * v..(r + 1) * v];
+            let max = row.iter().fold(f32::MIN, |m, &x| m.max(x)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[input[r + 1] as usize] as f64;
+        }
+        (nll / (n - n / 2) as f64).exp()
+    };
+    let base = read_json(&fixtures().join("llama/expected.json"));
+    for (extra, want) in [
+        (vec![], ppl_of(&floats(&base["logits"]))),
+        (
+            vec!["--lora", lora.as_str()],
+            ppl_of(&floats(&expected["logits"])),
+        ),
+    ] {
+        let mut args = vec![
+            "perplexity",
+            "-m",
+            &model,
+            "-f",
+            &text,
+            "--ctx-size",
+            "24",
+            "--json",
+        ];
+        args.extend(extra.iter().copied());
+        let out = ruvllm(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got = json["perplexity"].as_f64().unwrap();
+        assert_eq!(json["tokens_scored"], 12);
+        assert!(
+            (got - want).abs() <= 1e-3 * want,
+            "{extra:?}: perplexity {got}, transformers' logits give {want}"
+        );
+    }
+
+    // Mistakes are errors with a message.
+    for (args, needle) in [
+        (
+            vec![
+                "logits",
+                "-m",
+                &model,
+                "--lora",
+                "/no/such/adapter",
+                "--tokens",
+                "1",
+            ],
+            "not found",
+        ),
+        (
+            vec![
+                "logits",
+                "-m",
+                &model,
+                "--lora",
+                &lora,
+                "--lora-scale",
+                "1",
+                "--lora-scale",
+                "2",
+                "--tokens",
+                "1",
+            ],
+            "--lora-scale",
+        ),
+        (
+            vec!["logits", "-m", &model, "--lora", &model, "--tokens", "1"],
+            "adapter",
+        ),
+        (
+            vec!["perplexity", "-m", &model, "-f", &text, "--ctx-size", "100"],
+            "fewer than one window",
+        ),
+    ] {
+        let out = ruvllm(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -411,3 +411,91 @@ fn rs_lora_scales_by_the_square_root_of_the_rank() {
         "rsLoRA at half scale",
     );
 }
+
+/// `serve --lora NAME=PATH`: requests choose an adapter with `"model"`, and
+/// base and adapter requests running together each get PEFT's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_named_adapters_beside_the_base_model() {
+    use common::server::{post, start_model};
+    let dir = fixtures().join("llama");
+    let base_text = read_json(&dir.join("expected.json"))["greedy_text"].clone();
+    let lora = read_json(&dir.join("lora/expected.json"));
+    let model = dir.join("model-f32.gguf");
+    let full = format!("full={}", dir.join("lora").display());
+    let code = format!("code={}", dir.join("lora_mix/code").display());
+    let s = start_model(
+        model.to_str().unwrap(),
+        &["--lora", &full, "--lora", &code, "--kv-dtype", "f32"],
+    )
+    .await;
+
+    let models: serde_json::Value = reqwest::get(format!("{}/v1/models", s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let data = models["data"].as_array().unwrap();
+    let listed: Vec<(&str, &serde_json::Value)> = data
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap(), &m["parent"]))
+        .collect();
+    assert_eq!(listed.len(), 3, "{models}");
+    assert_eq!(listed[0], ("model-f32", &serde_json::Value::Null));
+    assert_eq!(listed[1].0, "full");
+    assert_eq!(listed[1].1, "model-f32");
+    assert_eq!(listed[2].0, "code");
+
+    let body = |m: Option<&str>| {
+        let mut b = serde_json::json!({
+            "prompt": lora["input_ids"], "max_tokens": 16, "temperature": 0, "ignore_eos": true,
+        });
+        if let Some(m) = m {
+            b["model"] = m.into();
+        }
+        b
+    };
+    // Together: base, adapter, base under its own name, adapter again.
+    let (a, b, c, d) = tokio::join!(
+        post(&s, "/v1/completions", body(None)),
+        post(&s, "/v1/completions", body(Some("full"))),
+        post(&s, "/v1/completions", body(Some("model-f32"))),
+        post(&s, "/v1/completions", body(Some("full"))),
+    );
+    for (status, v) in [&a, &b, &c, &d] {
+        assert_eq!(*status, 200, "{v}");
+    }
+    let text = |v: &serde_json::Value| v["choices"][0]["text"].clone();
+    assert_eq!(text(&a.1), base_text, "base model");
+    assert_eq!(text(&c.1), base_text, "base model by name");
+    assert_eq!(text(&b.1), lora["greedy_text"], "adapter 'full'");
+    assert_eq!(text(&d.1), lora["greedy_text"], "adapter 'full' again");
+    assert_eq!(b.1["model"], "full");
+    assert_eq!(a.1["model"], "model-f32");
+
+    // Chat and embeddings take the adapter too; an unknown name is 404.
+    let (st, v) = post(
+        &s,
+        "/v1/chat/completions",
+        serde_json::json!({"model": "code", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!((st, v["model"].as_str()), (200, Some("code")), "{v}");
+    let emb = |m: &str| {
+        post(
+            &s,
+            "/v1/embeddings",
+            serde_json::json!({"model": m, "input": "hello"}),
+        )
+    };
+    let (e1, e2) = tokio::join!(emb("model-f32"), emb("code"));
+    assert_eq!((e1.0, e2.0), (200, 200));
+    assert_ne!(e1.1["data"][0]["embedding"], e2.1["data"][0]["embedding"]);
+    let (st, v) = post(&s, "/v1/completions", body(Some("nope"))).await;
+    assert_eq!(st, 404, "{v}");
+    assert_eq!(v["error"]["code"], "model_not_found");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("full"),
+        "{v}"
+    );
+}

@@ -211,24 +211,42 @@ impl AppState {
         r
     }
 
-    /// Accepts the model's id, the served name, or no model at all.
-    fn check_model(&self, m: &Option<String>) -> ApiResult<()> {
-        match m {
-            None => Ok(()),
-            Some(m) if *m == self.model_id || Some(m) == self.opts.served_model_name.as_ref() => {
-                Ok(())
-            }
-            Some(m) => Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                code: Some("model_not_found"),
-                ..ApiError::bad_request(format!(
-                    "the model '{m}' does not exist; this server serves '{}'",
-                    self.model_id
-                ))
-                .param("model")
-            }),
+    /// Accepts the model's id, the served name, a named LoRA adapter, or no
+    /// model at all; returns the adapter a request chose.
+    fn check_model(&self, m: &Option<String>) -> ApiResult<Option<String>> {
+        let Some(m) = m else { return Ok(None) };
+        if *m == self.model_id || Some(m) == self.opts.served_model_name.as_ref() {
+            return Ok(None);
         }
+        let adapters = &self.engine()?.model.adapters;
+        if adapters.contains(m) {
+            return Ok(Some(m.clone()));
+        }
+        let also = if adapters.is_empty() {
+            String::new()
+        } else {
+            format!(" and the adapters {}", adapters.join(", "))
+        };
+        Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: Some("model_not_found"),
+            ..ApiError::bad_request(format!(
+                "the model '{m}' does not exist; this server serves '{}'{also}",
+                self.model_id
+            ))
+            .param("model")
+        })
     }
+
+    /// The name responses give for the model a request used.
+    fn response_model<'a>(&'a self, adapter: &'a Option<String>) -> &'a str {
+        adapter.as_deref().unwrap_or(&self.model_id)
+    }
+}
+
+/// The adapters of a request that chose `adapter` by name.
+fn adapter_mix(adapter: &Option<String>) -> Vec<(String, f32)> {
+    adapter.iter().map(|a| (a.clone(), 1.0)).collect()
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -327,16 +345,27 @@ fn request_id(prefix: &str) -> String {
 
 async fn models(State(st): State<Arc<AppState>>) -> ApiResult<axum::Json<Value>> {
     let e = st.engine()?;
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": st.model_id,
+    let mut data = vec![json!({
+        "id": st.model_id,
+        "object": "model",
+        "created": now_secs(),
+        "owned_by": "ruvllm",
+        "root": st.model_id,
+        "parent": null,
+        "max_model_len": e.model.context,
+    })];
+    data.extend(e.model.adapters.iter().map(|a| {
+        json!({
+            "id": a,
             "object": "model",
             "created": now_secs(),
             "owned_by": "ruvllm",
+            "root": a,
+            "parent": st.model_id,
             "max_model_len": e.model.context,
-        }],
-    })))
+        })
+    }));
+    Ok(axum::Json(json!({"object": "list", "data": data})))
 }
 
 fn body_bytes(b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
@@ -472,7 +501,7 @@ async fn completions(
     body: BodyResult,
 ) -> ApiResult<Response> {
     let mut req: CompletionRequest = parse(&body_bytes(body)?)?;
-    st.check_model(&req.common.model)?;
+    let adapter = st.check_model(&req.common.model)?;
     let e = st.engine()?.clone();
     let logprobs = top_count(req.logprobs, "logprobs")?;
     let prompt_lp = top_count(req.common.prompt_logprobs, "prompt_logprobs")?;
@@ -501,14 +530,16 @@ async fn completions(
         .await?;
     let mut plans = Vec::new();
     for p in prompts {
-        plans.push(plan(
+        let mut p = plan(
             &req.common,
             p,
             logprobs,
             wanted_prompt_lp,
             Some(16),
             e.model.context,
-        )?);
+        )?;
+        p.base.adapters = adapter_mix(&adapter);
+        plans.push(p);
     }
     check_choices(&plans)?;
     let n = plans[0].n;
@@ -518,7 +549,7 @@ async fn completions(
         check_prompt_logprobs_size(prompt_tokens * n, k)?;
     }
     let sub = submit(&e, plans.iter().map(Plan::requests).collect())?;
-    let envelope = Envelope::new("cmpl", "text_completion", &st.model_id);
+    let envelope = Envelope::new("cmpl", "text_completion", st.response_model(&adapter));
     // The prompt's part of a choice: echoed text, legacy logprobs entries
     // and vLLM's prompt_logprobs.
     let prompt_part = {
@@ -670,7 +701,7 @@ async fn chat_completions(
     body: BodyResult,
 ) -> ApiResult<Response> {
     let mut req: ChatRequest = parse(&body_bytes(body)?)?;
-    st.check_model(&req.common.model)?;
+    let adapter = st.check_model(&req.common.model)?;
     let e = st.engine()?.clone();
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
@@ -697,7 +728,7 @@ async fn chat_completions(
             Ok(chat_prompt(&tok, &template, &messages)?)
         })
         .await?;
-    let p = plan(
+    let mut p = plan(
         &req.common,
         prompt,
         logprobs,
@@ -705,6 +736,7 @@ async fn chat_completions(
         None,
         e.model.context,
     )?;
+    p.base.adapters = adapter_mix(&adapter);
     if let Some(k) = prompt_lp {
         check_prompt_logprobs_size(p.base.prompt.len() * p.n, k)?;
     }
@@ -713,7 +745,11 @@ async fn chat_completions(
     if req.common.stream {
         let usage_wanted = req.common.stream_options.is_some_and(|o| o.include_usage);
         let tok = e.tokenizer.clone();
-        let envelope = Envelope::new("chatcmpl", "chat.completion.chunk", &st.model_id);
+        let envelope = Envelope::new(
+            "chatcmpl",
+            "chat.completion.chunk",
+            st.response_model(&adapter),
+        );
         let usage = usage_wanted.then_some(prompt_tokens);
         let n = sub.choices;
         let stream = sse(
@@ -764,7 +800,7 @@ async fn chat_completions(
     }
     let completion = c.tokens.iter().sum();
     let usage = usage(prompt_tokens, completion, c.cached[0]);
-    let envelope = Envelope::new("chatcmpl", "chat.completion", &st.model_id);
+    let envelope = Envelope::new("chatcmpl", "chat.completion", st.response_model(&adapter));
     let mut v = envelope.wrap(json!(choices), Some(usage));
     if let Some(l) = c.prompt_lps[0].as_deref().filter(|_| prompt_lp.is_some()) {
         v["prompt_logprobs"] = prompt_logprobs_json(&e.tokenizer, l);
@@ -956,7 +992,7 @@ async fn embeddings(
     body: BodyResult,
 ) -> ApiResult<Response> {
     let req: EmbeddingRequest = parse(&body_bytes(body)?)?;
-    st.check_model(&req.model)?;
+    let adapter = st.check_model(&req.model)?;
     let as_base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -984,6 +1020,7 @@ async fn embeddings(
                 prompt,
                 embed: true,
                 cache_salt: salt.clone(),
+                adapters: adapter_mix(&adapter),
                 ..Default::default()
             }]
         })
@@ -1016,7 +1053,7 @@ async fn embeddings(
     Ok(axum::Json(json!({
         "object": "list",
         "data": data,
-        "model": st.model_id,
+        "model": st.response_model(&adapter),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
