@@ -491,6 +491,21 @@ async fn the_server_serves_named_adapters_beside_the_base_model() {
     let (e1, e2) = tokio::join!(emb("model-f32"), emb("code"));
     assert_eq!((e1.0, e2.0), (200, 200));
     assert_ne!(e1.1["data"][0]["embedding"], e2.1["data"][0]["embedding"]);
+    // Per-request weights: `"adapters": {"full": 1.0}` is `"model": "full"`.
+    let mut b = body(None);
+    b["adapters"] = serde_json::json!({"full": 1.0});
+    let (st, v) = post(&s, "/v1/completions", b.clone()).await;
+    assert_eq!((st, text(&v)), (200, lora["greedy_text"].clone()), "{v}");
+    b["adapters"] = serde_json::json!({"full": 1.0, "nope": 0.5});
+    let (st, v) = post(&s, "/v1/completions", b.clone()).await;
+    assert_eq!(st, 404, "{v}");
+    b["adapters"] = serde_json::json!({"full": 1e9});
+    let (st, v) = post(&s, "/v1/completions", b).await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("adapters")),
+        "{v}"
+    );
     let (st, v) = post(&s, "/v1/completions", body(Some("nope"))).await;
     assert_eq!(st, 404, "{v}");
     assert_eq!(v["error"]["code"], "model_not_found");
@@ -498,4 +513,35 @@ async fn the_server_serves_named_adapters_beside_the_base_model() {
         v["error"]["message"].as_str().unwrap().contains("full"),
         "{v}"
     );
+}
+
+/// llama.cpp's GGUF adapter format (`tests/fixtures/lora/*.gguf`, written
+/// from the PEFT fixtures by `scripts/peft-to-gguf-lora.py` as llama.cpp's
+/// `convert_lora_to_gguf.py` writes them: q/k rows of llama permuted) gives
+/// PEFT's outputs on either kind of base.
+#[test]
+fn llama_cpp_gguf_adapters_match_peft() {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora");
+    for arch in ["llama", "qwen2"] {
+        let dir = fixtures().join(arch);
+        let expected = read_json(&dir.join("lora/expected.json"));
+        let adapter = here.join(format!("{arch}-lora.gguf"));
+        for base in [dir.join("model-f32.gguf"), dir.clone()] {
+            let mut e = with_loras(&base, vec![always(adapter.clone(), 1.0)]).unwrap();
+            check(
+                &mut e,
+                &expected,
+                &expected["logits"],
+                &format!("{arch} GGUF adapter on {}", base.display()),
+            );
+        }
+    }
+    // An adapter of another architecture is refused.
+    let err = with_loras(
+        &fixtures().join("gemma"),
+        vec![always(here.join("llama-lora.gguf"), 1.0)],
+    )
+    .err()
+    .expect("a llama adapter on a gemma base loaded");
+    assert!(err.to_string().contains("\"llama\" model"), "{err}");
 }

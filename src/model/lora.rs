@@ -218,18 +218,23 @@ fn target_cols(spec: &ModelSpec, t: Target) -> usize {
 }
 
 /// llama.cpp stores Llama/Mistral q and k rows permuted so that RoPE rotates
-/// adjacent pairs; a PEFT `B` (in Hugging Face row order) must follow the
-/// same permutation on such a base: row `c·(d/2) + i` of each head moves to
-/// `2i + c`.
-fn permute_rows(b: &[f32], rank: usize, heads: usize) -> Vec<f32> {
+/// adjacent pairs; a `B` must be in the row order of the base it applies
+/// to. `to_interleaved` moves row `c·(d/2) + i` of each head to `2i + c`
+/// (Hugging Face order to llama.cpp's); otherwise the reverse.
+fn permute_rows(b: &[f32], rank: usize, heads: usize, to_interleaved: bool) -> Vec<f32> {
     let rows = b.len() / rank;
     let d = rows / heads;
     let mut out = vec![0f32; b.len()];
     for h in 0..heads {
         for c in 0..2 {
             for i in 0..d / 2 {
-                let src = h * d + c * (d / 2) + i;
-                let dst = h * d + 2 * i + c;
+                let hf = h * d + c * (d / 2) + i;
+                let inter = h * d + 2 * i + c;
+                let (src, dst) = if to_interleaved {
+                    (hf, inter)
+                } else {
+                    (inter, hf)
+                };
                 out[dst * rank..(dst + 1) * rank].copy_from_slice(&b[src * rank..(src + 1) * rank]);
             }
         }
@@ -250,7 +255,7 @@ fn place(
     rank: usize,
     b: Vec<f32>,
     scale: f32,
-    permute_hf_rows: bool,
+    interleaved_rows: bool,
 ) -> Result<()> {
     if layer >= spec.n_layers {
         return Err(bad(
@@ -266,10 +271,11 @@ fn place(
         let cols = target_cols(spec, t);
         let mut piece = b[row0 * rank..(row0 + rows) * rank].to_vec();
         row0 += rows;
-        if permute_hf_rows && spec.rope_style == RopeStyle::Interleaved {
+        let base_interleaved = spec.rope_style == RopeStyle::Interleaved;
+        if interleaved_rows != base_interleaved {
             match t {
-                Target::Q => piece = permute_rows(&piece, rank, spec.n_heads),
-                Target::K => piece = permute_rows(&piece, rank, spec.n_kv_heads),
+                Target::Q => piece = permute_rows(&piece, rank, spec.n_heads, base_interleaved),
+                Target::K => piece = permute_rows(&piece, rank, spec.n_kv_heads, base_interleaved),
                 _ => {}
             }
         }
@@ -491,6 +497,7 @@ fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARG
         } else {
             alpha / rank as f64
         } as f32;
+        // PEFT's rows are in Hugging Face order.
         place(
             &mut layers,
             spec,
@@ -502,7 +509,7 @@ fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARG
             rank,
             b,
             scale,
-            true,
+            false,
         )?;
         pairs += 1;
     }
@@ -535,6 +542,17 @@ fn load_gguf_adapter(path: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPa
         .get("general.architecture")
         .and_then(|v| v.as_str())
         .unwrap_or("");
+    let same_arch =
+        arch == spec.family.name() || (arch == "llama" && spec.family == Family::Mistral);
+    if !same_arch {
+        return Err(bad(
+            path,
+            format!(
+                "an adapter for a {arch:?} model, but the base model is {}",
+                spec.family.name()
+            ),
+        ));
+    }
     let alpha = g
         .get("adapter.lora.alpha")
         .and_then(|v| v.as_f64())
@@ -631,7 +649,9 @@ fn load_gguf_adapter(path: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPa
             1.0
         };
         let (a, b) = (read(t)?, read(bt)?);
-        // llama.cpp's converter already permuted B for its own base layout.
+        // llama.cpp's converter permuted Llama/Mistral B rows as it does
+        // the base's.
+        let interleaved = matches!(spec.family, Family::Llama | Family::Mistral);
         place(
             &mut layers,
             spec,
@@ -643,12 +663,10 @@ fn load_gguf_adapter(path: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPa
             rank,
             b,
             scale,
-            false,
+            interleaved,
         )?;
         pairs += 1;
     }
-    if !arch.is_empty() && pairs > 0 {
-        tracing::debug!(arch, pairs, "loaded GGUF LoRA");
-    }
+    tracing::debug!(arch, pairs, "loaded GGUF LoRA");
     Ok(layers)
 }

@@ -244,9 +244,42 @@ impl AppState {
     }
 }
 
-/// The adapters of a request that chose `adapter` by name.
-fn adapter_mix(adapter: &Option<String>) -> Vec<(String, f32)> {
-    adapter.iter().map(|a| (a.clone(), 1.0)).collect()
+impl AppState {
+    /// The adapters of a request: the one `model` chose (weight 1) and the
+    /// `adapters` weights, in name order so that equal requests sum in the
+    /// same order (and share cached prefixes).
+    fn adapter_mix(
+        &self,
+        chosen: &Option<String>,
+        weights: &Option<std::collections::HashMap<String, f32>>,
+    ) -> ApiResult<Vec<(String, f32)>> {
+        let mut mix: std::collections::BTreeMap<String, f32> =
+            chosen.iter().map(|a| (a.clone(), 1.0)).collect();
+        if let Some(w) = weights.as_ref().filter(|w| !w.is_empty()) {
+            let known = &self.engine()?.model.adapters;
+            for (name, &weight) in w {
+                if !known.contains(name) {
+                    return Err(ApiError {
+                        status: StatusCode::NOT_FOUND,
+                        code: Some("model_not_found"),
+                        ..ApiError::bad_request(format!(
+                            "no LoRA adapter named '{name}' (loaded: {})",
+                            known.join(", ")
+                        ))
+                        .param("adapters")
+                    });
+                }
+                if !weight.is_finite() || weight.abs() > 1e3 {
+                    return Err(ApiError::bad_request(format!(
+                        "adapter weight {weight} of '{name}' must be a finite number within ±1000"
+                    ))
+                    .param("adapters"));
+                }
+                mix.insert(name.clone(), weight);
+            }
+        }
+        Ok(mix.into_iter().collect())
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -502,6 +535,7 @@ async fn completions(
 ) -> ApiResult<Response> {
     let mut req: CompletionRequest = parse(&body_bytes(body)?)?;
     let adapter = st.check_model(&req.common.model)?;
+    let mix = st.adapter_mix(&adapter, &req.common.adapters)?;
     let e = st.engine()?.clone();
     let logprobs = top_count(req.logprobs, "logprobs")?;
     let prompt_lp = top_count(req.common.prompt_logprobs, "prompt_logprobs")?;
@@ -538,7 +572,7 @@ async fn completions(
             Some(16),
             e.model.context,
         )?;
-        p.base.adapters = adapter_mix(&adapter);
+        p.base.adapters = mix.clone();
         plans.push(p);
     }
     check_choices(&plans)?;
@@ -702,6 +736,7 @@ async fn chat_completions(
 ) -> ApiResult<Response> {
     let mut req: ChatRequest = parse(&body_bytes(body)?)?;
     let adapter = st.check_model(&req.common.model)?;
+    let mix = st.adapter_mix(&adapter, &req.common.adapters)?;
     let e = st.engine()?.clone();
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
@@ -736,7 +771,7 @@ async fn chat_completions(
         None,
         e.model.context,
     )?;
-    p.base.adapters = adapter_mix(&adapter);
+    p.base.adapters = mix;
     if let Some(k) = prompt_lp {
         check_prompt_logprobs_size(p.base.prompt.len() * p.n, k)?;
     }
@@ -993,6 +1028,7 @@ async fn embeddings(
 ) -> ApiResult<Response> {
     let req: EmbeddingRequest = parse(&body_bytes(body)?)?;
     let adapter = st.check_model(&req.model)?;
+    let mix = st.adapter_mix(&adapter, &None)?;
     let as_base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -1020,7 +1056,7 @@ async fn embeddings(
                 prompt,
                 embed: true,
                 cache_salt: salt.clone(),
-                adapters: adapter_mix(&adapter),
+                adapters: mix.clone(),
                 ..Default::default()
             }]
         })

@@ -137,6 +137,9 @@ pub struct Common {
     pub prompt_logprobs: Option<i64>,
     /// vLLM's: prefix-cache hits only among requests with the same salt.
     pub cache_salt: Option<String>,
+    /// Named LoRA adapters mixed with these weights (on top of the one
+    /// `model` names, whose weight this may override).
+    pub adapters: Option<HashMap<String, f32>>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
