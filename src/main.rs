@@ -5,6 +5,7 @@ mod cli;
 use clap::{Args, Parser, Subcommand};
 use ruvllm::chat::ChatMessage;
 use ruvllm::engine::{default_threads, Engine, EngineOptions, GenerationRequest, LoraOption};
+use ruvllm::kv::KvDtype;
 use ruvllm::sampling::SamplingParams;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -32,13 +33,17 @@ struct ModelArgs {
     #[arg(long, short = 't')]
     threads: Option<usize>,
     /// Tokens of context to reserve KV cache for (default: the model's, at most 4096).
-    #[arg(long)]
+    #[arg(long, short = 'c')]
     ctx_size: Option<usize>,
     /// LoRA adapter: a PEFT folder or a llama.cpp GGUF adapter (repeatable;
     /// several are summed). With `serve`, NAME=PATH loads an adapter that
     /// requests choose with `"model": "NAME"`; a bare PATH applies to all.
     #[arg(long = "lora", value_name = "[NAME=]PATH")]
     lora: Vec<String>,
+    /// KV cache element type: f16 (half the memory, llama.cpp's default) or
+    /// f32 (exact). Default: f16 for `serve`, f32 elsewhere.
+    #[arg(long, value_parser = ["f16", "f32"])]
+    kv_dtype: Option<String>,
     /// Weight of each --lora, in the same order (default 1.0).
     #[arg(long = "lora-scale", value_name = "W", allow_negative_numbers = true)]
     lora_scale: Vec<f32>,
@@ -350,9 +355,6 @@ struct ServeArgs {
     /// admit-panic, abort-panic, fatal) on requests whose prompt holds TOKEN.
     #[arg(long, hide = true)]
     debug_fault: Option<String>,
-    /// KV cache element type: f16 (half the memory, llama.cpp's default) or f32 (exact).
-    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
-    kv_dtype: String,
 }
 
 fn main() {
@@ -390,6 +392,12 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
         threads: m.threads.unwrap_or_else(default_threads),
         context: m.ctx_size,
         lora: m.lora_options(serving)?,
+        kv_dtype: match m.kv_dtype.as_deref() {
+            Some("f32") => KvDtype::F32,
+            Some(_) => KvDtype::F16,
+            None if serving => KvDtype::F16,
+            None => KvDtype::F32,
+        },
         ..Default::default()
     })
 }
@@ -418,11 +426,6 @@ fn serve(a: ServeArgs) -> ruvllm::Result<()> {
             block_size: a.block_size,
             max_batched_tokens: a.max_batched_tokens,
             max_num_seqs: a.max_num_seqs,
-            kv_dtype: if a.kv_dtype == "f32" {
-                ruvllm::kv::KvDtype::F32
-            } else {
-                ruvllm::kv::KvDtype::F16
-            },
             ..engine_options(&a.model, true)?
         },
         engine_loop: ruvllm::engine_loop::LoopOptions {
@@ -598,12 +601,14 @@ fn perplexity(
     let text = std::fs::read_to_string(file).map_err(|e| ruvllm::Error::io(file, e))?;
     let mut e = load(m)?;
     let window = m.ctx_size.unwrap_or(512).min(e.context());
-    if window < 2 {
+    if window < 4 {
         return Err(ruvllm::Error::InvalidRequest(
-            "--ctx-size must be at least 2 to score anything".into(),
+            "--ctx-size must be at least 4 to score anything".into(),
         ));
     }
-    let tokens = e.tokenizer.encode(&text, false)?;
+    // As llama-perplexity: the whole text is tokenized with BOS (when the
+    // model wants one), which shifts every window by that token.
+    let tokens = e.tokenizer.encode(&text, true)?;
     let n_chunks = (tokens.len() / window).min(max_chunks.unwrap_or(usize::MAX));
     if n_chunks == 0 {
         return Err(ruvllm::Error::InvalidRequest(format!(
@@ -628,9 +633,10 @@ fn perplexity(
             chunk[0] = b;
         }
         let lps = e.token_logprobs(&chunk)?;
-        // lps[i] is log p(chunk[i + 1] | chunk[..=i]); score the second half.
+        // lps[i] is log p(chunk[i + 1] | chunk[..=i]). As llama-perplexity,
+        // the logits of positions window/2 ..= window - 2 are scored.
         let first = window / 2;
-        for lp in &lps[first - 1..] {
+        for lp in &lps[first..] {
             nll -= *lp as f64;
             count += 1;
         }
@@ -646,8 +652,8 @@ fn perplexity(
         println!(
             "{}",
             serde_json::json!({
-                "perplexity": ppl,
-                "tokens_scored": count,
+                "ppl": ppl,
+                "tokens": count,
                 "windows": n_chunks,
                 "window": window,
                 "seconds": secs,
