@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 use crate::kv::{bytes_per_token, AnyKvCache, KvDtype};
 use crate::model::lora::{LoraAdapter, WeightedAdapter};
 use crate::model::{load_gguf, load_hf_folder, Batch, Family, Model, Output};
+use crate::progress::Progress;
+use crate::quant::quantize::ISQ_TYPES;
+use crate::quant::GgmlType;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions};
 use crate::threadpool::ThreadPool;
@@ -48,6 +51,12 @@ pub struct EngineOptions {
     /// LoRA adapters to load: unnamed ones apply to every request, named
     /// ones to the requests that ask for them.
     pub lora: Vec<LoraOption>,
+    /// In-situ quantization: F32/F16/BF16 weight matrices are quantized to
+    /// this type at load (one of [`ISQ_TYPES`]).
+    pub isq: Option<GgmlType>,
+    /// Draw a progress bar on standard error (when it is a terminal) for
+    /// long work at load.
+    pub progress: bool,
 }
 
 /// A LoRA adapter to load with the model.
@@ -74,6 +83,8 @@ impl Default for EngineOptions {
             max_num_seqs: 32,
             kv_dtype: KvDtype::F32,
             lora: Vec::new(),
+            isq: None,
+            progress: false,
         }
     }
 }
@@ -319,6 +330,31 @@ impl Engine {
             (l, t, "gguf")
         };
         let mut model = loaded.model;
+        let pool = ThreadPool::new(opts.threads);
+        if let Some(ty) = opts.isq {
+            if !ISQ_TYPES.contains(&ty) {
+                let have: Vec<&str> = ISQ_TYPES.iter().map(|t| t.name()).collect();
+                return Err(Error::NotImplemented(format!(
+                    "in-situ quantization to {} (available: {})",
+                    ty.name(),
+                    have.join(", ")
+                )));
+            }
+            let t0 = Instant::now();
+            let mut bar = Progress::new(format!("quantizing to {}", ty.name()), opts.progress);
+            let n = model.quantize_unquantized(ty, &pool, &mut |d, t| bar.update(d, t));
+            if n == 0 {
+                tracing::warn!(
+                    "--isq {}: no F32/F16/BF16 matrix with rows of whole blocks to quantize",
+                    ty.name()
+                );
+            }
+            tracing::info!(
+                matrices = n,
+                secs = t0.elapsed().as_secs_f64(),
+                "in-situ quantization"
+            );
+        }
         let spec = &model.spec;
         if tokenizer.vocab_size() > spec.vocab_size {
             return Err(Error::Config(format!(
@@ -468,7 +504,7 @@ impl Engine {
             template: Arc::new(template),
             provenance,
             type_mix,
-            pool: ThreadPool::new(opts.threads),
+            pool,
             kv,
             sched: Scheduler::new(
                 n_blocks,
@@ -600,6 +636,13 @@ impl Engine {
             req,
         };
         self.requests.insert(id, active);
+    }
+
+    /// Quantizes the unquantized weight matrices to `ty` in place (see
+    /// [`EngineOptions::isq`]); returns how many changed.
+    pub fn quantize_weights(&mut self, ty: GgmlType) -> usize {
+        self.model
+            .quantize_unquantized(ty, &self.pool, &mut |_, _| {})
     }
 
     /// The named adapters requests may ask for.

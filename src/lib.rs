@@ -6,7 +6,7 @@
 //! - [`gguf`], [`quant`], [`tensor`]: model files, block formats, SIMD kernels;
 //! - [`kv`]: the paged KV cache and its block manager (prefix caching);
 //! - [`model`]: pure forward functions over a flat batch of tokens, reading
-//!   and appending to the KV cache;
+//!   and appending to the KV cache, with LoRA adapters ([`model::lora`]);
 //! - [`tokenizer`], [`chat`], [`sampling`]: text in, tokens out;
 //! - [`scheduler`]: which tokens of which sequences run each step (token
 //!   budget, chunked prefill, preemption); it knows no model;
@@ -25,6 +25,7 @@ pub mod gguf;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod progress;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;

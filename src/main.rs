@@ -44,6 +44,10 @@ struct ModelArgs {
     /// f32 (exact). Default: f16 for `serve`, f32 elsewhere.
     #[arg(long, value_parser = ["f16", "f32"])]
     kv_dtype: Option<String>,
+    /// In-situ quantization: quantize F32/F16/BF16 weights at load to this
+    /// type (q8_0, q4_0, q4_1, q5_0, q5_1).
+    #[arg(long, value_name = "TYPE")]
+    isq: Option<String>,
     /// Weight of each --lora, in the same order (default 1.0).
     #[arg(long = "lora-scale", value_name = "W", allow_negative_numbers = true)]
     lora_scale: Vec<f32>,
@@ -392,6 +396,8 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
         threads: m.threads.unwrap_or_else(default_threads),
         context: m.ctx_size,
         lora: m.lora_options(serving)?,
+        isq: m.isq.as_deref().map(isq_type).transpose()?,
+        progress: true,
         kv_dtype: match m.kv_dtype.as_deref() {
             Some("f32") => KvDtype::F32,
             Some(_) => KvDtype::F16,
@@ -400,6 +406,22 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
         },
         ..Default::default()
     })
+}
+
+/// The GGML type an --isq name stands for.
+fn isq_type(name: &str) -> ruvllm::Result<ruvllm::quant::GgmlType> {
+    use ruvllm::quant::quantize::ISQ_TYPES;
+    let have: Vec<String> = ISQ_TYPES.iter().map(|t| t.name().to_lowercase()).collect();
+    ISQ_TYPES
+        .iter()
+        .find(|t| t.name().eq_ignore_ascii_case(name))
+        .copied()
+        .ok_or_else(|| {
+            ruvllm::Error::InvalidRequest(format!(
+                "--isq {name}: in-situ quantization produces {}",
+                have.join(", ")
+            ))
+        })
 }
 
 fn secs(s: u64) -> std::time::Duration {

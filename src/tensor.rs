@@ -2,6 +2,7 @@
 //! drives the kernels across the thread pool.
 
 use crate::quant::kernels::{act_kind, dot_rows, Acts, MAX_ROWS};
+use crate::quant::quantize::{quantize_row, ISQ_TYPES};
 use crate::quant::{dequantize, GgmlType};
 use crate::threadpool::{SyncPtr, ThreadPool};
 use memmap2::Mmap;
@@ -119,23 +120,35 @@ impl Matrix {
         v
     }
 
-    /// Re-encodes an unquantized matrix as `ty` (only Q8_0 is supported);
-    /// quantized matrices and shapes that are not whole blocks stay as they are.
-    pub fn quantize_to(&mut self, ty: GgmlType) {
-        assert_eq!(
-            ty,
-            GgmlType::Q8_0,
-            "only Q8_0 in-situ quantization is implemented"
-        );
-        if self.ty.is_quantized() || !self.cols.is_multiple_of(ty.block_size()) {
-            return;
+    /// Re-encodes an unquantized matrix as `ty`, rows spread over `pool`.
+    /// Returns false, leaving it as it is, when it is already quantized, its
+    /// rows are not whole blocks of `ty`, or `ty` is not one
+    /// [`quantize_row`] produces.
+    pub fn quantize_to(&mut self, ty: GgmlType, pool: &ThreadPool) -> bool {
+        if self.ty.is_quantized()
+            || !ISQ_TYPES.contains(&ty)
+            || !self.cols.is_multiple_of(ty.block_size())
+        {
+            return false;
         }
-        let data = crate::quant::quantize_q8_0(&self.to_f32());
+        let rb = ty.row_bytes(self.cols).expect("whole blocks");
+        let mut data = vec![0u8; rb * self.rows];
+        let this = &*self;
+        pool.par_chunks_mut(&mut data, rb * ISQ_ROWS_PER_TASK, &|off, chunk| {
+            let mut row = vec![0f32; this.cols];
+            for (i, out) in chunk.chunks_exact_mut(rb).enumerate() {
+                this.dequantize_row(off / rb + i, &mut row);
+                out.copy_from_slice(&quantize_row(ty, &row).expect("checked type and length"));
+            }
+        });
         *self = Matrix::new(ty, self.rows, self.cols, Storage::Bytes(Arc::new(data)))
             .expect("sizes match");
+        true
     }
 }
 
+/// Rows one in-situ quantization task takes.
+const ISQ_ROWS_PER_TASK: usize = 16;
 const CHUNKS_PER_THREAD: usize = 2;
 /// Batches of this many rows or more are compute-bound: finer chunks there
 /// balance the threads better than long prefetch-friendly ranges.

@@ -169,7 +169,7 @@ fn a_row_computes_the_same_alone_or_batched() {
 #[test]
 fn q8_0_quantization_round_trips() {
     let x = activations(256, 5);
-    let q = ruvllm::quant::quantize_q8_0(&x);
+    let q = ruvllm::quant::quantize::quantize_row(ruvllm::quant::GgmlType::Q8_0, &x).unwrap();
     let mut back = vec![0f32; 256];
     dequantize(GgmlType::Q8_0, &q, &mut back);
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -377,4 +377,29 @@ fn non_finite_activations_give_non_finite_outputs_not_garbage() {
             );
         }
     }
+}
+
+/// In-situ quantization of the legacy types: the blocks equal those of
+/// ggml's reference quantizer (through gguf-py) bit for bit, on the
+/// synthetic samples with their planted zeros, extremes and ramps.
+#[test]
+fn isq_blocks_equal_the_reference_quantizers() {
+    use ruvllm::quant::quantize::quantize_row;
+    let dir = fixtures().join("quant");
+    for name in ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"] {
+        let meta = read_json(&dir.join(format!("{name}.json")));
+        let src = floats(&meta["source_f32"]);
+        let ty = GgmlType::from_id(meta["ggml_type_id"].as_u64().unwrap() as u32).unwrap();
+        let want = std::fs::read(dir.join(format!("{name}.bin"))).unwrap();
+        let got = quantize_row(ty, &src).unwrap();
+        assert_eq!(got.len(), want.len(), "{name}");
+        let bad = (0..want.len()).find(|&i| got[i] != want[i]);
+        assert!(
+            bad.is_none(),
+            "{name}: first differing byte {bad:?} (block {:?})",
+            bad.map(|i| i / ty.type_size())
+        );
+    }
+    // Lengths that are not whole blocks are refused, not padded.
+    assert!(quantize_row(GgmlType::Q4_0, &[0.0; 33]).is_none());
 }

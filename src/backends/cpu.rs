@@ -8,6 +8,7 @@ use crate::engine_loop::{EngineHandle, LoopOptions};
 use crate::error::Error;
 use crate::kv::KvDtype;
 use crate::model::{Family, ModelSpec};
+use crate::quant::quantize::ISQ_TYPES;
 use std::path::Path;
 
 /// The paged KV cache's shape, when the caller sets it
@@ -186,16 +187,16 @@ fn apply_quantization(engine: &mut Engine, want: Option<Quantization>) -> Result
             target.name()
         )));
     }
-    if want != Quantization::Q8 {
+    if !ISQ_TYPES.contains(&target) {
         return Err(Error::NotImplemented(format!(
-            "in-situ quantization of {} weights to {} (Q8 is available; or load a \
-             file quantized to {})",
+            "in-situ quantization of {} weights to {} (available: Q8_0, Q4_0, Q4_1, \
+             Q5_0, Q5_1; or load a file quantized to {})",
             have.name(),
             target.name(),
             target.name()
         )));
     }
-    engine.model.quantize_unquantized(target);
+    engine.quantize_weights(target);
     match engine.model.dominant_type() {
         Some(t) if t == target => Ok(()),
         _ => Err(Error::Unsupported(format!(

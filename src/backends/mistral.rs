@@ -125,7 +125,7 @@ pub enum XLoraMixingMode {
 /// In-situ quantization settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IsqConfig {
-    /// 8 is implemented (Q8_0); 2 and 4 are not.
+    /// 4, 5 and 8 are implemented with [`IsqMethod::RTN`] (Q4_0, Q5_0, Q8_0).
     pub bits: u8,
     pub method: IsqMethod,
 }
@@ -146,7 +146,8 @@ pub enum IsqMethod {
     AWQ,
     /// Not implemented (needs calibration data).
     GPTQ,
-    /// Round to nearest, per 32-weight block with one scale (Q8_0, as llama.cpp).
+    /// Round to nearest, per 32-weight block with one scale, bit for bit as
+    /// llama.cpp's quantizer (Q4_0, Q5_0, Q8_0).
     RTN,
     /// Not implemented.
     SmoothQuant,
@@ -157,9 +158,11 @@ impl IsqConfig {
     fn quantization(&self) -> Result<Quantization> {
         match (self.bits, self.method) {
             (8, IsqMethod::RTN) => Ok(Quantization::Q8),
+            (5, IsqMethod::RTN) => Ok(Quantization::Q5_0),
+            (4, IsqMethod::RTN) => Ok(Quantization::Q4),
             (bits, method) => Err(Error::NotImplemented(format!(
-                "ISQ with {bits} bits by {method:?} (8-bit RTN is available, as \
-                 ModelConfig.quantization = Some(Quantization::Q8))"
+                "ISQ with {bits} bits by {method:?} (round to nearest, IsqMethod::RTN, \
+                 is available with 4, 5 or 8 bits: Q4_0, Q5_0, Q8_0)"
             ))),
         }
     }

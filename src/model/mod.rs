@@ -436,15 +436,27 @@ impl Model {
     }
 
     /// Quantizes F32/F16/BF16 weight matrices to `ty` in memory (in-situ
-    /// quantization). Quantized matrices are left as they are.
-    pub fn quantize_unquantized(&mut self, ty: crate::quant::GgmlType) {
+    /// quantization), calling `progress(done, total)` after each matrix.
+    /// Quantized matrices, and those whose rows are not whole blocks of
+    /// `ty`, are left as they are. Returns how many were quantized.
+    pub fn quantize_unquantized(
+        &mut self,
+        ty: crate::quant::GgmlType,
+        pool: &ThreadPool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> usize {
         let tied = self.is_tied();
-        for m in self.matrices_mut() {
-            m.quantize_to(ty);
+        let mut ms = self.matrices_mut();
+        let total = ms.len();
+        let mut changed = 0;
+        for (i, m) in ms.iter_mut().enumerate() {
+            changed += m.quantize_to(ty, pool) as usize;
+            progress(i + 1, total);
         }
         if tied {
             self.output.w = self.embed.clone();
         }
+        changed
     }
 }
 

@@ -2,6 +2,7 @@
 //! activations for the integer dot-product kernels in [`kernels`].
 
 pub mod kernels;
+pub mod quantize;
 
 use crate::simd::{dispatch, Kernel, Simd};
 use half::{bf16, f16};
@@ -368,22 +369,6 @@ pub fn q3k_scales(s: &[u8]) -> [u8; 16] {
         let low = if j < 8 { s[j] & 0xF } else { s[j - 8] >> 4 };
         let high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
         out[j] = low | (high << 4);
-    }
-    out
-}
-
-/// Quantizes f32 values to Q8_0 blocks (used for in-situ quantization of
-/// unquantized weights). `src.len()` must be a multiple of 32.
-pub fn quantize_q8_0(src: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(src.len() / QK * 34);
-    for blk in src.chunks_exact(QK) {
-        let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        for &v in blk {
-            out.push((v * id).round() as i8 as u8);
-        }
     }
     out
 }
