@@ -57,6 +57,9 @@ pub struct EngineOptions {
     /// Draw a progress bar on standard error (when it is a terminal) for
     /// long work at load.
     pub progress: bool,
+    /// Named adapters resident at most; loading one more evicts the least
+    /// recently used one that no request is using.
+    pub max_loras: Option<usize>,
 }
 
 /// A LoRA adapter to load with the model.
@@ -85,6 +88,7 @@ impl Default for EngineOptions {
             lora: Vec::new(),
             isq: None,
             progress: false,
+            max_loras: None,
         }
     }
 }
@@ -273,8 +277,10 @@ pub struct Engine {
     counters: Counters,
     /// Adapters applied to every sequence.
     always: Vec<WeightedAdapter>,
-    /// Adapters requests may name, in load order.
-    named: Vec<WeightedAdapter>,
+    /// Adapters requests may name, in load order, with when a request last
+    /// asked for each.
+    named: Vec<(WeightedAdapter, Instant)>,
+    max_loras: Option<usize>,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
 }
@@ -460,7 +466,7 @@ impl Engine {
             .sliding_window
             .filter(|_| spec.sliding_layers.iter().all(|&s| s));
         model.set_context(context);
-        let (mut always, mut named) = (Vec::new(), Vec::<WeightedAdapter>::new());
+        let (mut always, mut named) = (Vec::new(), Vec::<(WeightedAdapter, Instant)>::new());
         for o in &opts.lora {
             if !o.scale.is_finite() {
                 return Err(Error::Config(format!(
@@ -475,7 +481,7 @@ impl Engine {
                 .unwrap_or_else(|| o.path.display().to_string());
             if o.name
                 .as_deref()
-                .is_some_and(|n| named.iter().any(|w| w.adapter.name == n))
+                .is_some_and(|n| named.iter().any(|(w, _)| w.adapter.name == n))
             {
                 return Err(Error::Config(format!(
                     "two LoRA adapters are named {label}"
@@ -494,9 +500,15 @@ impl Engine {
                 weight: o.scale,
             };
             match o.name {
-                Some(_) => named.push(w),
+                Some(_) => named.push((w, Instant::now())),
                 None => always.push(w),
             }
+        }
+        if let Some(max) = opts.max_loras.filter(|&m| named.len() > m) {
+            return Err(Error::Config(format!(
+                "{} named LoRA adapters, more than --max-loras {max}",
+                named.len()
+            )));
         }
         Ok(Engine {
             model,
@@ -523,6 +535,7 @@ impl Engine {
             counters: Counters::default(),
             always,
             named,
+            max_loras: opts.max_loras,
             fault: None,
         })
     }
@@ -647,7 +660,10 @@ impl Engine {
 
     /// The named adapters requests may ask for.
     pub fn adapter_names(&self) -> Vec<String> {
-        self.named.iter().map(|w| w.adapter.name.clone()).collect()
+        self.named
+            .iter()
+            .map(|(w, _)| w.adapter.name.clone())
+            .collect()
     }
 
     /// The adapters every request gets.
@@ -655,9 +671,86 @@ impl Engine {
         &self.always
     }
 
+    /// Each named adapter with the requests (running or waiting) using it.
+    pub fn adapter_use(&self) -> Vec<(String, usize)> {
+        self.named
+            .iter()
+            .map(|(w, _)| (w.adapter.name.clone(), self.users(&w.adapter)))
+            .collect()
+    }
+
+    fn users(&self, a: &Arc<LoraAdapter>) -> usize {
+        self.requests
+            .values()
+            .filter(|r| r.adapters.iter().any(|x| Arc::ptr_eq(&x.adapter, a)))
+            .count()
+    }
+
+    /// Makes `adapter` (loaded for this model, see [`LoraAdapter::load`])
+    /// available under its name, applied with `scale`. At `max_loras`, the
+    /// least recently used adapter that no request is using goes first.
+    pub fn add_adapter(&mut self, adapter: LoraAdapter, scale: f32) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(Error::InvalidRequest(format!(
+                "LoRA scale {scale} is not finite"
+            )));
+        }
+        if self
+            .named
+            .iter()
+            .any(|(w, _)| w.adapter.name == adapter.name)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "a LoRA adapter named '{}' is already loaded",
+                adapter.name
+            )));
+        }
+        if let Some(max) = self.max_loras.filter(|&m| self.named.len() >= m) {
+            let idle = self
+                .named
+                .iter()
+                .enumerate()
+                .filter(|(_, (w, _))| self.users(&w.adapter) == 0)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(i, _)| i);
+            match idle {
+                Some(i) => {
+                    let (w, _) = self.named.remove(i);
+                    tracing::info!(evicted = %w.adapter.name, "LoRA adapter unloaded to make room");
+                }
+                None => {
+                    return Err(Error::Overloaded(format!(
+                        "{max} LoRA adapters are loaded (--max-loras) and all are in use"
+                    )))
+                }
+            }
+        }
+        self.named.push((
+            WeightedAdapter {
+                adapter: Arc::new(adapter),
+                weight: scale,
+            },
+            Instant::now(),
+        ));
+        Ok(())
+    }
+
+    /// Removes a named adapter. Requests already using it finish with it
+    /// (they hold it); new requests cannot name it. Its memory goes when the
+    /// last of them ends.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .named
+            .iter()
+            .position(|(w, _)| w.adapter.name == name)
+            .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
+        self.named.remove(i);
+        Ok(())
+    }
+
     /// The always-on adapters followed by the named ones `wanted` asks
     /// for (their weight multiplies the scale they were loaded with).
-    fn adapters_for(&self, wanted: &[(String, f32)]) -> Result<Vec<WeightedAdapter>> {
+    fn adapters_for(&mut self, wanted: &[(String, f32)]) -> Result<Vec<WeightedAdapter>> {
         let mut v = self.always.clone();
         for (name, weight) in wanted {
             if !weight.is_finite() {
@@ -665,11 +758,12 @@ impl Engine {
                     "adapter weight {weight} is not a finite number"
                 )));
             }
-            let w = self
+            let (w, used) = self
                 .named
-                .iter()
-                .find(|w| w.adapter.name == *name)
-                .ok_or_else(|| Error::InvalidRequest(format!("no LoRA adapter named {name:?}")))?;
+                .iter_mut()
+                .find(|(w, _)| w.adapter.name == *name)
+                .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
+            *used = Instant::now();
             v.push(WeightedAdapter {
                 adapter: w.adapter.clone(),
                 weight: w.weight * weight,

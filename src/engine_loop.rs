@@ -5,12 +5,13 @@ use crate::chat::ChatTemplate;
 use crate::engine::{validate, Engine, GenerationRequest, SeqEvent, Sink};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::model::lora::LoraAdapter;
 use crate::model::ModelSpec;
 use crate::scheduler::SeqId;
 use crate::tokenizer::Tokenizer;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -47,8 +48,6 @@ pub struct ModelSummary {
     pub n_params: usize,
     pub weight_bytes: usize,
     pub dominant_type: Option<crate::quant::GgmlType>,
-    /// Named LoRA adapters requests may choose (`"model": name`).
-    pub adapters: Vec<String>,
 }
 
 enum Command {
@@ -58,6 +57,15 @@ enum Command {
         sinks: Vec<Sink>,
     },
     Abort(Vec<SeqId>),
+    AddAdapter {
+        adapter: Box<LoraAdapter>,
+        scale: f32,
+        reply: Sender<Result<()>>,
+    },
+    RemoveAdapter {
+        name: String,
+        reply: Sender<Result<()>>,
+    },
 }
 
 #[derive(Clone)]
@@ -71,6 +79,8 @@ pub struct EngineHandle {
     max_in_flight: usize,
     /// False once the loop thread has ended: nothing can be served.
     alive: Arc<AtomicBool>,
+    /// Names of the adapters requests may choose, as the loop last saw them.
+    adapters: Arc<Mutex<Vec<String>>>,
 }
 
 /// A request's sink with its share of the in-flight count and its latency
@@ -180,7 +190,6 @@ impl EngineHandle {
             n_params,
             weight_bytes,
             dominant_type: engine.model.dominant_type(),
-            adapters: engine.adapter_names(),
         });
         let metrics = Arc::new(Metrics::default());
         metrics
@@ -195,16 +204,53 @@ impl EngineHandle {
             next_id: Arc::new(AtomicU64::new(1)),
             max_in_flight: max_num_seqs + opts.max_waiting,
             alive: Arc::new(AtomicBool::new(true)),
+            adapters: Arc::new(Mutex::new(engine.adapter_names())),
         };
         let alive = AliveFlag(handle.alive.clone());
+        let names = handle.adapters.clone();
         std::thread::Builder::new()
             .name("ruvllm-engine".into())
             .spawn(move || {
                 let _alive = alive;
-                run(engine, rx, metrics, &opts)
+                run(engine, rx, metrics, names, &opts)
             })
             .map_err(|e| Error::io("engine thread", e))?;
         Ok(handle)
+    }
+
+    /// The named adapters requests may choose (`"model": name`).
+    pub fn adapters(&self) -> Vec<String> {
+        self.adapters.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// Loads an adapter from `path` on the calling thread (it reads files:
+    /// keep it off async threads) and hands it to the engine, which serves
+    /// it from its next step on; running requests are not disturbed.
+    pub fn load_adapter(&self, name: &str, path: &std::path::Path, scale: f32) -> Result<()> {
+        let adapter = LoraAdapter::load(path, name, &self.model.spec)?;
+        let (reply, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Command::AddAdapter {
+                adapter: Box::new(adapter),
+                scale,
+                reply,
+            })
+            .map_err(|_| Error::Internal("the engine has stopped".into()))?;
+        rx.recv()
+            .map_err(|_| Error::Internal("the engine has stopped".into()))?
+    }
+
+    /// Unloads a named adapter (requests using it finish with it).
+    pub fn unload_adapter(&self, name: &str) -> Result<()> {
+        let (reply, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Command::RemoveAdapter {
+                name: name.to_string(),
+                reply,
+            })
+            .map_err(|_| Error::Internal("the engine has stopped".into()))?;
+        rx.recv()
+            .map_err(|_| Error::Internal("the engine has stopped".into()))?
     }
 
     /// Requests submitted and not yet finished.
@@ -311,7 +357,13 @@ impl EngineHandle {
 /// idle trimming when there is nothing to do. A panic anywhere in an
 /// iteration fails the requests involved and the loop goes on; only a
 /// panic while recovering ends it (and [`EngineHandle::is_alive`] says so).
-fn run(mut engine: Engine, rx: Receiver<Command>, metrics: Arc<Metrics>, opts: &LoopOptions) {
+fn run(
+    mut engine: Engine,
+    rx: Receiver<Command>,
+    metrics: Arc<Metrics>,
+    names: Arc<Mutex<Vec<String>>>,
+    opts: &LoopOptions,
+) {
     let mut idle = Idle {
         since: Instant::now(),
         trimmed: true,
@@ -342,7 +394,7 @@ fn run(mut engine: Engine, rx: Receiver<Command>, metrics: Arc<Metrics>, opts: &
                 }
             }
         }
-        publish(&engine, &metrics);
+        publish(&engine, &metrics, &names);
     }
 }
 
@@ -395,6 +447,16 @@ fn iteration(
                 involved.extend_from_slice(&ids);
                 ids.into_iter().for_each(|id| engine.abort(id));
             }
+            Command::AddAdapter {
+                adapter,
+                scale,
+                reply,
+            } => {
+                let _ = reply.send(engine.add_adapter(*adapter, scale));
+            }
+            Command::RemoveAdapter { name, reply } => {
+                let _ = reply.send(engine.remove_adapter(&name));
+            }
         }
         return true;
     }
@@ -406,7 +468,16 @@ fn iteration(
     true
 }
 
-fn publish(engine: &Engine, m: &Metrics) {
+fn publish(engine: &Engine, m: &Metrics, names: &Mutex<Vec<String>>) {
+    let adapters = engine.adapter_use();
+    if let Ok(mut n) = names.lock() {
+        if n.len() != adapters.len() || n.iter().zip(&adapters).any(|(a, (b, _))| a != b) {
+            *n = adapters.iter().map(|(a, _)| a.clone()).collect();
+        }
+    }
+    if let Ok(mut l) = m.lora_requests.lock() {
+        *l = adapters;
+    }
     let s = engine.stats();
     let c = engine.counters();
     m.requests_running.store(s.running as u64, Relaxed);

@@ -26,6 +26,8 @@ pub enum Error {
     Template(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("not found: {0}")]
+    NotFound(String),
     #[error("no model is loaded")]
     NoModel,
     #[error("not implemented: {0}")]

@@ -40,6 +40,10 @@ struct ModelArgs {
     /// requests choose with `"model": "NAME"`; a bare PATH applies to all.
     #[arg(long = "lora", value_name = "[NAME=]PATH")]
     lora: Vec<String>,
+    /// Named LoRA adapters resident at most (serve): loading one more over
+    /// HTTP unloads the least recently used idle one.
+    #[arg(long)]
+    max_loras: Option<usize>,
     /// KV cache element type: f16 (half the memory, llama.cpp's default) or
     /// f32 (exact). Default: f16 for `serve`, f32 elsewhere.
     #[arg(long, value_parser = ["f16", "f32"])]
@@ -355,6 +359,10 @@ struct ServeArgs {
     /// Open connections at most (default: the open-file limit less 256).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (they load
+    /// any file a client names: give it to trusted clients only, with --api-key).
+    #[arg(long)]
+    allow_lora_updates: bool,
     /// Deliberate failures for tests: KIND:TOKEN (step-panic, step-error,
     /// admit-panic, abort-panic, fatal) on requests whose prompt holds TOKEN.
     #[arg(long, hide = true)]
@@ -398,6 +406,7 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
         lora: m.lora_options(serving)?,
         isq: m.isq.as_deref().map(isq_type).transpose()?,
         progress: true,
+        max_loras: m.max_loras,
         kv_dtype: match m.kv_dtype.as_deref() {
             Some("f32") => KvDtype::F32,
             Some(_) => KvDtype::F16,
@@ -462,6 +471,7 @@ fn serve(a: ServeArgs) -> ruvllm::Result<()> {
             request_timeout: secs(a.request_timeout_secs.max(1)),
             max_body_bytes: a.max_body_kb.saturating_mul(1024),
             max_preparing: a.max_num_seqs + a.max_waiting,
+            allow_lora_updates: a.allow_lora_updates,
             limits: ruvllm::server::conn::ConnLimits {
                 header_timeout: secs(a.header_timeout_secs.max(1)),
                 keep_alive: secs(a.keep_alive_secs.max(1)),

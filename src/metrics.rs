@@ -68,6 +68,8 @@ pub struct Metrics {
     pub requests_failed_total: AtomicU64,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    /// Each loaded named LoRA adapter with the requests using it.
+    pub lora_requests: std::sync::Mutex<Vec<(String, usize)>>,
 }
 
 impl Default for Metrics {
@@ -89,6 +91,7 @@ impl Default for Metrics {
             requests_failed_total: z(),
             time_to_first_token: Histogram::new(LATENCY_BOUNDS),
             inter_token_latency: Histogram::new(LATENCY_BOUNDS),
+            lora_requests: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -181,6 +184,29 @@ impl Metrics {
             "Requests ended by an internal error.",
             &self.requests_failed_total,
         );
+        let lora = self
+            .lora_requests
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "# HELP ruvllm_lora_adapters_loaded Named LoRA adapters loaded.\n# TYPE ruvllm_lora_adapters_loaded gauge\nruvllm_lora_adapters_loaded {}",
+            lora.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ruvllm_lora_requests Requests (running or waiting) using each adapter.\n# TYPE ruvllm_lora_requests gauge"
+        );
+        for (name, n) in &lora {
+            // Names come from the operator; quotes and backslashes escaped
+            // as the text format asks.
+            let label = name
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = writeln!(out, "ruvllm_lora_requests{{adapter=\"{label}\"}} {n}");
+        }
         self.time_to_first_token.render(
             &mut out,
             "ruvllm_time_to_first_token_seconds",

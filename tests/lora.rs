@@ -545,3 +545,191 @@ fn llama_cpp_gguf_adapters_match_peft() {
     .expect("a llama adapter on a gemma base loaded");
     assert!(err.to_string().contains("\"llama\" model"), "{err}");
 }
+
+/// Loading and unloading adapters over HTTP while requests run: nothing in
+/// flight is disturbed, `--max-loras` evicts the least recently used idle
+/// adapter, bad files are the client's 400, and the routes are off unless
+/// the server allows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_load_and_unload_under_traffic() {
+    use common::server::{metric, post, start_model};
+    let dir = fixtures().join("llama");
+    let lora = read_json(&dir.join("lora/expected.json"));
+    let model = dir.join("model-f32.gguf");
+    let code = format!("code={}", dir.join("lora_mix/code").display());
+    let body = |m: &str| {
+        serde_json::json!({
+            "model": m, "prompt": lora["input_ids"], "max_tokens": 16, "temperature": 0, "ignore_eos": true,
+        })
+    };
+    let load = |name: &str, path: &Path| serde_json::json!({"lora_name": name, "lora_path": path});
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let list = |url: String| async move {
+        reqwest::get(format!("{url}/v1/models"))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    {
+        let s = start_model(model.to_str().unwrap(), &["--lora", &code]).await;
+        let (st, v) = post(&s, "/v1/load_lora_adapter", load("full", &dir.join("lora"))).await;
+        assert_eq!(st, 403, "runtime loading must be off by default: {v}");
+    }
+    let s = start_model(
+        model.to_str().unwrap(),
+        &[
+            "--lora",
+            &code,
+            "--allow-lora-updates",
+            "--max-loras",
+            "2",
+            "--kv-dtype",
+            "f32",
+        ],
+    )
+    .await;
+    let (st, _) = post(&s, "/v1/load_lora_adapter", load("full", &dir.join("lora"))).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        ids(&list(s.url.clone()).await),
+        ["model-f32", "code", "full"]
+    );
+    let (st, v) = post(&s, "/v1/completions", body("full")).await;
+    assert_eq!(
+        (st, &v["choices"][0]["text"]),
+        (200, &lora["greedy_text"]),
+        "{v}"
+    );
+    assert_eq!(metric(&s, "ruvllm_lora_adapters_loaded").await, 2.0);
+
+    // Mistakes: the same name twice, files that are not adapters, bad names.
+    for (req, param) in [
+        (load("full", &dir.join("lora")), None),
+        (load("bad", &dir.join("model-f32.gguf")), Some("lora_path")),
+        (load("gone", &dir.join("no-such-dir")), Some("lora_path")),
+        (load("a b", &dir.join("lora")), Some("lora_name")),
+        (load("model-f32", &dir.join("lora")), Some("lora_name")),
+        (serde_json::json!({"lora_name": "x"}), Some("lora_path")),
+    ] {
+        let (st, v) = post(&s, "/v1/load_lora_adapter", req.clone()).await;
+        assert_eq!(st, 400, "{req}: {v}");
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{req}: {v}");
+        }
+    }
+    let (st, _) = post(
+        &s,
+        "/v1/unload_lora_adapter",
+        serde_json::json!({"lora_name": "nope"}),
+    )
+    .await;
+    assert_eq!(st, 404);
+
+    // At --max-loras 2, a third evicts the least recently used idle one
+    // ("code": "full" was just used).
+    let (st, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        load("chat", &dir.join("lora_mix/chat")),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        ids(&list(s.url.clone()).await),
+        ["model-f32", "full", "chat"]
+    );
+    assert_eq!(post(&s, "/v1/completions", body("code")).await.0, 404);
+
+    // Unload "full" while requests for it are under way: three long ones
+    // running, and short ones arriving every few milliseconds. Each either
+    // ran with it to the end, exactly as alone, or was refused with 404.
+    let long = || {
+        let mut b = body("full");
+        b["max_tokens"] = 200.into();
+        b
+    };
+    let (st, alone) = post(&s, "/v1/completions", long()).await;
+    assert_eq!(st, 200);
+    let t0 = std::time::Instant::now();
+    let longs: Vec<_> = (0..3)
+        .map(|_| async {
+            let r = post(&s, "/v1/completions", long()).await;
+            (r, t0.elapsed())
+        })
+        .collect();
+    let sr = &s;
+    let shorts: Vec<_> = (0..24)
+        .map(|i| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(2 * i)).await;
+            post(sr, "/v1/completions", body("full")).await
+        })
+        .collect();
+    let unload = async {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let r = post(
+            &s,
+            "/v1/unload_lora_adapter",
+            serde_json::json!({"lora_name": "full"}),
+        )
+        .await;
+        (r, t0.elapsed())
+    };
+    let (longs, shorts, ((st, v), unloaded_at)) = tokio::join!(
+        futures::future::join_all(longs),
+        futures::future::join_all(shorts),
+        unload
+    );
+    assert_eq!(st, 200, "{v}");
+    for ((st, v), done_at) in longs {
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["text"], alone["choices"][0]["text"],
+            "a running request saw its adapter change"
+        );
+        assert!(
+            done_at > unloaded_at,
+            "the long requests ended before the unload: not under traffic"
+        );
+    }
+    let (mut served, mut refused) = (0, 0);
+    for (st, v) in shorts {
+        match st {
+            200 => {
+                assert_eq!(
+                    v["choices"][0]["text"], lora["greedy_text"],
+                    "a request saw its adapter change"
+                );
+                served += 1;
+            }
+            404 => refused += 1,
+            other => panic!("status {other}: {v}"),
+        }
+    }
+    assert!(
+        served > 0 && refused > 0,
+        "{served} served, {refused} refused: the unload was not amid arrivals"
+    );
+    assert_eq!(ids(&list(s.url.clone()).await), ["model-f32", "chat"]);
+    // The engine lets go of a request just after its answer is sent.
+    let secs = std::time::Duration::from_secs(5);
+    common::server::wait_for(&s, "ruvllm_requests_in_flight", |v| v == 0.0, secs).await;
+    assert_eq!(metric(&s, "ruvllm_lora_adapters_loaded").await, 1.0);
+    // Loaded again under the same name, it serves the same output.
+    let (st, _) = post(&s, "/v1/load_lora_adapter", load("full", &dir.join("lora"))).await;
+    assert_eq!(st, 200);
+    let (st, v) = post(&s, "/v1/completions", body("full")).await;
+    assert_eq!(
+        (st, &v["choices"][0]["text"]),
+        (200, &lora["greedy_text"]),
+        "{v}"
+    );
+}

@@ -43,6 +43,9 @@ pub struct ServerOptions {
     /// Requests that may be tokenizing or rendering at once (beyond: 429).
     pub max_preparing: usize,
     pub limits: conn::ConnLimits,
+    /// Whether `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` are
+    /// served (they read files named by the client: off unless asked for).
+    pub allow_lora_updates: bool,
 }
 
 impl Default for ServerOptions {
@@ -55,6 +58,7 @@ impl Default for ServerOptions {
             max_body_bytes: 2 << 20,
             max_preparing: 288,
             limits: conn::ConnLimits::default(),
+            allow_lora_updates: false,
         }
     }
 }
@@ -218,7 +222,7 @@ impl AppState {
         if *m == self.model_id || Some(m) == self.opts.served_model_name.as_ref() {
             return Ok(None);
         }
-        let adapters = &self.engine()?.model.adapters;
+        let adapters = self.engine()?.adapters();
         if adapters.contains(m) {
             return Ok(Some(m.clone()));
         }
@@ -256,7 +260,7 @@ impl AppState {
         let mut mix: std::collections::BTreeMap<String, f32> =
             chosen.iter().map(|a| (a.clone(), 1.0)).collect();
         if let Some(w) = weights.as_ref().filter(|w| !w.is_empty()) {
-            let known = &self.engine()?.model.adapters;
+            let known = self.engine()?.adapters();
             for (name, &weight) in w {
                 if !known.contains(name) {
                     return Err(ApiError {
@@ -290,6 +294,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let mut app = Router::new()
         .route("/health", get(health))
@@ -376,6 +382,107 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:x}{n:06x}", now_secs())
 }
 
+#[derive(serde::Deserialize)]
+struct LoadLora {
+    lora_name: String,
+    lora_path: Option<String>,
+    /// Weight the adapter is applied with (default 1).
+    scale: Option<f32>,
+}
+
+impl AppState {
+    /// Runtime adapter changes are refused unless the server allows them
+    /// (as vLLM gates them): they read any file the client names.
+    fn lora_updates(&self) -> ApiResult<()> {
+        if self.opts.allow_lora_updates {
+            Ok(())
+        } else {
+            Err(ApiError::with(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "loading and unloading LoRA adapters at run time is off (serve --allow-lora-updates)",
+            ))
+        }
+    }
+
+    /// A new adapter's name: one that responses and metrics can carry, and
+    /// that does not hide the model's own names.
+    fn check_adapter_name(&self, name: &str) -> ApiResult<()> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_.:/@+".contains(c);
+        if name.is_empty() || name.len() > 128 || !name.chars().all(ok_char) {
+            return Err(ApiError::bad_request(
+                "lora_name must be 1 to 128 characters of letters, digits and - _ . : / @ +",
+            )
+            .param("lora_name"));
+        }
+        if name == self.model_id || Some(name) == self.opts.served_model_name.as_deref() {
+            return Err(
+                ApiError::bad_request("lora_name is the base model's name").param("lora_name")
+            );
+        }
+        Ok(())
+    }
+}
+
+async fn load_lora_adapter(
+    State(st): State<Arc<AppState>>,
+    body: BodyResult,
+) -> ApiResult<Response> {
+    st.lora_updates()?;
+    let req: LoadLora = parse(&body_bytes(body)?)?;
+    st.check_adapter_name(&req.lora_name)?;
+    let path = req
+        .lora_path
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::bad_request("lora_path is required").param("lora_path"))?;
+    let e = st.engine()?.clone();
+    let name = req.lora_name.clone();
+    let scale = req.scale.unwrap_or(1.0);
+    let r = tokio::task::spawn_blocking(move || {
+        e.load_adapter(&name, std::path::Path::new(&path), scale)
+    })
+    .await
+    .map_err(|e| ApiError::from(crate::Error::Internal(format!("loading the adapter: {e}"))))?;
+    match r {
+        Ok(()) => Ok(format!(
+            "Success: LoRA adapter '{}' added successfully.",
+            req.lora_name
+        )
+        .into_response()),
+        // The client named the file: whatever is wrong with it is theirs.
+        Err(
+            e @ (crate::Error::Io { .. }
+            | crate::Error::Adapter(_)
+            | crate::Error::Unsupported(_)
+            | crate::Error::Gguf(_)
+            | crate::Error::Safetensors(_)),
+        ) => Err(ApiError::bad_request(e.to_string()).param("lora_path")),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn unload_lora_adapter(
+    State(st): State<Arc<AppState>>,
+    body: BodyResult,
+) -> ApiResult<Response> {
+    st.lora_updates()?;
+    let req: LoadLora = parse(&body_bytes(body)?)?;
+    let e = st.engine()?.clone();
+    let name = req.lora_name.clone();
+    tokio::task::spawn_blocking(move || e.unload_adapter(&name))
+        .await
+        .map_err(|e| {
+            ApiError::from(crate::Error::Internal(format!(
+                "unloading the adapter: {e}"
+            )))
+        })??;
+    Ok(format!(
+        "Success: LoRA adapter '{}' removed successfully.",
+        req.lora_name
+    )
+    .into_response())
+}
+
 async fn models(State(st): State<Arc<AppState>>) -> ApiResult<axum::Json<Value>> {
     let e = st.engine()?;
     let mut data = vec![json!({
@@ -387,7 +494,7 @@ async fn models(State(st): State<Arc<AppState>>) -> ApiResult<axum::Json<Value>>
         "parent": null,
         "max_model_len": e.model.context,
     })];
-    data.extend(e.model.adapters.iter().map(|a| {
+    data.extend(e.adapters().iter().map(|a| {
         json!({
             "id": a,
             "object": "model",

@@ -69,6 +69,7 @@ impl From<crate::Error> for ApiError {
                 format!("the server is at capacity ({m}); retry later"),
             ),
             E::NotImplemented(m) => ApiError::bad_request(format!("not implemented: {m}")),
+            E::NotFound(m) => ApiError::with(StatusCode::NOT_FOUND, "not_found_error", m),
             other => ApiError::with(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
