@@ -20,6 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Largest weight an adapter may be applied with (its scale, or a
+/// request's mixing weight).
+pub const MAX_ADAPTER_WEIGHT: f32 = 1000.0;
+
 /// Context used when the model's own is larger (memory grows with it).
 pub const DEFAULT_MAX_CONTEXT: usize = 4096;
 /// The KV budget when none is given: this many full contexts, at most
@@ -278,8 +282,8 @@ pub struct Engine {
     /// Adapters applied to every sequence.
     always: Vec<WeightedAdapter>,
     /// Adapters requests may name, in load order, with when a request last
-    /// asked for each.
-    named: Vec<(WeightedAdapter, Instant)>,
+    /// asked for each (`None`: loaded at start, never evicted).
+    named: Vec<(WeightedAdapter, Option<Instant>)>,
     max_loras: Option<usize>,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
@@ -466,9 +470,10 @@ impl Engine {
             .sliding_window
             .filter(|_| spec.sliding_layers.iter().all(|&s| s));
         model.set_context(context);
-        let (mut always, mut named) = (Vec::new(), Vec::<(WeightedAdapter, Instant)>::new());
+        let (mut always, mut named) =
+            (Vec::new(), Vec::<(WeightedAdapter, Option<Instant>)>::new());
         for o in &opts.lora {
-            if !o.scale.is_finite() {
+            if !o.scale.is_finite() || o.scale.abs() > MAX_ADAPTER_WEIGHT {
                 return Err(Error::Config(format!(
                     "LoRA scale {} of {} is not a finite number",
                     o.scale,
@@ -500,9 +505,12 @@ impl Engine {
                 weight: o.scale,
             };
             match o.name {
-                Some(_) => named.push((w, Instant::now())),
+                Some(_) => named.push((w, None)),
                 None => always.push(w),
             }
+        }
+        if opts.max_loras == Some(0) {
+            return Err(Error::Config("--max-loras must be at least 1".into()));
         }
         if let Some(max) = opts.max_loras.filter(|&m| named.len() > m) {
             return Err(Error::Config(format!(
@@ -671,6 +679,11 @@ impl Engine {
         &self.always
     }
 
+    /// Whether any named adapter is loaded.
+    pub fn has_adapters(&self) -> bool {
+        !self.named.is_empty()
+    }
+
     /// Each named adapter with the requests (running or waiting) using it.
     pub fn adapter_use(&self) -> Vec<(String, usize)> {
         self.named
@@ -688,11 +701,13 @@ impl Engine {
 
     /// Makes `adapter` (loaded for this model, see [`LoraAdapter::load`])
     /// available under its name, applied with `scale`. At `max_loras`, the
-    /// least recently used adapter that no request is using goes first.
+    /// least recently used adapter loaded at run time that no admitted
+    /// request is using goes first (adapters given at start stay; a request
+    /// still on its way to the engine that names the evicted one gets 404).
     pub fn add_adapter(&mut self, adapter: LoraAdapter, scale: f32) -> Result<()> {
-        if !scale.is_finite() {
+        if !scale.is_finite() || scale.abs() > MAX_ADAPTER_WEIGHT {
             return Err(Error::InvalidRequest(format!(
-                "LoRA scale {scale} is not finite"
+                "LoRA scale {scale} is not a finite number within ±{MAX_ADAPTER_WEIGHT}"
             )));
         }
         if self
@@ -710,7 +725,7 @@ impl Engine {
                 .named
                 .iter()
                 .enumerate()
-                .filter(|(_, (w, _))| self.users(&w.adapter) == 0)
+                .filter(|(_, (w, used))| used.is_some() && self.users(&w.adapter) == 0)
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(i, _)| i);
             match idle {
@@ -720,7 +735,8 @@ impl Engine {
                 }
                 None => {
                     return Err(Error::Overloaded(format!(
-                        "{max} LoRA adapters are loaded (--max-loras) and all are in use"
+                        "{max} LoRA adapters are loaded (--max-loras): those loaded at run \
+                         time are all in use, and those given at start stay"
                     )))
                 }
             }
@@ -730,7 +746,7 @@ impl Engine {
                 adapter: Arc::new(adapter),
                 weight: scale,
             },
-            Instant::now(),
+            Some(Instant::now()),
         ));
         Ok(())
     }
@@ -763,10 +779,18 @@ impl Engine {
                 .iter_mut()
                 .find(|(w, _)| w.adapter.name == *name)
                 .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
-            *used = Instant::now();
+            if used.is_some() {
+                *used = Some(Instant::now());
+            }
+            let weight = w.weight * weight;
+            if !weight.is_finite() {
+                return Err(Error::InvalidRequest(format!(
+                    "adapter '{name}': weight × scale is not a finite number"
+                )));
+            }
             v.push(WeightedAdapter {
                 adapter: w.adapter.clone(),
-                weight: w.weight * weight,
+                weight,
             });
         }
         Ok(v)

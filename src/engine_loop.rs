@@ -81,6 +81,8 @@ pub struct EngineHandle {
     alive: Arc<AtomicBool>,
     /// Names of the adapters requests may choose, as the loop last saw them.
     adapters: Arc<Mutex<Vec<String>>>,
+    /// Held while an adapter loads.
+    loading: Arc<Mutex<()>>,
 }
 
 /// A request's sink with its share of the in-flight count and its latency
@@ -205,6 +207,7 @@ impl EngineHandle {
             max_in_flight: max_num_seqs + opts.max_waiting,
             alive: Arc::new(AtomicBool::new(true)),
             adapters: Arc::new(Mutex::new(engine.adapter_names())),
+            loading: Arc::new(Mutex::new(())),
         };
         let alive = AliveFlag(handle.alive.clone());
         let names = handle.adapters.clone();
@@ -227,6 +230,14 @@ impl EngineHandle {
     /// keep it off async threads) and hands it to the engine, which serves
     /// it from its next step on; running requests are not disturbed.
     pub fn load_adapter(&self, name: &str, path: &std::path::Path, scale: f32) -> Result<()> {
+        // One load at a time (each reads a whole file into memory), and a
+        // name already taken is refused before any reading.
+        let _one = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if self.adapters().iter().any(|a| a == name) {
+            return Err(Error::InvalidRequest(format!(
+                "a LoRA adapter named '{name}' is already loaded"
+            )));
+        }
         let adapter = LoraAdapter::load(path, name, &self.model.spec)?;
         let (reply, rx) = std::sync::mpsc::channel();
         self.tx
@@ -371,7 +382,7 @@ fn run(
     loop {
         let mut involved: Vec<SeqId> = Vec::new();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            iteration(&mut engine, &rx, opts, &mut idle, &mut involved)
+            iteration(&mut engine, &rx, opts, &mut idle, &mut involved, &names)
         }));
         match r {
             Ok(true) => {}
@@ -394,7 +405,7 @@ fn run(
                 }
             }
         }
-        publish(&engine, &metrics, &names);
+        publish(&engine, &metrics);
     }
 }
 
@@ -412,6 +423,7 @@ fn iteration(
     opts: &LoopOptions,
     idle: &mut Idle,
     involved: &mut Vec<SeqId>,
+    names: &Mutex<Vec<String>>,
 ) -> bool {
     let cmd = if engine.has_work() {
         // A closed channel still lets the live requests finish.
@@ -447,15 +459,21 @@ fn iteration(
                 involved.extend_from_slice(&ids);
                 ids.into_iter().for_each(|id| engine.abort(id));
             }
+            // The names clients check requests against change before the
+            // reply: a client told "loaded" can use the adapter at once.
             Command::AddAdapter {
                 adapter,
                 scale,
                 reply,
             } => {
-                let _ = reply.send(engine.add_adapter(*adapter, scale));
+                let r = engine.add_adapter(*adapter, scale);
+                publish_names(engine, names);
+                let _ = reply.send(r);
             }
             Command::RemoveAdapter { name, reply } => {
-                let _ = reply.send(engine.remove_adapter(&name));
+                let r = engine.remove_adapter(&name);
+                publish_names(engine, names);
+                let _ = reply.send(r);
             }
         }
         return true;
@@ -468,15 +486,17 @@ fn iteration(
     true
 }
 
-fn publish(engine: &Engine, m: &Metrics, names: &Mutex<Vec<String>>) {
-    let adapters = engine.adapter_use();
+fn publish_names(engine: &Engine, names: &Mutex<Vec<String>>) {
     if let Ok(mut n) = names.lock() {
-        if n.len() != adapters.len() || n.iter().zip(&adapters).any(|(a, (b, _))| a != b) {
-            *n = adapters.iter().map(|(a, _)| a.clone()).collect();
-        }
+        *n = engine.adapter_names();
     }
+}
+
+fn publish(engine: &Engine, m: &Metrics) {
     if let Ok(mut l) = m.lora_requests.lock() {
-        *l = adapters;
+        if !l.is_empty() || engine.has_adapters() {
+            *l = engine.adapter_use();
+        }
     }
     let s = engine.stats();
     let c = engine.counters();

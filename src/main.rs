@@ -72,8 +72,11 @@ impl ModelArgs {
             .iter()
             .enumerate()
             .map(|(i, arg)| {
+                // NAME=PATH when the text before '=' is a name (a path
+                // with '=' in a folder name stays a path).
+                let name_char = |c: char| c.is_ascii_alphanumeric() || "-_.:@+".contains(c);
                 let (name, path) = match arg.split_once('=') {
-                    Some((n, p)) if !n.is_empty() && !n.contains(['/', '\\']) => {
+                    Some((n, p)) if !n.is_empty() && n.len() <= 128 && n.chars().all(name_char) => {
                         (Some(n.to_string()), PathBuf::from(p))
                     }
                     _ => (None, PathBuf::from(arg)),

@@ -15,6 +15,7 @@ use super::spec::{Family, ModelSpec, RopeStyle};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::quant::GgmlType;
+use crate::simd::{dispatch, Kernel, Simd};
 use crate::threadpool::ThreadPool;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +80,11 @@ impl LoraAdapter {
     /// kept from a file that fails.
     pub fn load(path: &Path, name: &str, spec: &ModelSpec) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        // Only folders and regular files: a FIFO or device would block or
+        // stream forever.
+        if !meta.is_dir() && !meta.is_file() {
+            return Err(bad(path, "not a folder or a regular file"));
+        }
         let layers = if meta.is_dir() {
             load_peft(path, spec)?
         } else {
@@ -148,41 +154,72 @@ pub(super) fn add_lora(
     }) {
         return;
     }
-    pool.par_chunks_mut(y, out, &|off, yr| {
-        let r = off / out;
-        let xr = &x[r * cols..(r + 1) * cols];
-        let mut t = Vec::new();
-        for wa in mix(r) {
-            let Some(p) = wa.adapter.pair(layer, target) else {
-                continue;
-            };
-            // Shrink: t = A x, then expand: y += (w·s) B t.
-            t.clear();
-            t.extend(p.a.chunks_exact(cols).map(|a| dot(a, xr)));
-            let k = wa.weight * p.scale;
-            for (yv, b) in yr.iter_mut().zip(p.b.chunks_exact(p.rank)) {
-                *yv += k * dot(b, &t);
-            }
+    // A chunk may hold several rows (a one-thread pool hands out all of
+    // them at once).
+    pool.par_chunks_mut(y, out, &|off, ys| {
+        for (i, yr) in ys.chunks_exact_mut(out).enumerate() {
+            let r = off / out + i;
+            dispatch(LoraRow {
+                mix: mix(r),
+                layer,
+                target,
+                x: &x[r * cols..(r + 1) * cols],
+                y: yr,
+            })
         }
     });
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Four partial sums: lets the compiler vectorize without reassociating.
-    let mut s = [0f32; 4];
-    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..4 {
-            s[i] += x[i] * y[i];
+/// One row's low-rank update, compiled once per instruction set.
+struct LoraRow<'a> {
+    mix: &'a [WeightedAdapter],
+    layer: usize,
+    target: Target,
+    x: &'a [f32],
+    y: &'a mut [f32],
+}
+
+impl Kernel for LoraRow<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let mut t = Vec::new();
+        for wa in self.mix {
+            let Some(p) = wa.adapter.pair(self.layer, self.target) else {
+                continue;
+            };
+            // Shrink: t = A x, then expand: y += (w·s) B t.
+            // Plain loops, not iterator adaptors: a closure is compiled on
+            // its own, outside this copy's instruction set, and `mul_add`
+            // there becomes a library call.
+            t.clear();
+            for a in p.a.chunks_exact(p.cols) {
+                t.push(dot(s, a, self.x));
+            }
+            let k = wa.weight * p.scale;
+            for (yv, b) in self.y.iter_mut().zip(p.b.chunks_exact(p.rank)) {
+                *yv = s.mul_add(k, dot(s, b, &t), *yv);
+            }
         }
     }
-    (s[0] + s[1]) + (s[2] + s[3]) + tail
+}
+
+/// Eight partial sums, so the kernel copies vectorise it; the same order
+/// whatever the batch, so a row's result never depends on its neighbours.
+#[inline(always)]
+fn dot<S: Simd>(s: S, a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut tail = 0f32;
+    for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
+        tail = s.mul_add(*x, *y, tail);
+    }
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] = s.mul_add(x[i], y[i], acc[i]);
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// The (projection, row range) pieces one module of `family` feeds: a fused
@@ -257,6 +294,15 @@ fn place(
     scale: f32,
     interleaved_rows: bool,
 ) -> Result<()> {
+    if !scale.is_finite() {
+        return Err(bad(path, format!("{name}: scale {scale} is not finite")));
+    }
+    if a.iter().chain(&b).any(|v| !v.is_finite()) {
+        return Err(bad(
+            path,
+            format!("{name} (or its pair) holds NaN or infinite values"),
+        ));
+    }
     if layer >= spec.n_layers {
         return Err(bad(
             path,
@@ -321,13 +367,53 @@ fn to_f32(ty: GgmlType, bytes: &[u8], len: usize) -> Option<Vec<f32>> {
     })
 }
 
-/// PEFT's per-module overrides (`rank_pattern`, `alpha_pattern`): a key
-/// matches a module whose name is the key or ends in `.key`.
-fn pattern_value(cfg: &serde_json::Value, field: &str, module: &str) -> Option<f64> {
-    let map = cfg.get(field)?.as_object()?;
-    map.iter()
-        .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
-        .and_then(|(_, v)| v.as_f64())
+/// PEFT's per-module overrides (`rank_pattern`, `alpha_pattern`). PEFT
+/// treats each key as a regular expression matched against the end of the
+/// module's full name (`(.*\.)?KEY$`, e.g. `model.layers.0.self_attn.q_proj`)
+/// and takes the first key that matches. Keys that are plain dotted names
+/// are matched the same way here; any other key, or a module that two keys
+/// match (where the first would depend on the file's key order), is refused
+/// rather than guessed.
+fn pattern_value(
+    cfg: &serde_json::Value,
+    field: &str,
+    full_name: &str,
+    path: &Path,
+) -> Result<Option<f64>> {
+    let Some(map) = cfg.get(field).and_then(|m| m.as_object()) else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for (key, v) in map {
+        let plain = !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-');
+        if !plain {
+            return Err(Error::Unsupported(format!(
+                "{}: {field} key {key:?} is a regular expression; only plain module names are supported",
+                path.display()
+            )));
+        }
+        let hit = full_name == key
+            || full_name
+                .strip_suffix(key.as_str())
+                .is_some_and(|rest| rest.ends_with('.'));
+        if hit {
+            if found.is_some() {
+                return Err(Error::Unsupported(format!(
+                    "{}: several {field} keys match {full_name}",
+                    path.display()
+                )));
+            }
+            let v = v
+                .as_f64()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| bad(path, format!("{field}[{key:?}] is not a finite number")))?;
+            found = Some(v);
+        }
+    }
+    Ok(found)
 }
 
 fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARGETS]>> {
@@ -377,6 +463,9 @@ fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARG
     let rslora = field("use_rslora").and_then(|v| v.as_bool()) == Some(true);
 
     let st_path = dir.join("adapter_model.safetensors");
+    if st_path.exists() && !st_path.is_file() {
+        return Err(bad(&st_path, "not a regular file"));
+    }
     let bytes = std::fs::read(&st_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound && dir.join("adapter_model.bin").exists() {
             Error::Unsupported(format!(
@@ -478,8 +567,9 @@ fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARG
                 ),
             ));
         }
-        if let Some(pr) = pattern_value(&cfg, "rank_pattern", module) {
-            if pr as usize != rank {
+        let full_name = format!("model.layers.{layer}.{module}");
+        if let Some(pr) = pattern_value(&cfg, "rank_pattern", &full_name, &cfg_path)? {
+            if pr != rank as f64 {
                 return Err(bad(
                     &st_path,
                     format!("{name}: rank {rank}, but rank_pattern says {pr}"),
@@ -491,7 +581,7 @@ fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARG
                 format!("{name}: rank {rank}, but the config's r is {r}"),
             ));
         }
-        let alpha = pattern_value(&cfg, "alpha_pattern", module).unwrap_or(alpha);
+        let alpha = pattern_value(&cfg, "alpha_pattern", &full_name, &cfg_path)?.unwrap_or(alpha);
         let scale = if rslora {
             alpha / (rank as f64).sqrt()
         } else {
@@ -588,7 +678,7 @@ fn load_gguf_adapter(path: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPa
             "attn_v.weight" => vec![(Target::V, kd)],
             "attn_qkv.weight" => vec![(Target::Q, qd), (Target::K, kd), (Target::V, kd)],
             "attn_output.weight" => vec![(Target::O, h)],
-            "ffn_gate.weight" => vec![(Target::Gate, f)],
+            "ffn_gate.weight" if spec.family != Family::Phi2 => vec![(Target::Gate, f)],
             "ffn_up.weight" if spec.family == Family::Phi3 => {
                 vec![(Target::Gate, f), (Target::Up, f)]
             }
@@ -643,7 +733,8 @@ fn load_gguf_adapter(path: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPa
                 ),
             ));
         }
-        let scale = if alpha > 0.0 {
+        // As llama.cpp: alpha 0 (or absent) means no scaling.
+        let scale = if alpha != 0.0 {
             alpha as f32 / rank as f32
         } else {
             1.0

@@ -1,8 +1,10 @@
 //! Quantizing f32 rows into GGML blocks (in-situ quantization of weights).
 //!
 //! The legacy types round to nearest exactly as ggml's reference quantizers
-//! do (same scale choice, same f32 arithmetic, same rounding), so their
-//! blocks equal llama-quantize's bit for bit.
+//! do (same scale choice, same comparisons, same f32 arithmetic, and float
+//! to int8 conversion as x86 performs C's cast), so their blocks equal
+//! llama-quantize's bit for bit. The committed samples check ordinary
+//! blocks; NaN, signed zeros and tiny blocks follow ggml's code paths too.
 
 use super::{GgmlType, QK};
 use half::f16;
@@ -61,12 +63,27 @@ fn inverse(d: f32) -> f32 {
     }
 }
 
+/// C's `(int8_t)` of a float as x86 compiles it: truncation to a 32-bit
+/// integer (out of range and NaN give `INT_MIN`), then its low byte.
+fn c_i8(v: f32) -> u8 {
+    let i = if v.is_nan() || v.abs() >= 2_147_483_648.0 {
+        i32::MIN
+    } else {
+        v as i32
+    };
+    i as u8
+}
+
 fn q8_0(b: &[f32], out: &mut Vec<u8>) {
-    let amax = b.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    // ggml's MAX(a, b) is `a > b ? a : b`: a NaN is taken, then replaced
+    // by the next value.
+    let amax = b
+        .iter()
+        .fold(0f32, |a, &v| if a > v.abs() { a } else { v.abs() });
     let d = amax / 127.0;
     let id = inverse(d);
     push_f16(out, d);
-    out.extend(b.iter().map(|&v| (v * id).round() as i8 as u8));
+    out.extend(b.iter().map(|&v| c_i8((v * id).round())));
 }
 
 /// Symmetric 4 or 5 bits: the scale maps the signed extreme to -2^(bits-1),
@@ -79,20 +96,35 @@ fn symmetric(b: &[f32], levels: f32) -> (f32, [u8; QK]) {
     for (q, &v) in q.iter_mut().zip(b) {
         // One addition of `levels + 0.5` (as the reference's `x0 + 8.5f`),
         // and `as i8` truncates toward zero, as the C cast does.
-        *q = ((v * id + (levels + 0.5)) as i8 as u8).min(top);
+        *q = (c_i8(v * id + (levels + 0.5)) as i8).min(top as i8) as u8;
     }
     (d, q)
 }
 
-/// Asymmetric 4 or 5 bits: `x ≈ d·q + min`.
-fn asymmetric(b: &[f32], top: f32) -> (f32, f32, [u8; QK]) {
-    let min = b.iter().fold(f32::MAX, |m, &v| m.min(v));
-    let max = b.iter().fold(f32::MIN, |m, &v| m.max(v));
+/// Asymmetric 4 or 5 bits: `x ≈ d·q + min`. ggml clamps Q4_1's levels to
+/// `top` but not Q5_1's (`clamp`).
+fn asymmetric(b: &[f32], top: f32, clamp: bool) -> (f32, f32, [u8; QK]) {
+    // Strict comparisons, first value kept on ties (as ggml: signed zeros
+    // and NaN come out the same).
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in b {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
     let d = (max - min) / top;
     let id = inverse(d);
     let mut q = [0u8; QK];
     for (q, &v) in q.iter_mut().zip(b) {
-        *q = (((v - min) * id + 0.5) as i8 as u8).min(top as u8);
+        let l = c_i8((v - min) * id + 0.5);
+        *q = if clamp {
+            (l as i8).min(top as i8) as u8
+        } else {
+            l
+        };
     }
     (d, min, q)
 }
@@ -125,14 +157,14 @@ fn q5_0(b: &[f32], out: &mut Vec<u8>) {
 }
 
 fn q4_1(b: &[f32], out: &mut Vec<u8>) {
-    let (d, m, q) = asymmetric(b, 15.0);
+    let (d, m, q) = asymmetric(b, 15.0, true);
     push_f16(out, d);
     push_f16(out, m);
     push_nibbles(out, &q);
 }
 
 fn q5_1(b: &[f32], out: &mut Vec<u8>) {
-    let (d, m, q) = asymmetric(b, 31.0);
+    let (d, m, q) = asymmetric(b, 31.0, false);
     push_f16(out, d);
     push_f16(out, m);
     push_high_bits(out, &q);
