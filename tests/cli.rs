@@ -171,14 +171,10 @@ fn lora_flags_and_perplexity_agree_with_transformers() {
     assert!(d <= 1e-3, "logits with --lora differ by {d}");
 
     // Perplexity of the fixture prompt, scored as llama-perplexity scores
-    // one window: the first token becomes BOS ("\n" + prompt encodes to the
-    // prompt's ids after BOS), the second half is scored.
+    // one window: the text tokenized with BOS (the fixture's 24 input ids),
+    // the second half scored.
     let text = std::env::temp_dir().join(format!("ruvllm-ppl-{}.txt", std::process::id()));
-    std::fs::write(
-        &text,
-        format!("\n{}", expected["prompt_text"].as_str().unwrap()),
-    )
-    .unwrap();
+    std::fs::write(&text, expected["prompt_text"].as_str().unwrap()).unwrap();
     let text = text.to_string_lossy().into_owned();
     let ppl_of = |logits: &[f32]| {
         let input = ids(&expected["input_ids"]);
