@@ -22,7 +22,7 @@ LOWER_SIMD := portable $(shell grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null &&
 test: models pydeps
 	cargo test --release
 	# The other kernel copies against the same references.
-	for l in $(LOWER_SIMD); do RUVLLM_SIMD=$$l cargo test --release --test fixtures --test quant --test rope || exit 1; done
+	for l in $(LOWER_SIMD); do RUVLLM_SIMD=$$l cargo test --release --test fixtures --test quant --test rope --test lora --test isq || exit 1; done
 	# Unit tests with debug assertions on (the dev profile): the KV cache's
 	# and scheduler's invariants are debug_asserts.
 	cargo test --lib
