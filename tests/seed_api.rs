@@ -84,24 +84,59 @@ fn module_doc_candle_example() -> ruvllm::Result<()> {
 
 #[test]
 fn module_doc_mistral_example() -> ruvllm::Result<()> {
-    // X-LoRA is not implemented: refused where it is asked for.
-    let config = MistralBackendConfig::default()
+    // The module doc's X-LoRA example, on the tiny llama and the two PEFT
+    // adapters of the mixing fixture: PEFT's greedy tokens for 0.7/0.3.
+    let xlora = MistralBackendConfig::default()
         .with_paged_attention(16, 4096)
         .with_xlora_adapters(vec!["code", "chat"]);
+    let mut backend = MistralBackend::with_config(xlora)?;
+    backend.load_model(&fixture("llama"), config())?;
+    let mix = read_json(&fixtures().join("llama/lora_mix/expected.json"));
+    let prompt = read_json(&fixtures().join("llama/expected.json"))["prompt_text"].clone();
+    let prompt = prompt.as_str().unwrap();
+    // Learned routing (the default) is not implemented: no weights, no text.
     assert!(matches!(
-        MistralBackend::with_config(config),
+        backend.generate(prompt, greedy(4)),
+        Err(Error::NotImplemented(_))
+    ));
+    backend.load_xlora_adapter("code", Path::new(&fixture("llama/lora_mix/code")))?;
+    backend.load_xlora_adapter("chat", Path::new(&fixture("llama/lora_mix/chat")))?;
+    assert!(backend
+        .load_xlora_adapter("other", Path::new(&fixture("llama/lora")))
+        .is_err());
+    backend.set_xlora_adapters(vec![("code", 0.7), ("chat", 0.3)])?;
+    let response = backend.generate(prompt, greedy(16))?;
+    let case = mix["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["weights"]["code"] == 0.7)
+        .unwrap();
+    let want_ids = ids(&case["greedy"]);
+    let tok = ruvllm::tokenizer::Tokenizer::from_hf_dir(&fixtures().join("llama"))?;
+    assert_eq!(response, tok.decode(&want_ids, false), "PEFT's 0.7/0.3 mix");
+    let stats = backend.xlora_stats().unwrap();
+    assert_eq!((stats.loaded_adapters, stats.forward_count), (2, 1));
+    assert_eq!(stats.adapter_usage["chat"], 1);
+    assert!(backend
+        .set_xlora_adapters(vec![("code", f32::NAN)])
+        .is_err());
+    assert!(backend.set_xlora_adapters(vec![("nope", 1.0)]).is_err());
+    // Other mixing modes are refused up front, not ignored.
+    let mut gated = MistralBackendConfig::default().with_xlora_adapters(vec!["code"]);
+    gated.xlora.as_mut().unwrap().mixing_mode = XLoraMixingMode::Gated;
+    assert!(matches!(
+        MistralBackend::with_config(gated),
         Err(Error::NotImplemented(_))
     ));
 
     let config = MistralBackendConfig::default().with_paged_attention(16, 4096);
     let mut backend = MistralBackend::with_config(config)?;
     backend.load_model(&fixture("mistral"), config_for_mistral())?;
-    for err in [
-        backend.load_xlora_adapter("code", Path::new("./adapters/code")),
-        backend.set_xlora_adapters(vec![("code", 0.7), ("chat", 0.3)]),
-    ] {
-        assert!(matches!(err, Err(Error::NotImplemented(_))), "{err:?}");
-    }
+    // Without X-LoRA configured, its calls say so.
+    assert!(backend
+        .load_xlora_adapter("code", Path::new("./adapters/code"))
+        .is_err());
     assert!(backend.xlora_stats().is_none());
     let expected = read_json(&fixtures().join("mistral/expected.json"));
     let response = backend.generate(expected["prompt_text"].as_str().unwrap(), greedy(16))?;

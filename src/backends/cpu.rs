@@ -23,6 +23,14 @@ pub(crate) struct Paging {
 pub struct CpuBackend {
     engine: Option<EngineHandle>,
     paging: Option<Paging>,
+    /// Named adapters (with weights) applied to every request; set through
+    /// [`MistralBackend::set_xlora_adapters`].
+    mix: std::sync::Mutex<Vec<(String, f32)>>,
+    /// Generation is refused while the mix is empty (X-LoRA configured with
+    /// learned routing, which is not implemented, and no weights given).
+    needs_mix: bool,
+    /// Requests that ran with adapters, and how often each was used.
+    usage: std::sync::Mutex<(u64, std::collections::HashMap<String, u64>)>,
 }
 
 impl CpuBackend {
@@ -34,7 +42,80 @@ impl CpuBackend {
         CpuBackend {
             engine: None,
             paging,
+            ..Default::default()
         }
+    }
+
+    /// Refuse generation until adapter weights are set (see `needs_mix`).
+    pub(crate) fn needing_mix(mut self) -> Self {
+        self.needs_mix = true;
+        self
+    }
+
+    /// Requests that ran with adapters, and the uses of each adapter.
+    pub(crate) fn usage(&self) -> (u64, std::collections::HashMap<String, u64>) {
+        self.usage.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    /// The mix for one more request, counted.
+    fn mix_for_request(&self) -> Result<Vec<(String, f32)>> {
+        let mix = self.mix();
+        if mix.is_empty() && self.needs_mix {
+            return Err(Error::NotImplemented(
+                "learned X-LoRA routing (a classifier over hidden states); give the adapter \
+                 weights with set_xlora_adapters, or configure use_learned_routing: false"
+                    .into(),
+            ));
+        }
+        if !mix.is_empty() {
+            if let Ok(mut u) = self.usage.lock() {
+                u.0 += 1;
+                for (n, _) in &mix {
+                    *u.1.entry(n.clone()).or_default() += 1;
+                }
+            }
+        }
+        Ok(mix)
+    }
+
+    /// Loads a LoRA adapter under `name` (see [`EngineHandle::load_adapter`]).
+    pub(crate) fn load_adapter(&self, name: &str, path: &Path) -> Result<()> {
+        self.engine()?.load_adapter(name, path, 1.0)
+    }
+
+    /// The loaded adapters every later request mixes, with their weights.
+    pub(crate) fn set_mix(&self, mix: Vec<(String, f32)>) -> Result<()> {
+        let loaded = self.engine()?.adapters();
+        for (name, w) in &mix {
+            if !loaded.contains(name) {
+                return Err(Error::NotFound(format!(
+                    "no LoRA adapter named '{name}' is loaded"
+                )));
+            }
+            if !w.is_finite() || w.abs() > crate::engine::MAX_ADAPTER_WEIGHT {
+                return Err(Error::InvalidRequest(format!(
+                    "adapter weight {w} of '{name}' is not a finite number within ±1000"
+                )));
+            }
+        }
+        *self.lock_mix() = mix;
+        Ok(())
+    }
+
+    pub(crate) fn mix(&self) -> Vec<(String, f32)> {
+        self.lock_mix().clone()
+    }
+
+    /// Names of the loaded adapters.
+    pub(crate) fn adapters(&self) -> Vec<String> {
+        self.engine
+            .as_ref()
+            .map(|e| e.adapters())
+            .unwrap_or_default()
+    }
+
+    fn lock_mix(&self) -> std::sync::MutexGuard<'_, Vec<(String, f32)>> {
+        self.mix.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn engine(&self) -> Result<&EngineHandle> {
@@ -63,8 +144,10 @@ fn request(
     engine: &EngineHandle,
     prompt: &str,
     params: &GenerateParams,
+    adapters: Vec<(String, f32)>,
 ) -> Result<GenerationRequest> {
     Ok(GenerationRequest {
+        adapters,
         prompt: engine.tokenizer.encode(prompt, true)?,
         sampling: params.sampling(),
         max_tokens: params.max_tokens,
@@ -236,7 +319,7 @@ impl LlmBackend for CpuBackend {
     }
 
     fn generate(&self, prompt: &str, params: GenerateParams) -> Result<String> {
-        let req = request(self.engine()?, prompt, &params)?;
+        let req = request(self.engine()?, prompt, &params, self.mix_for_request()?)?;
         match self.run_blocking(req)? {
             SeqEvent::Finished(s) => Ok(s.text),
             _ => Err(Error::Internal("unexpected event".into())),
@@ -259,7 +342,7 @@ impl LlmBackend for CpuBackend {
 
     fn generate_stream_v2(&self, prompt: &str, params: GenerateParams) -> Result<TokenStream> {
         let engine = self.engine()?;
-        let req = request(engine, prompt, &params)?;
+        let req = request(engine, prompt, &params, self.mix_for_request()?)?;
         let (tx, stream) = TokenStream::waking_channel();
         let tok = engine.tokenizer.clone();
         let sink = Box::new(move |ev: SeqEvent| {
@@ -334,6 +417,7 @@ impl LlmBackend for CpuBackend {
 
     fn unload_model(&mut self) {
         self.engine = None;
+        self.lock_mix().clear();
     }
 }
 

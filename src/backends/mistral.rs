@@ -1,16 +1,22 @@
 //! The original's `MistralBackend` names, over the CPU backend: its paged
-//! attention settings and round-to-nearest 8-bit ISQ are honoured; X-LoRA
-//! adapters and the other ISQ methods are not implemented and every call
-//! that needs them says so.
+//! attention settings, round-to-nearest ISQ and X-LoRA adapters with
+//! weights given through [`MistralBackend::set_xlora_adapters`] (additive
+//! mixing, `y = W x + Σ wᵢ sᵢ Bᵢ Aᵢ x`) are honoured. X-LoRA's learned
+//! routing (a classifier choosing the weights per token), the other mixing
+//! modes and the other ISQ methods are not implemented, and every call that
+//! needs them says so.
 //!
 //! ```
-//! use ruvllm::backends::{MistralBackend, MistralBackendConfig};
+//! use ruvllm::backends::{MistralBackend, MistralBackendConfig, XLoraMixingMode};
 //!
-//! let config = MistralBackendConfig::default().with_paged_attention(16, 4096);
+//! let config = MistralBackendConfig::default()
+//!     .with_paged_attention(16, 4096)
+//!     .with_xlora_adapters(vec!["code", "chat"]);
 //! let backend = MistralBackend::with_config(config)?;
-//! // X-LoRA is refused up front rather than ignored:
-//! let xlora = MistralBackendConfig::default().with_xlora_adapters(vec!["code", "chat"]);
-//! assert!(MistralBackend::with_config(xlora).is_err());
+//! // Mixing modes other than additive are refused up front:
+//! let mut gated = MistralBackendConfig::default().with_xlora_adapters(vec!["code"]);
+//! gated.xlora.as_mut().unwrap().mixing_mode = XLoraMixingMode::Gated;
+//! assert!(MistralBackend::with_config(gated).is_err());
 //! # Ok::<(), ruvllm::Error>(())
 //! ```
 
@@ -29,8 +35,9 @@ pub struct MistralBackendConfig {
     /// The paged KV cache's block size and pool size; `None` keeps the
     /// engine's defaults (16-token blocks, four full contexts at most 1 GiB).
     pub paged_attention: Option<PagedAttentionConfigExt>,
-    /// X-LoRA adapters: not implemented, so a config naming any is refused
-    /// by [`MistralBackend::with_config`].
+    /// X-LoRA adapters, loaded with [`MistralBackend::load_xlora_adapter`]
+    /// and mixed with the weights of [`MistralBackend::set_xlora_adapters`]
+    /// (or `adapter_scales`).
     pub xlora: Option<XLoraConfig>,
     /// In-situ quantization at load: 8-bit round-to-nearest (Q8_0) is
     /// implemented, other bit widths and methods are refused.
@@ -83,7 +90,14 @@ impl Default for PagedAttentionConfigExt {
     }
 }
 
-/// X-LoRA (mixture of LoRA experts) settings. Not implemented.
+/// X-LoRA (mixture of LoRA experts) settings. `adapter_names` lists the
+/// adapters that may be loaded (empty: any); `adapter_scales`, in the same
+/// order, are the weights used until [`MistralBackend::set_xlora_adapters`]
+/// gives others. Only `Additive` mixing is implemented. `use_learned_routing`
+/// asks for a classifier that picks the weights per token, which is not
+/// implemented: with it, generation is refused until weights are given.
+/// `router_hidden_dim`, `router_layers`, `top_k` and `temperature` belong to
+/// that classifier.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct XLoraConfig {
     pub adapter_names: Vec<String>,
@@ -172,8 +186,9 @@ fn no_xlora<T>() -> Result<T> {
     Err(Error::NotImplemented("X-LoRA adapters".into()))
 }
 
-/// X-LoRA adapter management. Not implemented: every operation fails with
-/// [`Error::NotImplemented`], and no adapter is ever loaded.
+/// X-LoRA adapter management apart from a backend. Not implemented: every
+/// operation fails with [`Error::NotImplemented`]; a [`MistralBackend`]
+/// configured with X-LoRA loads and mixes adapters itself.
 pub struct XLoraManager {
     config: XLoraConfig,
 }
@@ -225,8 +240,25 @@ impl MistralBackend {
 
     /// Checks `config` now, so that what cannot be honoured fails here.
     pub fn with_config(config: MistralBackendConfig) -> Result<Self> {
-        if config.xlora.is_some() {
-            return no_xlora();
+        if let Some(x) = &config.xlora {
+            if x.mixing_mode != XLoraMixingMode::Additive {
+                return Err(Error::NotImplemented(format!(
+                    "X-LoRA mixing mode {:?} (Additive is implemented)",
+                    x.mixing_mode
+                )));
+            }
+            if let Some(s) = &x.adapter_scales {
+                if s.len() != x.adapter_names.len() {
+                    return Err(Error::InvalidRequest(format!(
+                        "{} adapter_scales for {} adapter_names",
+                        s.len(),
+                        x.adapter_names.len()
+                    )));
+                }
+            }
+            if x.base_adapter.is_some() {
+                return Err(Error::NotImplemented("X-LoRA base_adapter".into()));
+            }
         }
         if let Some(isq) = &config.isq {
             isq.quantization()?;
@@ -252,29 +284,85 @@ impl MistralBackend {
                 })
             }
         };
-        Ok(MistralBackend {
-            config,
-            inner: CpuBackend::with_paging(paging),
-        })
+        let mut inner = CpuBackend::with_paging(paging);
+        if config
+            .xlora
+            .as_ref()
+            .is_some_and(|x| x.use_learned_routing && x.adapter_scales.is_none())
+        {
+            inner = inner.needing_mix();
+        }
+        Ok(MistralBackend { config, inner })
     }
 
     pub fn config(&self) -> &MistralBackendConfig {
         &self.config
     }
 
-    /// Not implemented.
-    pub fn load_xlora_adapter(&self, _name: &str, _path: &Path) -> Result<()> {
-        no_xlora()
+    fn xlora(&self) -> Result<&XLoraConfig> {
+        self.config.xlora.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(
+                "X-LoRA is not configured (MistralBackendConfig::with_xlora_adapters)".into(),
+            )
+        })
     }
 
-    /// Not implemented.
-    pub fn set_xlora_adapters(&self, _adapters: Vec<(&str, f32)>) -> Result<()> {
-        no_xlora()
+    fn check_name(&self, name: &str) -> Result<()> {
+        let x = self.xlora()?;
+        if !x.adapter_names.is_empty() && !x.adapter_names.iter().any(|n| n == name) {
+            return Err(Error::InvalidRequest(format!(
+                "'{name}' is not one of the configured X-LoRA adapters ({})",
+                x.adapter_names.join(", ")
+            )));
+        }
+        Ok(())
     }
 
-    /// None: X-LoRA is never configured (see [`Self::with_config`]).
+    /// Loads a LoRA adapter (PEFT folder or GGUF) for the loaded model under
+    /// `name`, one of the configured `adapter_names`. With `adapter_scales`
+    /// configured, the loaded ones are mixed with those weights.
+    pub fn load_xlora_adapter(&self, name: &str, path: &Path) -> Result<()> {
+        self.check_name(name)?;
+        self.inner.load_adapter(name, path)?;
+        let x = self.xlora()?;
+        if let Some(scales) = &x.adapter_scales {
+            let loaded = self.inner.adapters();
+            let mix = x
+                .adapter_names
+                .iter()
+                .zip(scales)
+                .filter(|(n, _)| loaded.contains(n))
+                .map(|(n, &w)| (n.clone(), w))
+                .collect();
+            self.inner.set_mix(mix)?;
+        }
+        Ok(())
+    }
+
+    /// The weights every later generation mixes the loaded adapters with
+    /// (`y = W x + Σ wᵢ sᵢ Bᵢ Aᵢ x`); an empty list turns the adapters off.
+    pub fn set_xlora_adapters(&self, adapters: Vec<(&str, f32)>) -> Result<()> {
+        for (name, _) in &adapters {
+            self.check_name(name)?;
+        }
+        self.inner.set_mix(
+            adapters
+                .into_iter()
+                .map(|(n, w)| (n.to_string(), w))
+                .collect(),
+        )
+    }
+
+    /// Loaded adapters and how often generations used each; `None` when
+    /// X-LoRA is not configured.
     pub fn xlora_stats(&self) -> Option<XLoraManagerStats> {
-        None
+        self.config.xlora.as_ref()?;
+        let (forward_count, adapter_usage) = self.inner.usage();
+        Some(XLoraManagerStats {
+            loaded_adapters: self.inner.adapters().len(),
+            forward_count,
+            adapter_usage,
+        })
     }
 
     /// The config's ISQ joins `config.quantization`; the two must agree.

@@ -2,8 +2,9 @@
 //! original ruvllm `backends` module: [`LlmBackend`], [`ModelConfig`],
 //! [`GenerateParams`], [`TokenStream`], [`AsyncTokenStream`] and friends.
 //! [`create_backend`] returns the CPU backend; [`CandleBackend`] and
-//! [`MistralBackend`] are the original's names for it (X-LoRA adapters are
-//! not implemented and say so), [`NoopBackend`] refuses everything.
+//! [`MistralBackend`] are the original's names for it (with X-LoRA adapters
+//! mixed by the weights the caller gives; learned routing is not
+//! implemented and says so), [`NoopBackend`] refuses everything.
 //!
 //! ```no_run
 //! use ruvllm::backends::{create_backend, GenerateParams, ModelConfig, StreamEvent};
