@@ -1175,21 +1175,7 @@ impl Engine {
                         .map(|&r| r - base)
                         .collect()
                 };
-                let positions: Vec<usize> = (base..base + toks.len()).collect();
-                let batch = Batch {
-                    tokens: toks,
-                    positions: &positions,
-                    seq_index: &vec![0; toks.len()],
-                    block_tables: &[table],
-                    adapters: &[&e.always],
-                };
-                let o = e.model.forward_any(
-                    &batch,
-                    &mut e.kv,
-                    &local(rows),
-                    &local(hidden_rows),
-                    &e.pool,
-                )?;
+                let o = e.forward_private(table, toks, base, &local(rows), &local(hidden_rows))?;
                 out.logits.extend_from_slice(&o.logits);
                 out.hidden.extend_from_slice(&o.hidden);
             }
@@ -1208,21 +1194,11 @@ impl Engine {
             let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
             for (pi, toks) in tokens.chunks(piece).enumerate() {
                 let base = pi * piece;
-                let positions: Vec<usize> = (base..base + toks.len()).collect();
                 // Rows whose next token is known.
                 let rows: Vec<usize> = (0..toks.len())
                     .filter(|&r| base + r + 1 < tokens.len())
                     .collect();
-                let batch = Batch {
-                    tokens: toks,
-                    positions: &positions,
-                    seq_index: &vec![0; toks.len()],
-                    block_tables: &[table],
-                    adapters: &[&e.always],
-                };
-                let o = e
-                    .model
-                    .forward_any(&batch, &mut e.kv, &rows, &[], &e.pool)?;
+                let o = e.forward_private(table, toks, base, &rows, &[])?;
                 for (&r, logits) in rows.iter().zip(o.logits.chunks_exact(vocab)) {
                     let next = tokens[base + r + 1] as usize;
                     out.push(logits[next] - log_sum_exp(logits));
@@ -1238,21 +1214,32 @@ impl Engine {
         self.with_sequence(tokens.len(), |e, table| {
             let mut logits = Vec::with_capacity(tokens.len() * e.model.spec.vocab_size);
             for (p, &t) in tokens.iter().enumerate() {
-                let batch = Batch {
-                    tokens: &[t],
-                    positions: &[p],
-                    seq_index: &[0],
-                    block_tables: &[table],
-                    adapters: &[&e.always],
-                };
-                logits.extend(
-                    e.model
-                        .forward_any(&batch, &mut e.kv, &[0], &[], &e.pool)?
-                        .logits,
-                );
+                logits.extend(e.forward_private(table, &[t], p, &[0], &[])?.logits);
             }
             Ok(logits)
         })
+    }
+
+    /// Runs `tokens`, at positions `start..`, of a private sequence (see
+    /// [`Engine::with_sequence`]) with the always-on adapters.
+    fn forward_private(
+        &mut self,
+        table: &[u32],
+        tokens: &[u32],
+        start: usize,
+        rows: &[usize],
+        hidden_rows: &[usize],
+    ) -> Result<Output> {
+        let positions: Vec<usize> = (start..start + tokens.len()).collect();
+        let batch = Batch {
+            tokens,
+            positions: &positions,
+            seq_index: &vec![0; tokens.len()],
+            block_tables: &[table],
+            adapters: &[&self.always],
+        };
+        self.model
+            .forward_any(&batch, &mut self.kv, rows, hidden_rows, &self.pool)
     }
 
     /// Lends `f` a block table for a private sequence of `len` tokens.

@@ -344,27 +344,17 @@ fn place(
     Ok(())
 }
 
-/// A tensor's values as f32 (F32, F16 or BF16 little-endian bytes).
+/// A tensor's values as f32 (F32, F16 or BF16 little-endian bytes), or
+/// `None` for another type or a byte count that does not match `len`.
 fn to_f32(ty: GgmlType, bytes: &[u8], len: usize) -> Option<Vec<f32>> {
-    let width = if ty == GgmlType::F32 { 4 } else { 2 };
-    if bytes.len() != len.checked_mul(width)? {
+    if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+        || bytes.len() != len.checked_mul(ty.type_size())?
+    {
         return None;
     }
-    Some(match ty {
-        GgmlType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        GgmlType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        GgmlType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => return None,
-    })
+    let mut out = vec![0f32; len];
+    crate::quant::dequantize(ty, bytes, &mut out);
+    Some(out)
 }
 
 /// PEFT's per-module overrides (`rank_pattern`, `alpha_pattern`). PEFT
