@@ -448,7 +448,7 @@ impl Engine {
             spec.head_dim,
             bs,
             n_blocks,
-        );
+        )?;
         let provenance = Provenance {
             path: path.to_path_buf(),
             file_size: if meta.is_dir() {
@@ -562,10 +562,7 @@ impl Engine {
     }
 
     pub fn kv_dtype(&self) -> KvDtype {
-        match self.kv {
-            AnyKvCache::F32(_) => KvDtype::F32,
-            AnyKvCache::F16(_) => KvDtype::F16,
-        }
+        self.kv.dtype()
     }
 
     pub fn block_size(&self) -> usize {
@@ -1211,12 +1208,28 @@ impl Engine {
     /// Feeds `tokens` one at a time through the KV cache (the first as a
     /// one-token prefill) and returns each step's logits, `n × vocab`.
     pub fn decode_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.with_sequence(tokens.len(), |e, table| {
+        Ok(self.decode_after(&[], tokens)?.0)
+    }
+
+    /// [`Engine::decode_logits`] of `tokens` after `prefix` (prefilled in
+    /// batches first), with how long the decoding took, the prefill not
+    /// counted: decode speed at a given depth of context.
+    pub fn decode_after(
+        &mut self,
+        prefix: &[u32],
+        tokens: &[u32],
+    ) -> Result<(Vec<f32>, std::time::Duration)> {
+        let d = prefix.len();
+        self.with_sequence(d + tokens.len(), |e, table| {
+            for (ci, toks) in prefix.chunks(e.max_batched_tokens).enumerate() {
+                e.forward_private(table, toks, ci * e.max_batched_tokens, &[], &[])?;
+            }
+            let start = std::time::Instant::now();
             let mut logits = Vec::with_capacity(tokens.len() * e.model.spec.vocab_size);
             for (p, &t) in tokens.iter().enumerate() {
-                logits.extend(e.forward_private(table, &[t], p, &[0], &[])?.logits);
+                logits.extend(e.forward_private(table, &[t], d + p, &[0], &[])?.logits);
             }
-            Ok(logits)
+            Ok((logits, start.elapsed()))
         })
     }
 

@@ -3,10 +3,15 @@
 //!
 //! Layout per layer: `[block][kv_head][slot][head_dim]`, so one head's keys
 //! within a block are contiguous and attention reads them in place. Keys and
-//! values are stored as f32 (exact) or f16 (as llama.cpp does by default:
-//! half the memory and half the bandwidth of decode attention).
+//! values are stored as f32 (exact), f16 (as llama.cpp does by default:
+//! half the memory and half the bandwidth of decode attention), or in
+//! ggml's Q8_0 / Q4_0 blocks of 32 (llama.cpp's `-ctk/-ctv q8_0|q4_0`:
+//! 3.8× / 7.1× the tokens of f32 in the same memory), which attention
+//! dequantizes as it reads them.
 
 use crate::error::{Error, Result};
+use crate::quant::quantize::{q4_0_block, q8_0_block};
+use crate::quant::QK;
 use crate::simd::{dispatch, Kernel, Simd};
 use half::f16;
 use std::collections::{BTreeMap, HashMap};
@@ -16,70 +21,72 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for super::BlockQ8_0 {}
+    impl Sealed for super::BlockQ4_0 {}
 }
 
-/// An element type of the KV cache: `f32` or `f16`.
+/// A stored element of the KV cache: an `f32` or `f16` value, or a block of
+/// [`KvElem::PER`] quantized values. A head's key (or value) vector is
+/// `head_dim / PER` elements.
 ///
 /// The trait is sealed (no other crate can implement it): the cache hands
 /// out freshly zeroed and `madvise`d memory as elements, which is sound only
 /// for types whose all-zero bit pattern is a value.
 ///
 /// ```compile_fail
-/// #[derive(Clone, Copy)]
+/// #[derive(Clone, Copy, Default)]
 /// struct Mine(f32);
 /// impl ruvllm::kv::KvElem for Mine {
-///     fn from_f32(v: f32) -> Self { Mine(v) }
-///     fn to_f32(self) -> f32 { self.0 }
-///     fn load8<S: ruvllm::simd::Simd>(_: S, s: &[Self]) -> [f32; 8] {
-///         std::array::from_fn(|i| s[i].0)
+///     const PER: usize = 1;
+///     fn load8<S: ruvllm::simd::Simd>(_: S, v: &[Self], c: usize) -> [f32; 8] {
+///         std::array::from_fn(|i| v[c + i].0)
 ///     }
+///     fn get(v: &[Self], i: usize) -> f32 { v[i].0 }
 ///     fn store<S: ruvllm::simd::Simd>(_: S, src: &[f32], dst: &mut [Self]) {
 ///         dst.iter_mut().zip(src).for_each(|(d, s)| *d = Mine(*s));
 ///     }
 /// }
 /// ```
-pub trait KvElem: sealed::Sealed + Copy + Send + Sync + 'static {
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-    /// The first eight elements of `src` as floats.
-    fn load8<S: Simd>(s: S, src: &[Self]) -> [f32; 8];
-    /// `dst[i] = src[i]` converted, over the shorter of the two.
+pub trait KvElem: sealed::Sealed + Copy + Default + Send + Sync + 'static {
+    /// Values one element holds.
+    const PER: usize;
+    /// Whether storing rounds to a few bits per value (and so whether
+    /// attention rotates keys and values first: [`KvRotation`]).
+    const QUANTIZED: bool = false;
+    /// Values `c..c + 8` of the vector `v` (`c` a multiple of 8).
+    fn load8<S: Simd>(s: S, v: &[Self], c: usize) -> [f32; 8];
+    /// Value `i` of the vector `v`.
+    fn get(v: &[Self], i: usize) -> f32;
+    /// Stores the vector `src` (`dst.len() · PER` values) into `dst`.
     fn store<S: Simd>(s: S, src: &[f32], dst: &mut [Self]);
 }
 
 impl KvElem for f32 {
+    const PER: usize = 1;
     #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        v
+    fn load8<S: Simd>(_: S, v: &[Self], c: usize) -> [f32; 8] {
+        v[c..c + 8].try_into().expect("eight elements")
     }
     #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn load8<S: Simd>(_: S, src: &[Self]) -> [f32; 8] {
-        src[..8].try_into().expect("eight elements")
+    fn get(v: &[Self], i: usize) -> f32 {
+        v[i]
     }
     #[inline(always)]
     fn store<S: Simd>(_: S, src: &[f32], dst: &mut [Self]) {
-        let n = src.len().min(dst.len());
-        dst[..n].copy_from_slice(&src[..n]);
+        dst.copy_from_slice(src);
     }
 }
 
 impl KvElem for f16 {
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
+    const PER: usize = 1;
     /// One F16C instruction in the AVX2 copy.
     #[inline(always)]
-    fn load8<S: Simd>(s: S, src: &[Self]) -> [f32; 8] {
-        s.f16x8_to_f32(src[..8].try_into().expect("eight elements"))
+    fn load8<S: Simd>(s: S, v: &[Self], c: usize) -> [f32; 8] {
+        s.f16x8_to_f32(v[c..c + 8].try_into().expect("eight elements"))
+    }
+    #[inline(always)]
+    fn get(v: &[Self], i: usize) -> f32 {
+        v[i].to_f32()
     }
     #[inline(always)]
     fn store<S: Simd>(s: S, src: &[f32], dst: &mut [Self]) {
@@ -94,6 +101,101 @@ impl KvElem for f16 {
     }
 }
 
+/// 32 values as ggml's Q8_0 stores them: `x ≈ d · q`, q in -127..=127.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; QK],
+}
+
+/// 32 values as ggml's Q4_0 stores them: `x ≈ d · (q - 8)`, q in 0..=15,
+/// value j in the low nibble of byte j and value j + 16 in its high nibble.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; QK / 2],
+}
+
+impl KvElem for BlockQ8_0 {
+    const PER: usize = QK;
+    const QUANTIZED: bool = true;
+    #[inline(always)]
+    fn load8<S: Simd>(_: S, v: &[Self], c: usize) -> [f32; 8] {
+        let b = &v[c / QK];
+        let (d, o) = (b.d.to_f32(), c % QK);
+        std::array::from_fn(|l| d * b.qs[o + l] as f32)
+    }
+    #[inline(always)]
+    fn get(v: &[Self], i: usize) -> f32 {
+        let b = &v[i / QK];
+        b.d.to_f32() * b.qs[i % QK] as f32
+    }
+    fn store<S: Simd>(_: S, src: &[f32], dst: &mut [Self]) {
+        for (d, x) in dst.iter_mut().zip(src.chunks_exact(QK)) {
+            let (scale, qs) = q8_0_block(x);
+            *d = BlockQ8_0 { d: scale, qs };
+        }
+    }
+}
+
+impl KvElem for BlockQ4_0 {
+    const PER: usize = QK;
+    const QUANTIZED: bool = true;
+    #[inline(always)]
+    fn load8<S: Simd>(_: S, v: &[Self], c: usize) -> [f32; 8] {
+        let b = &v[c / QK];
+        let (d, o) = (b.d.to_f32(), c % QK);
+        // Values 0..16 are the low nibbles, 16..32 the high ones.
+        let (bytes, shift) = (&b.qs[o % (QK / 2)..o % (QK / 2) + 8], 4 * (o / (QK / 2)));
+        std::array::from_fn(|l| d * (((bytes[l] >> shift) & 0xF) as i32 - 8) as f32)
+    }
+    #[inline(always)]
+    fn get(v: &[Self], i: usize) -> f32 {
+        let b = &v[i / QK];
+        let o = i % QK;
+        let q = (b.qs[o % (QK / 2)] >> (4 * (o / (QK / 2)))) & 0xF;
+        b.d.to_f32() * (q as i32 - 8) as f32
+    }
+    fn store<S: Simd>(_: S, src: &[f32], dst: &mut [Self]) {
+        for (d, x) in dst.iter_mut().zip(src.chunks_exact(QK)) {
+            let (scale, qs) = q4_0_block(x);
+            *d = BlockQ4_0 { d: scale, qs };
+        }
+    }
+}
+
+/// The orthonormal Walsh-Hadamard rotations attention applies around a
+/// quantized cache, as llama.cpp does: a block of 32 values shares one
+/// scale, so a single large channel (keys have a few) costs the rest of its
+/// block their precision; rotated, every value carries a share of it.
+/// Queries and keys are rotated alike (dot products are unchanged), values
+/// before they are stored and the attention output back after (the
+/// rotation is its own inverse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvRotation {
+    /// Keys and queries: chunks of the largest power of two dividing the
+    /// head dimension.
+    pub k: usize,
+    /// Values and the output: chunks of 64.
+    pub v: usize,
+}
+
+impl KvRotation {
+    /// The rotation for a cache of `T` and heads of `head_dim`: none for
+    /// float caches, nor for heads that are not whole multiples of 64.
+    pub fn for_cache<T: KvElem>(head_dim: usize) -> Option<KvRotation> {
+        if !T::QUANTIZED || head_dim == 0 || !head_dim.is_multiple_of(64) {
+            return None;
+        }
+        Some(KvRotation {
+            k: 1 << head_dim.trailing_zeros(),
+            v: 64,
+        })
+    }
+}
+
 /// `n` zeros from the allocator's zeroed memory: the pages stay untouched,
 /// and so not resident, until written (`vec![x; n]` writes every element
 /// unless `x` is a primitive zero).
@@ -105,7 +207,8 @@ fn zeroed<T: KvElem>(n: usize) -> Vec<T> {
     // SAFETY: the layout has a non-zero size; a null result is handled; the
     // memory is allocated by the global allocator with T's layout for n
     // elements, so Vec may own and free it; all-zero bits are a valid T
-    // (KvElem is sealed to f32 and f16, whose zero bits are 0.0).
+    // (KvElem is sealed to f32 and f16, whose zero bits are 0.0, and to
+    // blocks of an f16 and integers, whose zero bits are a zero block).
     unsafe {
         let p = std::alloc::alloc_zeroed(layout) as *mut T;
         if p.is_null() {
@@ -121,14 +224,67 @@ pub enum KvDtype {
     #[default]
     F32,
     F16,
+    Q8_0,
+    Q4_0,
 }
 
 impl KvDtype {
-    pub fn size(self) -> usize {
+    pub const ALL: [KvDtype; 4] = [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0, KvDtype::Q4_0];
+
+    /// The name `--kv-dtype` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Q8_0 => "q8_0",
+            KvDtype::Q4_0 => "q4_0",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<KvDtype> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Values per stored element (the quantized types store blocks of 32).
+    pub fn values_per_element(self) -> usize {
+        match self {
+            KvDtype::F32 | KvDtype::F16 => 1,
+            KvDtype::Q8_0 | KvDtype::Q4_0 => QK,
+        }
+    }
+
+    /// Bytes of one stored element.
+    pub fn element_bytes(self) -> usize {
         match self {
             KvDtype::F32 => 4,
             KvDtype::F16 => 2,
+            KvDtype::Q8_0 => std::mem::size_of::<BlockQ8_0>(),
+            KvDtype::Q4_0 => std::mem::size_of::<BlockQ4_0>(),
         }
+    }
+
+    /// Bytes of one head's key (or value) vector of `head_dim` values.
+    pub fn vector_bytes(self, head_dim: usize) -> usize {
+        head_dim.div_ceil(self.values_per_element()) * self.element_bytes()
+    }
+
+    /// Refuses a head dimension the type cannot store whole blocks of.
+    pub fn check(self, head_dim: usize) -> Result<()> {
+        let per = self.values_per_element();
+        if !head_dim.is_multiple_of(per) {
+            return Err(Error::Unsupported(format!(
+                "--kv-dtype {} stores blocks of {per} values, and this model's head \
+                 dimension ({head_dim}) is not a multiple of {per}; use f16 or f32",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -136,7 +292,8 @@ pub struct KvCache<T: KvElem> {
     pub block_size: usize,
     pub n_blocks: usize,
     n_kv_heads: usize,
-    head_dim: usize,
+    /// Elements of one head's vector: `head_dim / T::PER`.
+    unit: usize,
     k: Vec<Vec<T>>,
     v: Vec<Vec<T>>,
 }
@@ -144,6 +301,7 @@ pub struct KvCache<T: KvElem> {
 impl<T: KvElem> KvCache<T> {
     /// Allocates `n_blocks` blocks for every layer. Pages of the allocation are
     /// only touched (and so only become resident) as blocks are written.
+    /// `head_dim` must be a multiple of `T::PER` ([`KvDtype::check`]).
     pub fn new(
         n_layers: usize,
         n_kv_heads: usize,
@@ -151,12 +309,18 @@ impl<T: KvElem> KvCache<T> {
         block_size: usize,
         n_blocks: usize,
     ) -> Self {
-        let per_layer = n_blocks * block_size * n_kv_heads * head_dim;
+        assert!(
+            head_dim.is_multiple_of(T::PER),
+            "head dimension {head_dim} is not whole blocks of {}",
+            T::PER
+        );
+        let unit = head_dim / T::PER;
+        let per_layer = n_blocks * block_size * n_kv_heads * unit;
         KvCache {
             block_size,
             n_blocks,
             n_kv_heads,
-            head_dim,
+            unit,
             k: (0..n_layers).map(|_| zeroed(per_layer)).collect(),
             v: (0..n_layers).map(|_| zeroed(per_layer)).collect(),
         }
@@ -164,7 +328,13 @@ impl<T: KvElem> KvCache<T> {
 
     #[inline]
     fn index(&self, block: usize, head: usize, slot: usize) -> usize {
-        ((block * self.n_kv_heads + head) * self.block_size + slot) * self.head_dim
+        ((block * self.n_kv_heads + head) * self.block_size + slot) * self.unit
+    }
+
+    /// Elements of one head's key (or value) vector.
+    #[inline]
+    pub fn vector_len(&self) -> usize {
+        self.unit
     }
 
     /// The block and slot of position `pos` in a sequence's block table.
@@ -181,9 +351,9 @@ impl<T: KvElem> KvCache<T> {
 
     /// Stores one token's keys and values (`n_kv_heads × head_dim` each).
     pub fn write(&mut self, layer: usize, block: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let (start, hd) = (self.index(block, 0, slot), self.head_dim);
+        let (start, unit) = (self.index(block, 0, slot), self.unit);
         // Head h of a block sits one head's slots after head h - 1.
-        let stride = self.block_size * hd;
+        let stride = self.block_size * unit;
         let heads = self.n_kv_heads;
         for (dst, src) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
             dispatch(Store {
@@ -191,7 +361,7 @@ impl<T: KvElem> KvCache<T> {
                 src,
                 start,
                 stride,
-                hd,
+                unit,
                 heads,
             });
         }
@@ -200,7 +370,7 @@ impl<T: KvElem> KvCache<T> {
     /// Gives the memory of `blocks` back to the operating system; they read
     /// as zeros until written again.
     pub fn discard(&mut self, blocks: &[u32]) {
-        let per_block = self.n_kv_heads * self.block_size * self.head_dim;
+        let per_block = self.n_kv_heads * self.block_size * self.unit;
         // Runs of adjacent blocks: a block may be smaller than a page.
         let mut sorted = blocks.to_vec();
         sorted.sort_unstable();
@@ -219,27 +389,29 @@ impl<T: KvElem> KvCache<T> {
         }
     }
 
-    /// Keys (or values) of `head` for slots `0..n` of `block`, contiguous.
+    /// Keys (or values) of `head` for slots `0..n` of `block`, contiguous:
+    /// [`KvCache::vector_len`] elements per slot.
     #[inline]
     pub fn keys(&self, layer: usize, block: usize, head: usize, n: usize) -> &[T] {
         let i = self.index(block, head, 0);
-        &self.k[layer][i..i + n * self.head_dim]
+        &self.k[layer][i..i + n * self.unit]
     }
 
     #[inline]
     pub fn values(&self, layer: usize, block: usize, head: usize, n: usize) -> &[T] {
         let i = self.index(block, head, 0);
-        &self.v[layer][i..i + n * self.head_dim]
+        &self.v[layer][i..i + n * self.unit]
     }
 }
 
-/// Head h of `src` (`hd` values each) into `dst[start + h·stride..]`, converted.
+/// Head h of `src` (`unit · T::PER` values each) into `unit` elements at
+/// `dst[start + h·stride..]`, converted.
 struct Store<'a, T> {
     dst: &'a mut [T],
     src: &'a [f32],
     start: usize,
     stride: usize,
-    hd: usize,
+    unit: usize,
     heads: usize,
 }
 
@@ -247,12 +419,13 @@ impl<T: KvElem> Kernel for Store<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
+        let hd = self.unit * T::PER;
         for h in 0..self.heads {
             let i = self.start + h * self.stride;
             T::store(
                 s,
-                &self.src[h * self.hd..(h + 1) * self.hd],
-                &mut self.dst[i..i + self.hd],
+                &self.src[h * hd..(h + 1) * hd],
+                &mut self.dst[i..i + self.unit],
             );
         }
     }
@@ -268,19 +441,35 @@ fn release_pages<T: KvElem>(data: &mut [T]) {
     if hi > lo {
         // SAFETY: [lo, hi) lies within `data`, which we borrow mutably, so no
         // one else reads it. MADV_DONTNEED keeps the private anonymous pages
-        // mapped and makes them read as zeros, a valid value for the
-        // float types the cache holds.
+        // mapped and makes them read as zeros, a valid value for every
+        // element type the cache holds (KvElem is sealed).
         unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
     }
 }
 
-/// A KV cache of either element type, chosen at load time.
+/// A KV cache of any element type, chosen at load time.
 pub enum AnyKvCache {
     F32(KvCache<f32>),
     F16(KvCache<f16>),
+    Q8_0(KvCache<BlockQ8_0>),
+    Q4_0(KvCache<BlockQ4_0>),
 }
 
+/// `$body` with `$c` bound to the cache, whatever its element type.
+macro_rules! with_kv_cache {
+    ($kv:expr, $c:ident => $body:expr) => {
+        match $kv {
+            $crate::kv::AnyKvCache::F32($c) => $body,
+            $crate::kv::AnyKvCache::F16($c) => $body,
+            $crate::kv::AnyKvCache::Q8_0($c) => $body,
+            $crate::kv::AnyKvCache::Q4_0($c) => $body,
+        }
+    };
+}
+pub(crate) use with_kv_cache;
+
 impl AnyKvCache {
+    /// Fails (before allocating) for a head dimension `dtype` cannot store.
     pub fn new(
         dtype: KvDtype,
         n_layers: usize,
@@ -288,29 +477,32 @@ impl AnyKvCache {
         head_dim: usize,
         block_size: usize,
         n_blocks: usize,
-    ) -> Self {
-        match dtype {
-            KvDtype::F32 => AnyKvCache::F32(KvCache::new(
-                n_layers, n_kv_heads, head_dim, block_size, n_blocks,
-            )),
-            KvDtype::F16 => AnyKvCache::F16(KvCache::new(
-                n_layers, n_kv_heads, head_dim, block_size, n_blocks,
-            )),
+    ) -> Result<Self> {
+        dtype.check(head_dim)?;
+        let a = (n_layers, n_kv_heads, head_dim, block_size, n_blocks);
+        Ok(match dtype {
+            KvDtype::F32 => AnyKvCache::F32(KvCache::new(a.0, a.1, a.2, a.3, a.4)),
+            KvDtype::F16 => AnyKvCache::F16(KvCache::new(a.0, a.1, a.2, a.3, a.4)),
+            KvDtype::Q8_0 => AnyKvCache::Q8_0(KvCache::new(a.0, a.1, a.2, a.3, a.4)),
+            KvDtype::Q4_0 => AnyKvCache::Q4_0(KvCache::new(a.0, a.1, a.2, a.3, a.4)),
+        })
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        match self {
+            AnyKvCache::F32(_) => KvDtype::F32,
+            AnyKvCache::F16(_) => KvDtype::F16,
+            AnyKvCache::Q8_0(_) => KvDtype::Q8_0,
+            AnyKvCache::Q4_0(_) => KvDtype::Q4_0,
         }
     }
 
     pub fn block_size(&self) -> usize {
-        match self {
-            AnyKvCache::F32(c) => c.block_size,
-            AnyKvCache::F16(c) => c.block_size,
-        }
+        with_kv_cache!(self, c => c.block_size)
     }
 
     pub fn discard(&mut self, blocks: &[u32]) {
-        match self {
-            AnyKvCache::F32(c) => c.discard(blocks),
-            AnyKvCache::F16(c) => c.discard(blocks),
-        }
+        with_kv_cache!(self, c => c.discard(blocks))
     }
 }
 
@@ -321,7 +513,7 @@ pub fn bytes_per_token(
     head_dim: usize,
     dtype: KvDtype,
 ) -> usize {
-    2 * n_layers * n_kv_heads * head_dim * dtype.size()
+    2 * n_layers * n_kv_heads * dtype.vector_bytes(head_dim)
 }
 
 /// Identity of a full block: a hash chained over every token from the
@@ -516,6 +708,81 @@ impl BlockManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::{dequantize, quantize::quantize_row, GgmlType};
+    use crate::simd::Portable;
+
+    /// Values of every magnitude and sign, with ties at the rounding points.
+    fn sample(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|i| {
+                x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+                let v = (x >> 8) as f32 / (1 << 24) as f32 - 0.5;
+                v * (1 + i % 7) as f32
+            })
+            .collect()
+    }
+
+    fn bytes_of<T: KvElem>(v: &[T]) -> &[u8] {
+        // SAFETY: the block types are repr(C) of an f16 and byte arrays
+        // (no padding: size 34 and 18), so every byte is initialised.
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    }
+
+    /// The cache's blocks are ggml's (bit for bit what the ISQ quantizer,
+    /// itself equal to llama-quantize's, makes), and reading them gives what
+    /// ggml's dequantizer gives, through every accessor.
+    fn quantized_cache_is_ggml<T: KvElem>(ty: GgmlType) {
+        let (heads, hd, bs) = (2, 64, 4);
+        let mut c = KvCache::<T>::new(1, heads, hd, bs, 3);
+        let (k, v) = (sample(heads * hd, 1), sample(heads * hd, 2));
+        c.write(0, 2, 3, &k, &v);
+        for h in 0..heads {
+            for (stored, src) in [
+                (c.keys(0, 2, h, 4), &k[h * hd..(h + 1) * hd]),
+                (c.values(0, 2, h, 4), &v[h * hd..(h + 1) * hd]),
+            ] {
+                let slot = &stored[3 * c.vector_len()..];
+                assert_eq!(slot.len() * T::PER, hd);
+                assert_eq!(bytes_of(slot), quantize_row(ty, src).unwrap());
+                let mut want = vec![0f32; hd];
+                dequantize(ty, bytes_of(slot), &mut want);
+                for (i, w) in want.iter().enumerate() {
+                    assert_eq!(T::get(slot, i).to_bits(), w.to_bits(), "value {i}");
+                }
+                for c8 in (0..hd).step_by(8) {
+                    assert_eq!(T::load8(Portable, slot, c8), want[c8..c8 + 8]);
+                }
+                // Slots not written read as zeros.
+                assert!((0..hd).all(|i| T::get(&stored[..c.vector_len()], i) == 0.0));
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_blocks_match_ggml() {
+        quantized_cache_is_ggml::<BlockQ8_0>(GgmlType::Q8_0);
+        quantized_cache_is_ggml::<BlockQ4_0>(GgmlType::Q4_0);
+    }
+
+    #[test]
+    fn sizes_and_refusals() {
+        assert_eq!(std::mem::size_of::<BlockQ8_0>(), GgmlType::Q8_0.type_size());
+        assert_eq!(std::mem::size_of::<BlockQ4_0>(), GgmlType::Q4_0.type_size());
+        // SmolLM2's shape: 30 layers, 3 KV heads of 64.
+        let per = |t| bytes_per_token(30, 3, 64, t);
+        assert_eq!(per(KvDtype::F32), 2 * 30 * 3 * 64 * 4);
+        assert_eq!(per(KvDtype::Q8_0), 2 * 30 * 3 * 2 * 34);
+        assert_eq!(per(KvDtype::Q4_0), 2 * 30 * 3 * 2 * 18);
+        for t in KvDtype::ALL {
+            assert_eq!(KvDtype::from_name(t.name()), Some(t));
+        }
+        let err = AnyKvCache::new(KvDtype::Q8_0, 1, 1, 48, 16, 1)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not a multiple of 32"), "{err}");
+        assert!(AnyKvCache::new(KvDtype::F16, 1, 1, 48, 16, 1).is_ok());
+    }
 
     #[test]
     fn cached_blocks_are_shared_then_evicted_oldest_first() {

@@ -44,12 +44,15 @@ struct ModelArgs {
     /// HTTP unloads the least recently used idle one.
     #[arg(long)]
     max_loras: Option<usize>,
-    /// KV cache element type: f16 (half the memory, llama.cpp's default) or
-    /// f32 (exact). Default: f16 for `serve`, f32 elsewhere.
-    #[arg(long, value_parser = ["f16", "f32"])]
+    /// KV cache element type: f16 (half the memory, llama.cpp's default),
+    /// f32 (exact), or q8_0 / q4_0 (blocks of 32 values as llama.cpp's
+    /// `-ctk/-ctv`: 3.8× / 7.1× the tokens of f32 in the same memory).
+    /// Default: f16 for `serve`, f32 elsewhere.
+    #[arg(long, value_parser = ["f16", "f32", "q8_0", "q4_0"])]
     kv_dtype: Option<String>,
     /// In-situ quantization: quantize F32/F16/BF16 weights at load to this
-    /// type (q8_0, q4_0, q4_1, q5_0, q5_1).
+    /// type (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; rows that are not
+    /// whole blocks of 256 take Q5_0, Q5_1 or Q8_0, as llama-quantize does).
     #[arg(long, value_name = "TYPE")]
     isq: Option<String>,
     /// Weight of each --lora, in the same order (default 1.0).
@@ -237,6 +240,10 @@ enum Command {
             default_value = "128"
         )]
         n_gen: Vec<usize>,
+        /// Context already in the KV cache when generation starts (as
+        /// llama-bench's -d): tgN @ dD decodes N tokens after D.
+        #[arg(short = 'd', long, value_delimiter = ',', default_value = "0")]
+        depth: Vec<usize>,
         /// Also decode with this many sequences in shared batches (tgNxB).
         #[arg(short = 'b', long, value_delimiter = ',')]
         batch: Vec<usize>,
@@ -411,8 +418,8 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
         progress: true,
         max_loras: m.max_loras,
         kv_dtype: match m.kv_dtype.as_deref() {
-            Some("f32") => KvDtype::F32,
-            Some(_) => KvDtype::F16,
+            Some(name) => KvDtype::from_name(name)
+                .ok_or_else(|| ruvllm::Error::Config(format!("unknown KV type {name}")))?,
             None if serving => KvDtype::F16,
             None => KvDtype::F32,
         },
@@ -576,10 +583,11 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             model,
             n_prompt,
             n_gen,
+            depth,
             batch,
             repetitions,
             json,
-        } => bench(&model, &n_prompt, &n_gen, &batch, repetitions, json),
+        } => bench(&model, &n_prompt, &n_gen, &depth, &batch, repetitions, json),
         Command::Serve(a) => serve(*a),
         Command::BenchServe {
             url,
@@ -832,6 +840,7 @@ fn bench(
     m: &ModelArgs,
     n_prompt: &[usize],
     n_gen: &[usize],
+    depths: &[usize],
     batch: &[usize],
     reps: usize,
     json: bool,
@@ -876,13 +885,20 @@ fn bench(
     for &n in n_gen.iter().filter(|&&n| n > 0) {
         let ids = tokens(n);
         e.decode_logits(&ids[..n.min(4)])?; // warm-up
-        let mut rates = Vec::new();
-        for _ in 0..reps {
-            let t = Instant::now();
-            e.decode_logits(&ids)?;
-            rates.push(n as f64 / t.elapsed().as_secs_f64());
+        for &d in depths {
+            let prefix = tokens(d);
+            let mut rates = Vec::new();
+            for _ in 0..reps {
+                let (_, took) = e.decode_after(&prefix, &ids)?;
+                rates.push(n as f64 / took.as_secs_f64());
+            }
+            let at = if d > 0 {
+                format!(" @ d{d}")
+            } else {
+                String::new()
+            };
+            report(format!("tg{n}{at}"), &rates);
         }
-        report(format!("tg{n}"), &rates);
         for &b in batch.iter().filter(|&&b| b > 1) {
             let mut rates = Vec::new();
             for _ in 0..reps {

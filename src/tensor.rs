@@ -2,7 +2,7 @@
 //! drives the kernels across the thread pool.
 
 use crate::quant::kernels::{act_kind, dot_rows, Acts, MAX_ROWS};
-use crate::quant::quantize::{quantize_row, ISQ_TYPES};
+use crate::quant::quantize::{fallback_type, quantize_row, ISQ_TYPES};
 use crate::quant::{dequantize, GgmlType};
 use crate::threadpool::{SyncPtr, ThreadPool};
 use memmap2::Mmap;
@@ -120,17 +120,18 @@ impl Matrix {
         v
     }
 
-    /// Re-encodes an unquantized matrix as `ty`, rows spread over `pool`.
-    /// Returns false, leaving it as it is, when it is already quantized, its
-    /// rows are not whole blocks of `ty`, or `ty` is not one
-    /// [`quantize_row`] produces.
+    /// Re-encodes an unquantized matrix as `ty`, rows spread over `pool`;
+    /// rows that are not whole blocks of a K-quant take llama-quantize's
+    /// fallback type ([`fallback_type`]). Returns false, leaving it as it
+    /// is, when it is already quantized, no type fits its rows, or `ty` is
+    /// not one [`quantize_row`] produces.
     pub fn quantize_to(&mut self, ty: GgmlType, pool: &ThreadPool) -> bool {
-        if self.ty.is_quantized()
-            || !ISQ_TYPES.contains(&ty)
-            || !self.cols.is_multiple_of(ty.block_size())
-        {
+        if self.ty.is_quantized() || !ISQ_TYPES.contains(&ty) {
             return false;
         }
+        let Some(ty) = fallback_type(ty, self.cols) else {
+            return false;
+        };
         let rb = ty.row_bytes(self.cols).expect("whole blocks");
         let mut data = vec![0u8; rb * self.rows];
         let this = &*self;

@@ -123,6 +123,24 @@ fn bad_tokens_and_parameters_are_errors_not_crashes() {
     let out = ruvllm(&["run", "--model", &model, "--prompt", &long]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("context"));
+    // The fixture's heads of 16 are not whole blocks of a quantized cache.
+    for kv in ["q8_0", "q4_0"] {
+        let out = ruvllm(&[
+            "logits",
+            "--model",
+            &model,
+            "--tokens",
+            "1,2",
+            "--kv-dtype",
+            kv,
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("not a multiple of 32") && err.contains(kv),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -124,3 +124,70 @@ fn isq_to_a_type_it_cannot_make_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// The error each K-quant's search minimises: squared error weighted per
+/// value as ggml weighs it without an importance matrix (Q4_K, Q5_K: the
+/// RMS of its 32 values plus its magnitude; Q6_K: its square).
+fn weighted_error(ty: GgmlType, x: &[f32], y: &[f32]) -> f64 {
+    let mut e = 0f64;
+    for (xs, ys) in x.chunks(32).zip(y.chunks(32)) {
+        let rms = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
+        for (&a, &b) in xs.iter().zip(ys) {
+            let w = match ty {
+                GgmlType::Q6K => a * a,
+                _ => rms + a.abs(),
+            };
+            e += w as f64 * ((a - b) as f64).powi(2);
+        }
+    }
+    e
+}
+
+/// Our K-quant blocks against llama-quantize's for the same rows
+/// (`../shared/fixtures/quant/llamacpp_*`): each super-block is the same
+/// bytes or has no larger weighted error, and the rows' plain squared error
+/// is no larger either.
+#[test]
+fn k_quant_blocks_are_llama_quantizes_or_better() {
+    use ruvllm::quant::{dequantize, quantize::quantize_row};
+    for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        let dir = fixtures().join("quant");
+        let meta = read_json(&dir.join(format!("llamacpp_{}.json", ty.name())));
+        let theirs = std::fs::read(dir.join(format!("llamacpp_{}.bin", ty.name()))).unwrap();
+        let src = floats(&meta["source_f32"]);
+        let ours = quantize_row(ty, &src).expect("K-quant ISQ");
+        assert_eq!(ours.len(), theirs.len(), "{ty:?}");
+        let (bs, n) = (ty.type_size(), ty.block_size());
+        let (mut same, mut total) = (0, 0);
+        let (mut sq_ours, mut sq_theirs) = (0f64, 0f64);
+        for (i, (a, b)) in ours.chunks(bs).zip(theirs.chunks(bs)).enumerate() {
+            let x = &src[i * n..(i + 1) * n];
+            let (mut ya, mut yb) = (vec![0f32; n], vec![0f32; n]);
+            dequantize(ty, a, &mut ya);
+            dequantize(ty, b, &mut yb);
+            total += 1;
+            if a == b {
+                same += 1;
+                continue;
+            }
+            let (ea, eb) = (weighted_error(ty, x, &ya), weighted_error(ty, x, &yb));
+            assert!(
+                ea <= eb * (1.0 + 1e-6),
+                "{ty:?} super-block {i}: weighted error {ea} > llama-quantize's {eb}"
+            );
+            let sq = |y: &[f32]| {
+                x.iter()
+                    .zip(y)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+            };
+            sq_ours += sq(&ya);
+            sq_theirs += sq(&yb);
+        }
+        assert!(
+            sq_ours <= sq_theirs * (1.0 + 1e-6),
+            "{ty:?}: {sq_ours} > {sq_theirs}"
+        );
+        eprintln!("{ty:?}: {same} of {total} super-blocks identical to llama-quantize's");
+    }
+}

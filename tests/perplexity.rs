@@ -63,3 +63,50 @@ fn perplexity_agrees_with_llama_perplexity_on_the_default_models() {
         );
     }
 }
+
+#[test]
+fn quantized_kv_caches_lose_no_more_than_llama_cpps() {
+    let reference = read_json(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-perplexity.json"),
+    );
+    let want = |model: &str, kv: &str, windows: usize| {
+        let r = &reference["models"][model];
+        let running = if kv == "f16" {
+            &r["running"]
+        } else {
+            &r["kv"][kv]
+        };
+        running[windows - 1].as_f64().unwrap()
+    };
+    let rel = |a: f64, b: f64| (a - b) / b;
+
+    // Q8_0 is within 0.5% of f16 keys and values, and of llama.cpp's Q8_0.
+    let smol = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let got = ours(smol, 4, &["--kv-dtype", "q8_0"])["ppl"]
+        .as_f64()
+        .unwrap();
+    for kv in ["f16", "q8_0"] {
+        let r = rel(got, want(smol, kv, 4));
+        assert!(
+            r.abs() <= 0.005,
+            "q8_0 KV: perplexity {got}, llama.cpp's with {kv} KV {} ({:+.2}%)",
+            want(smol, kv, 4),
+            r * 100.0
+        );
+    }
+    // Q4_0 costs more (both models' keys have outlier channels); it must
+    // cost no more than llama.cpp's Q4_0 cache does. Gemma 3's heads of 256
+    // take the larger key rotation.
+    for (model, windows) in [(smol, 4), ("gemma-3-270m-q4_k_m.gguf", 2)] {
+        let got = ours(model, windows, &["--kv-dtype", "q4_0"])["ppl"]
+            .as_f64()
+            .unwrap();
+        let r = rel(got, want(model, "q4_0", windows));
+        assert!(
+            r <= 0.01,
+            "{model}: q4_0 KV perplexity {got}, llama.cpp's {} ({:+.2}%)",
+            want(model, "q4_0", windows),
+            r * 100.0
+        );
+    }
+}

@@ -271,17 +271,21 @@ fn apply_quantization(engine: &mut Engine, want: Option<Quantization>) -> Result
         )));
     }
     if !ISQ_TYPES.contains(&target) {
+        let available: Vec<&str> = ISQ_TYPES.iter().map(|t| t.name()).collect();
         return Err(Error::NotImplemented(format!(
-            "in-situ quantization of {} weights to {} (available: Q8_0, Q4_0, Q4_1, \
-             Q5_0, Q5_1; or load a file quantized to {})",
+            "in-situ quantization of {} weights to {} (available: {}; or load a file \
+             quantized to {})",
             have.name(),
             target.name(),
+            available.join(", "),
             target.name()
         )));
     }
     engine.quantize_weights(target);
+    // K-quant rows that are not whole blocks of 256 take llama-quantize's
+    // fallback type, which may then hold most of the parameters.
     match engine.model.dominant_type() {
-        Some(t) if t == target => Ok(()),
+        Some(t) if t.is_quantized() => Ok(()),
         _ => Err(Error::Unsupported(format!(
             "the model's matrices cannot be quantized to {}: their rows are not \
              multiples of {} values",

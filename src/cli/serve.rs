@@ -4,7 +4,7 @@
 use ruvllm::engine::FaultPlan;
 use ruvllm::engine::{Engine, EngineOptions};
 use ruvllm::engine_loop::{EngineHandle, LoopOptions};
-use ruvllm::kv::bytes_per_token;
+use ruvllm::kv::{bytes_per_token, KvDtype};
 use ruvllm::server::{conn, router, AppState, ServerOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -105,11 +105,14 @@ fn load(
         * bs
         * stats.blocks_total) as f64
         / (1 << 20) as f64;
+    let dtype = engine.kv_dtype();
+    // What the same memory would hold in f32, so a quantized cache's gain shows.
+    let vs_f32 =
+        KvDtype::F32.vector_bytes(s.head_dim) as f64 / dtype.vector_bytes(s.head_dim) as f64;
     eprintln!(
-        "KV cache: {} blocks × {bs} tokens = {} tokens ({mib:.0} MiB, {:?}); context {} tokens; up to {} sequences, {} tokens per step; {} threads",
+        "KV cache: {} blocks × {bs} tokens = {} tokens ({mib:.0} MiB, {dtype}: {vs_f32:.1}× the tokens of f32); context {} tokens; up to {} sequences, {} tokens per step; {} threads",
         stats.blocks_total,
         stats.blocks_total * bs,
-        engine.kv_dtype(),
         engine.context(),
         opts.max_num_seqs,
         opts.max_batched_tokens,

@@ -12,13 +12,15 @@ pub mod rope;
 pub mod spec;
 
 use crate::error::{Error, Result};
-use crate::kv::{AnyKvCache, KvCache, KvElem};
+use crate::kv::{AnyKvCache, KvCache, KvElem, KvRotation};
 use crate::simd::{dispatch, Kernel, Simd};
 use crate::tensor::{matmul, Matrix};
 use crate::threadpool::{SyncPtr, ThreadPool};
 pub use load::{load_gguf, load_hf_folder, LoadedModel};
 use lora::{add_lora, Target, WeightedAdapter};
-use ops::{activate_slice, dot_multi, exp, softcap, softcap_in, weighted_sum_multi, Norm};
+use ops::{
+    activate_slice, dot_multi, exp, hadamard_rotate, softcap, softcap_in, weighted_sum_multi, Norm,
+};
 use rope::{Rope, RopeFreqs};
 pub use rope::{RopeParams, RopeScaling};
 pub use spec::{Activation, Family, ModelSpec, RopeStyle};
@@ -212,6 +214,7 @@ impl Model {
             .as_ref()
             .map(|f| Rope::new(batch.positions, f));
 
+        let rotation = KvRotation::for_cache::<T>(s.head_dim);
         let mut normed = vec![0f32; n * h];
         for (li, layer) in self.layers.iter().enumerate() {
             let sliding = s.sliding_layers[li];
@@ -238,6 +241,11 @@ impl Model {
             let (qd, kd) = (s.q_dim(), s.kv_dim());
             rope.apply(s.rope_style, &mut q, qd, s.head_dim);
             rope.apply(s.rope_style, &mut k, kd, s.head_dim);
+            if let Some(r) = rotation {
+                hadamard_rotate(&mut q, r.k);
+                hadamard_rotate(&mut k, r.k);
+                hadamard_rotate(&mut v, r.v);
+            }
             for t in 0..n {
                 let (b, slot) = slots[t];
                 kv.write(
@@ -249,7 +257,10 @@ impl Model {
                 );
             }
             let window = if sliding { s.sliding_window } else { None };
-            let attn = self.attention(li, &q, batch, kv, window, pool);
+            let mut attn = self.attention(li, &q, batch, kv, window, pool);
+            if let Some(r) = rotation {
+                hadamard_rotate(&mut attn, r.v);
+            }
             let mut o = layer.o.forward(&attn, n, pool);
             lora(Target::O, &attn, &mut o);
             if let Some(pn) = &layer.post_attn_norm {
@@ -361,10 +372,7 @@ impl Model {
         hidden_rows: &[usize],
         pool: &ThreadPool,
     ) -> Result<Output> {
-        match kv {
-            AnyKvCache::F32(c) => self.forward(batch, c, rows, hidden_rows, pool),
-            AnyKvCache::F16(c) => self.forward(batch, c, rows, hidden_rows, pool),
-        }
+        crate::kv::with_kv_cache!(kv, c => self.forward(batch, c, rows, hidden_rows, pool))
     }
 
     /// Whether the output projection is the embedding matrix itself.
@@ -437,8 +445,9 @@ impl Model {
 
     /// Quantizes F32/F16/BF16 weight matrices to `ty` in memory (in-situ
     /// quantization), calling `progress(done, total)` after each matrix.
-    /// Quantized matrices, and those whose rows are not whole blocks of
-    /// `ty`, are left as they are. Returns how many were quantized.
+    /// Rows that are not whole blocks of a K-quant take llama-quantize's
+    /// fallback type; quantized matrices, and those no type fits, are left
+    /// as they are. Returns how many were quantized.
     pub fn quantize_unquantized(
         &mut self,
         ty: crate::quant::GgmlType,
@@ -506,9 +515,10 @@ impl<T: KvElem> Kernel for AttentionTasks<'_, T> {
             // scores[g * len + j]: head h0 + g against key lo + j.
             scores.clear();
             scores.resize(group * len, 0.0);
+            let unit = kv.vector_len();
             for_each_block(table, lo, pos, bs, |j, block, slots| {
                 let keys = kv.keys(layer, block, kvh, slots.end);
-                for (i, k) in keys[slots.start * hd..].chunks_exact(hd).enumerate() {
+                for (i, k) in keys[slots.start * unit..].chunks_exact(unit).enumerate() {
                     dot_multi(simd, qs, k, &mut scores[j + i..], len);
                 }
             });
@@ -533,7 +543,7 @@ impl<T: KvElem> Kernel for AttentionTasks<'_, T> {
             vals.clear();
             for_each_block(table, lo, pos, bs, |_, block, slots| {
                 let values = kv.values(layer, block, kvh, slots.end);
-                vals.extend(values[slots.start * hd..].chunks_exact(hd));
+                vals.extend(values[slots.start * unit..].chunks_exact(unit));
             });
             weighted_sum_multi(simd, o, &scores, &vals);
         }

@@ -161,7 +161,7 @@ pub fn softcap_in(x: &mut [f32], cap: f32) {
 }
 
 /// `out[i·stride] = dot(qs[i], k)` for the `M` vectors of `qs` (each
-/// `k.len()` long), reading `k` once: the compiler keeps `M × 8`
+/// `k.len() · T::PER` long), reading `k` once: the compiler keeps `M × 8`
 /// accumulators in registers.
 #[inline(always)]
 fn dots<S: Simd, T: KvElem, const M: usize>(
@@ -171,11 +171,11 @@ fn dots<S: Simd, T: KvElem, const M: usize>(
     out: &mut [f32],
     stride: usize,
 ) {
-    let d = k.len();
+    let d = k.len() * T::PER;
     let mut acc = [[0f32; 8]; M];
     let full = d / 8 * 8;
     for c in (0..full).step_by(8) {
-        let kc = T::load8(s, &k[c..]);
+        let kc = T::load8(s, k, c);
         for (i, a) in acc.iter_mut().enumerate() {
             let q = &qs[i * d + c..i * d + c + 8];
             for l in 0..8 {
@@ -186,7 +186,7 @@ fn dots<S: Simd, T: KvElem, const M: usize>(
     for (i, a) in acc.iter().enumerate() {
         let mut s: f32 = a.iter().sum();
         for j in full..d {
-            s += qs[i * d + j] * k[j].to_f32();
+            s += qs[i * d + j] * T::get(k, j);
         }
         out[i * stride] = s;
     }
@@ -196,7 +196,7 @@ fn dots<S: Simd, T: KvElem, const M: usize>(
 /// in `qs`. A body for kernels: call it from inside one.
 #[inline(always)]
 pub fn dot_multi<S: Simd, T: KvElem>(s: S, qs: &[f32], k: &[T], out: &mut [f32], stride: usize) {
-    let d = k.len();
+    let d = k.len() * T::PER;
     for (c, chunk) in qs.chunks(4 * d).enumerate() {
         let out = &mut out[c * 4 * stride..];
         match chunk.len() / d {
@@ -221,7 +221,7 @@ fn weighted_sums<S: Simd, T: KvElem, const M: usize>(s: S, ys: &mut [f32], w: &[
     for c in (0..wide).step_by(32) {
         let mut acc = [[[0f32; 8]; 4]; M];
         for (j, x) in xs.iter().enumerate() {
-            let xc: [[f32; 8]; 4] = std::array::from_fn(|q| T::load8(s, &x[c + 8 * q..]));
+            let xc: [[f32; 8]; 4] = std::array::from_fn(|q| T::load8(s, x, c + 8 * q));
             for (i, a) in acc.iter_mut().enumerate() {
                 let wi = w[i * n + j];
                 for q in 0..4 {
@@ -240,7 +240,7 @@ fn weighted_sums<S: Simd, T: KvElem, const M: usize>(s: S, ys: &mut [f32], w: &[
     for c in (wide..full).step_by(8) {
         let mut acc = [[0f32; 8]; M];
         for (j, x) in xs.iter().enumerate() {
-            let xc = T::load8(s, &x[c..]);
+            let xc = T::load8(s, x, c);
             for (i, a) in acc.iter_mut().enumerate() {
                 let wi = w[i * n + j];
                 for l in 0..8 {
@@ -257,7 +257,7 @@ fn weighted_sums<S: Simd, T: KvElem, const M: usize>(s: S, ys: &mut [f32], w: &[
             ys[i * d + c] = xs
                 .iter()
                 .enumerate()
-                .map(|(j, x)| w[i * n + j] * x[c].to_f32())
+                .map(|(j, x)| w[i * n + j] * T::get(x, c))
                 .sum();
         }
     }
@@ -268,7 +268,7 @@ fn weighted_sums<S: Simd, T: KvElem, const M: usize>(s: S, ys: &mut [f32], w: &[
 /// kernels: call it from inside one.
 #[inline(always)]
 pub fn weighted_sum_multi<S: Simd, T: KvElem>(s: S, ys: &mut [f32], w: &[f32], xs: &[&[T]]) {
-    let (d, n) = (xs.first().map_or(1, |x| x.len()), xs.len());
+    let (d, n) = (xs.first().map_or(1, |x| x.len() * T::PER), xs.len());
     for (ych, wch) in ys.chunks_mut(4 * d).zip(w.chunks(4 * n)) {
         match ych.len() / d {
             1 => weighted_sums::<S, T, 1>(s, ych, wch, xs),
@@ -276,5 +276,128 @@ pub fn weighted_sum_multi<S: Simd, T: KvElem>(s: S, ys: &mut [f32], w: &[f32], x
             3 => weighted_sums::<S, T, 3>(s, ych, wch, xs),
             _ => weighted_sums::<S, T, 4>(s, ych, wch, xs),
         }
+    }
+}
+
+/// Rotates each `n`-value chunk of `x` by the orthonormal Walsh-Hadamard
+/// matrix of order `n` (a power of two; Sylvester's ordering,
+/// `H[i][j] = (-1)^popcount(i & j) / √n`), in place. The matrix is
+/// symmetric and orthonormal, so applying it twice restores `x`.
+pub fn hadamard_rotate(x: &mut [f32], n: usize) {
+    debug_assert!(n.is_power_of_two() && x.len().is_multiple_of(n));
+    let scale = 1.0 / (n as f32).sqrt();
+    for c in x.chunks_exact_mut(n) {
+        let mut h = 1;
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (c[j], c[j + h]);
+                    c[j] = a + b;
+                    c[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        c.iter_mut().for_each(|v| *v *= scale);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{BlockQ4_0, BlockQ8_0};
+    use crate::simd::{dispatch, Kernel};
+
+    /// Attention's two products over quantized keys and values, and over
+    /// f32 copies of what those blocks hold.
+    struct Products<'a, T> {
+        qs: &'a [f32],
+        rows: &'a [Vec<T>],
+    }
+
+    impl<T: KvElem> Kernel for Products<'_, T> {
+        type Output = (Vec<f32>, Vec<f32>);
+        fn run<S: Simd>(self, s: S) -> Self::Output {
+            let n = self.rows.len();
+            let m = self.qs.len() / (self.rows[0].len() * T::PER);
+            let mut scores = vec![0f32; m * n];
+            for (j, k) in self.rows.iter().enumerate() {
+                dot_multi(s, self.qs, k, &mut scores[j..], n);
+            }
+            let mut out = vec![0f32; self.qs.len()];
+            let xs: Vec<&[T]> = self.rows.iter().map(|r| &r[..]).collect();
+            weighted_sum_multi(s, &mut out, &scores, &xs);
+            (scores, out)
+        }
+    }
+
+    fn same_as_dequantized<T: KvElem>(ty: crate::quant::GgmlType) {
+        let hd = 64;
+        let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 17.0;
+        let floats: Vec<Vec<f32>> = (0..9)
+            .map(|j| (0..hd).map(|i| val(i + 13 * j)).collect())
+            .collect();
+        let blocks: Vec<Vec<T>> = floats
+            .iter()
+            .map(|f| {
+                let mut b = vec![T::default(); hd / T::PER];
+                T::store(crate::simd::Portable, f, &mut b);
+                b
+            })
+            .collect();
+        let exact: Vec<Vec<f32>> = blocks
+            .iter()
+            .map(|b| (0..hd).map(|i| T::get(b, i)).collect())
+            .collect();
+        // Up to 4 query heads share a KV head (GQA); 5 covers two passes.
+        for m in 1..=5 {
+            let qs: Vec<f32> = (0..m * hd).map(|i| val(3 * i + 1) / 4.0).collect();
+            let got = dispatch(Products {
+                qs: &qs,
+                rows: &blocks,
+            });
+            let want = dispatch(Products {
+                qs: &qs,
+                rows: &exact,
+            });
+            assert_eq!(got, want, "{ty:?}, {m} heads");
+        }
+    }
+
+    #[test]
+    fn hadamard_is_sylvesters_matrix_and_its_own_inverse() {
+        for n in [1, 2, 8, 64, 256] {
+            // Column j of the matrix is the rotation of the unit vector e_j.
+            for j in 0..n {
+                let mut e = vec![0f32; n];
+                e[j] = 1.0;
+                hadamard_rotate(&mut e, n);
+                for (i, v) in e.iter().enumerate() {
+                    let sign = if (i & j).count_ones() % 2 == 0 {
+                        1.0
+                    } else {
+                        -1.0
+                    };
+                    assert!(
+                        (v - sign / (n as f32).sqrt()).abs() < 1e-6,
+                        "n {n} ({i}, {j})"
+                    );
+                }
+            }
+        }
+        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let mut y = x.clone();
+        hadamard_rotate(&mut y, 64);
+        assert!(y.iter().zip(&x).any(|(a, b)| (a - b).abs() > 0.1));
+        hadamard_rotate(&mut y, 64);
+        for (a, b) in y.iter().zip(&x) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn quantized_attention_reads_exactly_what_the_blocks_hold() {
+        same_as_dequantized::<BlockQ8_0>(crate::quant::GgmlType::Q8_0);
+        same_as_dequantized::<BlockQ4_0>(crate::quant::GgmlType::Q4_0);
     }
 }
