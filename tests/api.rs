@@ -414,9 +414,17 @@ fn in_situ_q8_quantization_matches_llama_cpp_q8_0() {
         .collect();
     assert_eq!(got, ids(&q8["greedy"]));
 
+    // Q4_K in-situ: the fixture's rows of 64 are not whole blocks of 256,
+    // so its matrices take llama-quantize's fallback, Q5_0.
+    let b = backend_with("qwen2", Some(Quantization::Q4K));
+    assert_eq!(
+        b.model_info().unwrap().quantization,
+        Some(Quantization::Q5_0)
+    );
+
     // What is not implemented says so.
     for (src, q) in [
-        ("qwen2", Quantization::Q4K),
+        ("qwen2", Quantization::Q2K),
         ("qwen2/model-q8_0.gguf", Quantization::Q4),
     ] {
         let cfg = ModelConfig {
