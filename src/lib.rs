@@ -3,7 +3,8 @@
 //!
 //! Layers, each depending only on those above it:
 //! - [`simd`]: which kernel copy (AVX-512 VNNI, AVX2, portable) this CPU runs;
-//! - [`gguf`], [`quant`], [`tensor`]: model files, block formats, SIMD kernels;
+//! - [`gguf`], [`gguf_writer`], [`quant`], [`tensor`]: model files, block
+//!   formats, SIMD kernels;
 //! - [`kv`]: the paged KV cache and its block manager (prefix caching);
 //! - [`model`]: pure forward functions over a flat batch of tokens, reading
 //!   and appending to the KV cache, with LoRA adapters ([`model::lora`]);
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod engine_loop;
 pub mod error;
 pub mod gguf;
+pub mod gguf_writer;
 pub mod kv;
 pub mod metrics;
 pub mod model;

@@ -254,6 +254,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Quantizes a GGUF file's F32/F16/BF16 weight matrices (as
+    /// `llama-quantize --pure`; rows that are not whole blocks of a K-quant
+    /// take its fallback type) and writes a new GGUF file.
+    Quantize {
+        /// GGUF file to read.
+        input: PathBuf,
+        /// GGUF file to write (replaced only once it is complete).
+        output: PathBuf,
+        /// q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k.
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        /// Threads (default: every core).
+        #[arg(short, long)]
+        threads: Option<usize>,
+    },
     /// OpenAI-compatible HTTP server with continuous batching.
     Serve(Box<ServeArgs>),
     /// Load test: concurrent streaming clients against an OpenAI-compatible server.
@@ -427,7 +442,7 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
     })
 }
 
-/// The GGML type an --isq name stands for.
+/// The GGML type an --isq (or quantize) type name stands for.
 fn isq_type(name: &str) -> ruvllm::Result<ruvllm::quant::GgmlType> {
     use ruvllm::quant::quantize::ISQ_TYPES;
     let have: Vec<String> = ISQ_TYPES.iter().map(|t| t.name().to_lowercase()).collect();
@@ -437,7 +452,7 @@ fn isq_type(name: &str) -> ruvllm::Result<ruvllm::quant::GgmlType> {
         .copied()
         .ok_or_else(|| {
             ruvllm::Error::InvalidRequest(format!(
-                "--isq {name}: in-situ quantization produces {}",
+                "quantization type {name}: we quantize to {}",
                 have.join(", ")
             ))
         })
@@ -588,6 +603,17 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             repetitions,
             json,
         } => bench(&model, &n_prompt, &n_gen, &depth, &batch, repetitions, json),
+        Command::Quantize {
+            input,
+            output,
+            ty,
+            threads,
+        } => cli::quantize::run(
+            &input,
+            &output,
+            isq_type(&ty)?,
+            threads.unwrap_or_else(default_threads).max(1),
+        ),
         Command::Serve(a) => serve(*a),
         Command::BenchServe {
             url,

@@ -102,6 +102,11 @@ impl Matrix {
         self.rows * self.row_bytes()
     }
 
+    /// All rows' bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.storage.bytes()[self.start..self.start + self.nbytes()]
+    }
+
     pub fn is_mapped(&self) -> bool {
         self.storage.is_mapped()
     }

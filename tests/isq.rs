@@ -191,3 +191,80 @@ fn k_quant_blocks_are_llama_quantizes_or_better() {
         eprintln!("{ty:?}: {same} of {total} super-blocks identical to llama-quantize's");
     }
 }
+
+/// `ruvllm quantize` writes what llama-quantize --pure writes: the same
+/// tensors with the same types and bytes, the same metadata; a file
+/// llama.cpp and we load. A damaged input or an unknown type is an error
+/// that leaves no output behind, and OUT may be IN.
+#[test]
+fn quantize_writes_llama_quantizes_file() {
+    let dir = std::env::temp_dir().join(format!("ruvllm-quantize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixtures().join("llama/model-f32.gguf");
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ruvllm"))
+            .arg("quantize")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for ty in TYPES {
+        let out = dir.join(format!("{}.gguf", ty.name()));
+        let r = run(&[src.as_os_str(), out.as_os_str(), ty.name().as_ref()]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let (ours, theirs) = (
+            GgufFile::open(&out).unwrap(),
+            GgufFile::open(reference(ty)).unwrap(),
+        );
+        assert_eq!(ours.tensors.len(), theirs.tensors.len());
+        for t in &theirs.tensors {
+            let o = ours.tensor(&t.name).unwrap();
+            assert_eq!((o.ty, &o.dims), (t.ty, &t.dims), "{}", t.name);
+            assert!(
+                ours.tensor_data(o) == theirs.tensor_data(t),
+                "{ty:?} {}: bytes differ",
+                t.name
+            );
+        }
+        for (k, v) in &theirs.metadata {
+            assert_eq!(ours.get(k), Some(v), "{ty:?}: metadata {k}");
+        }
+        assert_eq!(ours.metadata.len(), theirs.metadata.len());
+        // It loads and computes what the in-situ quantized model computes.
+        let (mut a, mut b) = (isq_engine(&out, None), isq_engine(&src, Some(ty)));
+        let tokens = [1, 5, 9, 200, 7];
+        assert_eq!(
+            a.decode_logits(&tokens).unwrap(),
+            b.decode_logits(&tokens).unwrap(),
+            "{ty:?}"
+        );
+    }
+    // In place: IN is replaced by its quantized copy only when complete.
+    let inplace = dir.join("inplace.gguf");
+    std::fs::copy(&src, &inplace).unwrap();
+    let r = run(&[inplace.as_os_str(), inplace.as_os_str(), "q8_0".as_ref()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        std::fs::read(&inplace).unwrap(),
+        std::fs::read(dir.join("Q8_0.gguf")).unwrap()
+    );
+    // A truncated input and a type we cannot make: errors, no output.
+    let bad = dir.join("bad.gguf");
+    let bytes = std::fs::read(&src).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    for (input, ty, msg) in [(&bad, "q8_0", "invalid GGUF"), (&src, "q2_k", "type q2_k")] {
+        let out = dir.join("never.gguf");
+        let r = run(&[input.as_os_str(), out.as_os_str(), ty.as_ref()]);
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(msg), "{err}");
+        assert!(!out.exists());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -2,4 +2,5 @@
 
 pub mod bench_hostile;
 pub mod bench_serve;
+pub mod quantize;
 pub mod serve;

@@ -1,0 +1,149 @@
+//! `ruvllm quantize IN OUT TYPE`: a GGUF file's F32/F16/BF16 weight
+//! matrices quantized to TYPE (as `--isq` does at load, and as
+//! `llama-quantize --pure` does), written as a new GGUF file.
+
+use ruvllm::gguf::{GgufFile, Value};
+use ruvllm::gguf_writer::{GgufWriter, TensorHeader};
+use ruvllm::progress::Progress;
+use ruvllm::quant::quantize::{fallback_type, ISQ_TYPES};
+use ruvllm::quant::GgmlType;
+use ruvllm::tensor::{Matrix, Storage};
+use ruvllm::threadpool::ThreadPool;
+use ruvllm::{Error, Result};
+use std::path::Path;
+
+/// llama.cpp's `general.file_type` for a file mostly of `ty`
+/// (`LLAMA_FTYPE_MOSTLY_*`; the K-quants as their `_S` mixes).
+fn file_type(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
+        GgmlType::Q2K => 10,
+        GgmlType::Q3K => 11,
+        GgmlType::Q4K => 14,
+        GgmlType::Q5K => 16,
+        GgmlType::Q6K => 18,
+        GgmlType::BF16 => 32,
+    }
+}
+
+/// What llama-quantize quantizes: weights (names ending in `weight`) of two
+/// or more dimensions, stored as floats.
+fn is_float_weight(name: &str, dims: &[usize], ty: GgmlType) -> bool {
+    name.ends_with("weight")
+        && dims.len() >= 2
+        && matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<()> {
+    if !ISQ_TYPES.contains(&ty) {
+        let have: Vec<&str> = ISQ_TYPES.iter().map(|t| t.name()).collect();
+        return Err(Error::NotImplemented(format!(
+            "quantizing to {} (available: {})",
+            ty.name(),
+            have.join(", ")
+        )));
+    }
+    if input.is_dir() {
+        return Err(Error::NotImplemented(
+            "quantize reads GGUF files; a Hugging Face folder is quantized at load with --isq"
+                .into(),
+        ));
+    }
+    let g = GgufFile::open(input)?;
+    let headers: Vec<TensorHeader> = g
+        .tensors
+        .iter()
+        .map(|t| TensorHeader {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: if is_float_weight(&t.name, &t.dims, t.ty) {
+                fallback_type(ty, t.dims[0]).unwrap_or(t.ty)
+            } else {
+                t.ty
+            },
+        })
+        .collect();
+    let mut metadata: Vec<(String, Value)> = g
+        .metadata
+        .iter()
+        .filter(|(k, _)| *k != "general.file_type" && *k != "general.quantization_version")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    metadata.push(("general.file_type".into(), Value::U32(file_type(ty))));
+    metadata.push(("general.quantization_version".into(), Value::U32(2)));
+
+    // Written beside OUT and renamed over it when complete: a failure leaves
+    // no half file, and OUT may even be IN (whose map stays valid).
+    let part = output.with_file_name(format!(
+        ".{}.part",
+        output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "quantized".into())
+    ));
+    let file = std::fs::File::create(&part).map_err(|e| Error::io(&part, e))?;
+    let result = (|| -> Result<()> {
+        let mut w = GgufWriter::new(std::io::BufWriter::new(file), &metadata, &headers)?;
+        let pool = ThreadPool::new(threads);
+        let mut bar = Progress::new(format!("quantizing to {}", ty.name()), true);
+        let mut counts: Vec<(GgmlType, usize)> = Vec::new();
+        for (i, (t, h)) in g.tensors.iter().zip(&headers).enumerate() {
+            if h.ty == t.ty {
+                w.tensor(g.tensor_data(t))?;
+            } else {
+                let (cols, rows) = (t.dims[0], t.dims[1..].iter().product());
+                let storage = Storage::Mapped {
+                    map: g.mmap().clone(),
+                    offset: t.offset,
+                    len: t.size,
+                };
+                let mut m = Matrix::new(t.ty, rows, cols, storage).ok_or_else(|| {
+                    Error::Gguf(format!("tensor '{}' does not hold {:?}", t.name, t.dims))
+                })?;
+                if !m.quantize_to(h.ty, &pool) {
+                    return Err(Error::Internal(format!(
+                        "tensor '{}' could not be quantized to {}",
+                        t.name,
+                        h.ty.name()
+                    )));
+                }
+                w.tensor(m.bytes())?;
+            }
+            match counts.iter_mut().find(|(c, _)| *c == h.ty) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((h.ty, 1)),
+            }
+            bar.update(i + 1, g.tensors.len());
+        }
+        w.finish()?
+            .into_inner()
+            .map_err(|e| Error::io(&part, e.into_error()))?
+            .sync_all()
+            .map_err(|e| Error::io(&part, e))?;
+        let mix: Vec<String> = counts
+            .iter()
+            .map(|(t, n)| format!("{}: {n}", t.name()))
+            .collect();
+        eprintln!(
+            "wrote {} ({} tensors; {})",
+            output.display(),
+            g.tensors.len(),
+            mix.join(", ")
+        );
+        Ok(())
+    })();
+    match result {
+        Ok(()) => std::fs::rename(&part, output).map_err(|e| Error::io(output, e)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            Err(e)
+        }
+    }
+}
