@@ -449,6 +449,16 @@ impl Engine {
             bs,
             n_blocks,
         )?;
+        if opts.kv_dtype.values_per_element() > 1
+            && crate::kv::KvRotation::for_cache::<crate::kv::BlockQ8_0>(spec.head_dim).is_none()
+        {
+            tracing::warn!(
+                "--kv-dtype {}: heads of {} are not a multiple of 64, so keys and values are \
+                 stored unrotated, which costs more accuracy (as in llama.cpp)",
+                opts.kv_dtype,
+                spec.head_dim
+            );
+        }
         let provenance = Provenance {
             path: path.to_path_buf(),
             file_size: if meta.is_dir() {

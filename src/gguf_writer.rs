@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{Array, Value};
 use crate::quant::GgmlType;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 /// Alignment of tensor data (ggml's default; `general.alignment` absent).
 const ALIGNMENT: u64 = 32;
@@ -134,19 +135,23 @@ fn pad(w: &mut impl Write, written: u64) -> std::io::Result<u64> {
 /// header's order, so that no more than one tensor need be in memory.
 pub struct GgufWriter<W: Write> {
     w: W,
+    /// Named in errors.
+    path: PathBuf,
     sizes: Vec<usize>,
     written: usize,
-}
-
-fn io(e: std::io::Error) -> Error {
-    Error::Internal(format!("writing GGUF: {e}"))
 }
 
 impl<W: Write> GgufWriter<W> {
     /// Writes the header: `metadata` in the order given (a
     /// `general.alignment` among it is dropped: data is aligned to 32) and
     /// the tensor infos.
-    pub fn new(mut w: W, metadata: &[(String, Value)], tensors: &[TensorHeader]) -> Result<Self> {
+    pub fn new(
+        mut w: W,
+        path: &Path,
+        metadata: &[(String, Value)],
+        tensors: &[TensorHeader],
+    ) -> Result<Self> {
+        let io = |e| Error::io(path, e);
         let sizes = tensors
             .iter()
             .map(|t| {
@@ -188,6 +193,7 @@ impl<W: Write> GgufWriter<W> {
         pad(&mut w, head.len() as u64).map_err(io)?;
         Ok(GgufWriter {
             w,
+            path: path.to_path_buf(),
             sizes,
             written: 0,
         })
@@ -205,6 +211,7 @@ impl<W: Write> GgufWriter<W> {
                 data.len()
             )));
         }
+        let io = |e| Error::io(&self.path, e);
         self.w.write_all(data).map_err(io)?;
         pad(&mut self.w, data.len() as u64).map_err(io)?;
         self.written += 1;
@@ -220,7 +227,7 @@ impl<W: Write> GgufWriter<W> {
                 self.sizes.len()
             )));
         }
-        self.w.flush().map_err(io)?;
+        self.w.flush().map_err(|e| Error::io(&self.path, e))?;
         Ok(self.w)
     }
 }

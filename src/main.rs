@@ -276,9 +276,11 @@ enum Command {
         /// Server base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
-        /// Model name to send (default: none; servers use their only model).
-        #[arg(long)]
-        model: Option<String>,
+        /// Model names to send, comma-separated or repeated: request i
+        /// names the (i mod n)-th, e.g. LoRA adapters of one server
+        /// (default: none; servers use their only model).
+        #[arg(long = "model", value_delimiter = ',')]
+        models: Vec<String>,
         /// Concurrent clients.
         #[arg(long, short = 'c', default_value_t = 16)]
         clients: usize,
@@ -617,7 +619,7 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
         Command::Serve(a) => serve(*a),
         Command::BenchServe {
             url,
-            model,
+            models,
             clients,
             requests,
             max_tokens,
@@ -626,7 +628,7 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             json,
         } => cli::bench_serve::run(cli::bench_serve::BenchServeConfig {
             url: url.trim_end_matches('/').to_string(),
-            model,
+            models,
             clients: clients.max(1),
             requests: requests.unwrap_or(2 * clients.max(1)),
             max_tokens,

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 pub struct BenchServeConfig {
     pub url: String,
-    pub model: Option<String>,
+    /// Model names to send: request i names the (i mod n)-th (none: the
+    /// server's only model), so one run can spread over LoRA adapters.
+    pub models: Vec<String>,
     pub clients: usize,
     pub requests: usize,
     pub max_tokens: usize,
@@ -63,6 +65,11 @@ pub fn run(cfg: BenchServeConfig) -> ruvllm::Result<()> {
     }
 }
 
+/// The model name request `i` sends.
+fn model_for(models: &[String], i: usize) -> Option<&str> {
+    (!models.is_empty()).then(|| models[i % models.len()].as_str())
+}
+
 async fn shared_prefix(cfg: BenchServeConfig, tokens: usize) -> ruvllm::Result<()> {
     let client = reqwest::Client::new();
     let mut samples = Vec::new();
@@ -71,7 +78,7 @@ async fn shared_prefix(cfg: BenchServeConfig, tokens: usize) -> ruvllm::Result<(
         let s = one(
             &client,
             &cfg.url,
-            cfg.model.as_deref(),
+            model_for(&cfg.models, i),
             prompt,
             cfg.max_tokens,
         )
@@ -124,9 +131,9 @@ async fn bench(cfg: BenchServeConfig) -> ruvllm::Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..cfg.clients {
         let (client, next) = (client.clone(), next.clone());
-        let (url, model, total, max_tokens) = (
+        let (url, models, total, max_tokens) = (
             cfg.url.clone(),
-            cfg.model.clone(),
+            cfg.models.clone(),
             cfg.requests,
             cfg.max_tokens,
         );
@@ -137,7 +144,8 @@ async fn bench(cfg: BenchServeConfig) -> ruvllm::Result<()> {
                 if i >= total {
                     return Ok::<_, String>(out);
                 }
-                out.push(one(&client, &url, model.as_deref(), load_prompt(i), max_tokens).await?);
+                let model = model_for(&models, i);
+                out.push(one(&client, &url, model, load_prompt(i), max_tokens).await?);
             }
         }));
     }

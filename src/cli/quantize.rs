@@ -1,6 +1,7 @@
 //! `ruvllm quantize IN OUT TYPE`: a GGUF file's F32/F16/BF16 weight
 //! matrices quantized to TYPE (as `--isq` does at load, and as
-//! `llama-quantize --pure` does), written as a new GGUF file.
+//! `llama-quantize --pure` does: the same tensors, its fallback types),
+//! written as a new GGUF file.
 
 use ruvllm::gguf::{GgufFile, Value};
 use ruvllm::gguf_writer::{GgufWriter, TensorHeader};
@@ -13,7 +14,7 @@ use ruvllm::{Error, Result};
 use std::path::Path;
 
 /// llama.cpp's `general.file_type` for a file mostly of `ty`
-/// (`LLAMA_FTYPE_MOSTLY_*`; the K-quants as their `_S` mixes).
+/// (`LLAMA_FTYPE_MOSTLY_*`).
 fn file_type(ty: GgmlType) -> u32 {
     match ty {
         GgmlType::F32 => 0,
@@ -25,19 +26,36 @@ fn file_type(ty: GgmlType) -> u32 {
         GgmlType::Q5_1 => 9,
         GgmlType::Q2K => 10,
         GgmlType::Q3K => 11,
-        GgmlType::Q4K => 14,
-        GgmlType::Q5K => 16,
+        // llama-quantize's names Q4_K and Q5_K stand for the _M mixes.
+        GgmlType::Q4K => 15,
+        GgmlType::Q5K => 17,
         GgmlType::Q6K => 18,
         GgmlType::BF16 => 32,
     }
 }
 
+/// Tensors llama-quantize leaves as they are although they are weights of
+/// two or more dimensions: small or precision-critical ones.
+const NOT_QUANTIZED: &[&str] = &[
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "time_mix_",
+];
+
 /// What llama-quantize quantizes: weights (names ending in `weight`) of two
-/// or more dimensions, stored as floats.
-fn is_float_weight(name: &str, dims: &[usize], ty: GgmlType) -> bool {
+/// or more dimensions (trailing ones not counted), not in its exceptions.
+fn is_weight_to_quantize(name: &str, dims: &[usize]) -> bool {
+    let n_dims = dims.len() - dims.iter().rev().take_while(|&&d| d == 1).count();
     name.ends_with("weight")
-        && dims.len() >= 2
-        && matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+        && n_dims >= 2
+        && name != "position_embd.weight"
+        && name != "token_types.weight"
+        && !NOT_QUANTIZED.iter().any(|p| name.contains(p))
 }
 
 pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<()> {
@@ -55,24 +73,44 @@ pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<
                 .into(),
         ));
     }
+    let Some(out_name) = output.file_name().filter(|_| !output.is_dir()) else {
+        return Err(Error::InvalidRequest(format!(
+            "{}: the output must be a file path",
+            output.display()
+        )));
+    };
     let g = GgufFile::open(input)?;
-    let headers: Vec<TensorHeader> = g
-        .tensors
-        .iter()
-        .map(|t| TensorHeader {
+    let mut headers = Vec::with_capacity(g.tensors.len());
+    for t in &g.tensors {
+        let mut out_ty = t.ty;
+        if is_weight_to_quantize(&t.name, &t.dims) {
+            if t.ty.is_quantized() {
+                return Err(Error::InvalidRequest(format!(
+                    "{}: tensor '{}' is already {}; quantize a float (F32/F16/BF16) GGUF",
+                    input.display(),
+                    t.name,
+                    t.ty.name()
+                )));
+            }
+            // Rows no quantized type fits are stored as F16, as llama-quantize does.
+            out_ty = fallback_type(ty, t.dims[0]).unwrap_or(GgmlType::F16);
+        }
+        headers.push(TensorHeader {
             name: t.name.clone(),
             dims: t.dims.clone(),
-            ty: if is_float_weight(&t.name, &t.dims, t.ty) {
-                fallback_type(ty, t.dims[0]).unwrap_or(t.ty)
-            } else {
-                t.ty
-            },
-        })
-        .collect();
+            ty: out_ty,
+        });
+    }
+    // The quantization's own keys are rewritten; a shard's split keys do
+    // not describe the single file written.
     let mut metadata: Vec<(String, Value)> = g
         .metadata
         .iter()
-        .filter(|(k, _)| *k != "general.file_type" && *k != "general.quantization_version")
+        .filter(|(k, _)| {
+            *k != "general.file_type"
+                && *k != "general.quantization_version"
+                && !k.starts_with("split.")
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
@@ -81,16 +119,10 @@ pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<
 
     // Written beside OUT and renamed over it when complete: a failure leaves
     // no half file, and OUT may even be IN (whose map stays valid).
-    let part = output.with_file_name(format!(
-        ".{}.part",
-        output
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "quantized".into())
-    ));
+    let part = output.with_file_name(format!(".{}.part", out_name.to_string_lossy()));
     let file = std::fs::File::create(&part).map_err(|e| Error::io(&part, e))?;
     let result = (|| -> Result<()> {
-        let mut w = GgufWriter::new(std::io::BufWriter::new(file), &metadata, &headers)?;
+        let mut w = GgufWriter::new(std::io::BufWriter::new(file), &part, &metadata, &headers)?;
         let pool = ThreadPool::new(threads);
         let mut bar = Progress::new(format!("quantizing to {}", ty.name()), true);
         let mut counts: Vec<(GgmlType, usize)> = Vec::new();
@@ -104,17 +136,27 @@ pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<
                     offset: t.offset,
                     len: t.size,
                 };
-                let mut m = Matrix::new(t.ty, rows, cols, storage).ok_or_else(|| {
+                let m = Matrix::new(t.ty, rows, cols, storage).ok_or_else(|| {
                     Error::Gguf(format!("tensor '{}' does not hold {:?}", t.name, t.dims))
                 })?;
-                if !m.quantize_to(h.ty, &pool) {
-                    return Err(Error::Internal(format!(
-                        "tensor '{}' could not be quantized to {}",
-                        t.name,
-                        h.ty.name()
-                    )));
+                if h.ty == GgmlType::F16 {
+                    let f16: Vec<u8> = m
+                        .to_f32()
+                        .into_iter()
+                        .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                        .collect();
+                    w.tensor(&f16)?;
+                } else {
+                    let mut m = m;
+                    if !m.quantize_to(h.ty, &pool) {
+                        return Err(Error::Internal(format!(
+                            "tensor '{}' could not be quantized to {}",
+                            t.name,
+                            h.ty.name()
+                        )));
+                    }
+                    w.tensor(m.bytes())?;
                 }
-                w.tensor(m.bytes())?;
             }
             match counts.iter_mut().find(|(c, _)| *c == h.ty) {
                 Some((_, n)) => *n += 1,
@@ -139,11 +181,10 @@ pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<
         );
         Ok(())
     })();
-    match result {
-        Ok(()) => std::fs::rename(&part, output).map_err(|e| Error::io(output, e)),
-        Err(e) => {
-            let _ = std::fs::remove_file(&part);
-            Err(e)
-        }
+    let result =
+        result.and_then(|()| std::fs::rename(&part, output).map_err(|e| Error::io(output, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
     }
+    result
 }
