@@ -9,7 +9,6 @@ use crate::kv::{bytes_per_token, AnyKvCache, KvDtype};
 use crate::model::lora::{LoraAdapter, WeightedAdapter};
 use crate::model::{load_gguf, load_hf_folder, Batch, Family, Model, Output};
 use crate::progress::Progress;
-use crate::quant::quantize::ISQ_TYPES;
 use crate::quant::GgmlType;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions};
@@ -56,7 +55,7 @@ pub struct EngineOptions {
     /// ones to the requests that ask for them.
     pub lora: Vec<LoraOption>,
     /// In-situ quantization: F32/F16/BF16 weight matrices are quantized to
-    /// this type at load (one of [`ISQ_TYPES`]).
+    /// this type at load (one of [`crate::quant::quantize::ISQ_TYPES`]).
     pub isq: Option<GgmlType>,
     /// Draw a progress bar on standard error (when it is a terminal) for
     /// long work at load.
@@ -342,14 +341,7 @@ impl Engine {
         let mut model = loaded.model;
         let pool = ThreadPool::new(opts.threads);
         if let Some(ty) = opts.isq {
-            if !ISQ_TYPES.contains(&ty) {
-                let have: Vec<&str> = ISQ_TYPES.iter().map(|t| t.name()).collect();
-                return Err(Error::NotImplemented(format!(
-                    "in-situ quantization to {} (available: {})",
-                    ty.name(),
-                    have.join(", ")
-                )));
-            }
+            crate::quant::quantize::ensure_isq_type(ty, "in-situ quantization")?;
             let t0 = Instant::now();
             let mut bar = Progress::new(format!("quantizing to {}", ty.name()), opts.progress);
             let n = model.quantize_unquantized(ty, &pool, &mut |d, t| bar.update(d, t));

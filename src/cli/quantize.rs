@@ -6,7 +6,7 @@
 use ruvllm::gguf::{GgufFile, Value};
 use ruvllm::gguf_writer::{GgufWriter, TensorHeader};
 use ruvllm::progress::Progress;
-use ruvllm::quant::quantize::{fallback_type, ISQ_TYPES};
+use ruvllm::quant::quantize::{ensure_isq_type, fallback_type};
 use ruvllm::quant::GgmlType;
 use ruvllm::tensor::{Matrix, Storage};
 use ruvllm::threadpool::ThreadPool;
@@ -59,14 +59,7 @@ fn is_weight_to_quantize(name: &str, dims: &[usize]) -> bool {
 }
 
 pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<()> {
-    if !ISQ_TYPES.contains(&ty) {
-        let have: Vec<&str> = ISQ_TYPES.iter().map(|t| t.name()).collect();
-        return Err(Error::NotImplemented(format!(
-            "quantizing to {} (available: {})",
-            ty.name(),
-            have.join(", ")
-        )));
-    }
+    ensure_isq_type(ty, "quantizing")?;
     if input.is_dir() {
         return Err(Error::NotImplemented(
             "quantize reads GGUF files; a Hugging Face folder is quantized at load with --isq"

@@ -30,6 +30,20 @@ pub const ISQ_TYPES: &[GgmlType] = &[
     GgmlType::Q6K,
 ];
 
+/// Refuses a type [`quantize_row`] cannot produce, naming those it can;
+/// `what` says what was asked ("in-situ quantization", "quantizing").
+pub fn ensure_isq_type(ty: GgmlType, what: &str) -> crate::Result<()> {
+    if ISQ_TYPES.contains(&ty) {
+        return Ok(());
+    }
+    let have: Vec<&str> = ISQ_TYPES.iter().map(|t| t.name()).collect();
+    Err(crate::Error::NotImplemented(format!(
+        "{what} to {} (available: {})",
+        ty.name(),
+        have.join(", ")
+    )))
+}
+
 /// The type llama-quantize uses instead of `ty` for rows of `cols` values
 /// that are not whole blocks of `ty` (the K-quants need multiples of 256):
 /// Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0. `None` when no type fits.
