@@ -1,34 +1,31 @@
 //! A loaded model with its tokenizer and chat template, running any number
-//! of generations at once: each [`Engine::step`] asks the scheduler for a
-//! flat batch of tokens from many sequences, runs it through the model in one
-//! forward pass and turns the logits into tokens.
+//! of generations at once. The engine ties three parts together: each
+//! [`Engine::step`] asks the scheduler for a flat batch of tokens from many
+//! sequences, the model runner runs it through the model in one forward
+//! pass, and the output processor turns the logits into tokens.
 
+use crate::adapter_registry::{AdapterRegistry, LoraOption};
 use crate::chat::{ChatMessage, ChatTemplate, CHATML, GEMMA};
 use crate::error::{Error, Result};
-use crate::kv::{bytes_per_token, AnyKvCache, KvDtype};
+use crate::kv::KvDtype;
 use crate::model::lora::{LoraAdapter, WeightedAdapter};
-use crate::model::{load_gguf, load_hf_folder, Batch, Family, Model, Output};
+use crate::model::{load_gguf, load_hf_folder, Family, Model, Output};
+use crate::output::{log_sum_exp, rows, Counters, OutputProcessor, RequestState};
 use crate::progress::Progress;
 use crate::quant::GgmlType;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::request::{
+    validate, FinishReason, GenerationRequest, GenerationSummary, SeqEvent, Sink, TokenEvent,
+};
+use crate::runner::{kv_pool_blocks, ModelRunner, SeqInput};
 use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions};
 use crate::threadpool::ThreadPool;
 use crate::tokenizer::Tokenizer;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Largest weight an adapter may be applied with (its scale, or a
-/// request's mixing weight).
-pub const MAX_ADAPTER_WEIGHT: f32 = 1000.0;
-
 /// Context used when the model's own is larger (memory grows with it).
 pub const DEFAULT_MAX_CONTEXT: usize = 4096;
-/// The KV budget when none is given: this many full contexts, at most
-/// [`DEFAULT_KV_CAP_MB`].
-const DEFAULT_KV_CONTEXTS: usize = 4;
-const DEFAULT_KV_CAP_MB: usize = 1024;
 /// Memory one step may spend on logits of every prompt position (prompt
 /// log-probabilities): a row is a vocabulary of floats.
 const FULL_LOGITS_BYTES: usize = 32 << 20;
@@ -65,18 +62,6 @@ pub struct EngineOptions {
     pub max_loras: Option<usize>,
 }
 
-/// A LoRA adapter to load with the model.
-#[derive(Debug, Clone)]
-pub struct LoraOption {
-    /// `None`: always applied. `Some(name)`: applied to requests that name
-    /// it (the server's `"model": name`).
-    pub name: Option<String>,
-    /// A PEFT folder or a llama.cpp GGUF adapter.
-    pub path: PathBuf,
-    /// Multiplies the adapter's own `alpha / r`.
-    pub scale: f32,
-}
-
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
@@ -109,80 +94,6 @@ pub struct Provenance {
     pub file_size: u64,
     pub name: String,
     pub format: &'static str,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// EOS, an end-of-turn token or a stop string.
-    Stop,
-    /// max_tokens or the context ran out.
-    Length,
-    /// The caller asked to stop.
-    Cancelled,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Cancelled => "cancelled",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct GenerationRequest {
-    pub prompt: Vec<u32>,
-    pub sampling: SamplingParams,
-    pub max_tokens: usize,
-    pub stop: Vec<String>,
-    /// Keep going past EOS / end-of-turn tokens (benchmarks).
-    pub ignore_eos: bool,
-    /// Report each token's log-probability and this many alternatives.
-    pub logprobs: Option<usize>,
-    /// Return the mean of the final hidden states instead of generating.
-    pub embed: bool,
-    /// Report the log-probability of every prompt token after the first
-    /// (and this many alternatives); the prompt is then computed in full,
-    /// never taken from the prefix cache.
-    pub prompt_logprobs: Option<usize>,
-    /// Only prefixes cached under the same salt are reused (tenants do not
-    /// share, or learn about, each other's prompts).
-    pub cache_salt: Option<String>,
-    /// Named adapters (loaded with [`LoraOption::name`]) to apply, with
-    /// their weights, on top of the engine's always-on ones.
-    pub adapters: Vec<(String, f32)>,
-}
-
-/// Alternatives reported per token at most.
-pub const MAX_TOP_LOGPROBS: usize = 20;
-
-/// One generated token and the text it completes (possibly empty while a
-/// multi-byte character or a possible stop string is pending).
-#[derive(Debug, Clone)]
-pub struct TokenEvent {
-    pub id: u32,
-    pub text: String,
-    /// The token's log-probability under the model and the most likely
-    /// alternatives, when asked for.
-    pub logprobs: Option<TokenLogprobs>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprobs {
-    pub logprob: f32,
-    pub top: Vec<(u32, f32)>,
-}
-
-/// How likely the model found one prompt token, given the tokens before it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PromptTokenLogprob {
-    pub id: u32,
-    pub logprob: f32,
-    /// 1 for the most likely token.
-    pub rank: usize,
-    pub top: Vec<(u32, f32)>,
 }
 
 /// Deliberate failures, for testing how the engine and the server survive
@@ -230,100 +141,22 @@ impl std::str::FromStr for FaultPlan {
     }
 }
 
-/// What a request hears from the engine.
-#[derive(Debug)]
-pub enum SeqEvent {
-    Token(TokenEvent),
-    /// Unit-length mean of the prompt's final hidden states.
-    Embedding {
-        vector: Vec<f32>,
-        tokens: usize,
-    },
-    /// Before the first token, when the request asked for prompt
-    /// log-probabilities: one entry per prompt token after the first.
-    PromptLogprobs(Vec<PromptTokenLogprob>),
-    Finished(GenerationSummary),
-    Failed(Error),
-}
-
-/// Receives a request's events; returning false cancels the request.
-pub type Sink = Box<dyn FnMut(SeqEvent) -> bool + Send>;
-
-#[derive(Debug, Clone)]
-pub struct GenerationSummary {
-    pub tokens: Vec<u32>,
-    pub text: String,
-    pub finish: FinishReason,
-    pub prompt_tokens: usize,
-    /// Prompt tokens whose keys and values came from the prefix cache.
-    pub cached_tokens: usize,
-    /// From arrival to the first token.
-    pub prefill_secs: f64,
-    /// From the first token to the last.
-    pub decode_secs: f64,
-}
-
 pub struct Engine {
-    pub model: Model,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Arc<ChatTemplate>,
     pub provenance: Provenance,
     /// A short description of the tensor types, e.g. "Q4_1: 210, F32: 61".
     pub type_mix: Vec<(String, usize)>,
-    pool: ThreadPool,
-    kv: AnyKvCache,
-    sched: Scheduler,
-    requests: HashMap<SeqId, Active>,
+    runner: ModelRunner,
+    /// Every request's sequence, with the engine's state of it.
+    sched: Scheduler<RequestState>,
+    output: OutputProcessor,
+    adapters: AdapterRegistry,
     next_id: SeqId,
     context: usize,
     max_batched_tokens: usize,
-    counters: Counters,
-    /// Adapters applied to every sequence.
-    always: Vec<WeightedAdapter>,
-    /// Adapters requests may name, in load order, with when a request last
-    /// asked for each (`None`: loaded at start, never evicted).
-    named: Vec<(WeightedAdapter, Option<Instant>)>,
-    max_loras: Option<usize>,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
-}
-
-/// Totals since the engine started.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Counters {
-    pub prompt_tokens: u64,
-    pub generation_tokens: u64,
-    pub prefix_cache_hit_tokens: u64,
-}
-
-/// A request the engine is working on.
-struct Active {
-    req: GenerationRequest,
-    sampler: Sampler,
-    text: TextAssembler,
-    max_tokens: usize,
-    generated: Vec<u32>,
-    sink: Sink,
-    arrival: Instant,
-    first_token: Option<Instant>,
-    /// Sum of the prompt's hidden states so far (embedding requests).
-    embed_sum: Vec<f32>,
-    /// Log-probabilities of prompt tokens 1.., by position (when asked for).
-    prompt_lps: Vec<Option<PromptTokenLogprob>>,
-    /// Every adapter applied to this sequence, with its weight.
-    adapters: Vec<WeightedAdapter>,
-}
-
-/// Which logit or hidden-state rows a chunk needs from the forward pass.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Rows {
-    None,
-    /// The last row's logits: they choose the next token.
-    Last,
-    /// Logits of every row (prompt log-probabilities, then the next token).
-    AllLogits,
-    /// Hidden states of every row (embeddings).
-    AllHidden,
 }
 
 impl Engine {
@@ -416,41 +249,15 @@ impl Engine {
             .unwrap_or(DEFAULT_MAX_CONTEXT)
             .min(spec.context_length)
             .max(1);
-        let per_block =
-            bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, opts.kv_dtype) * bs;
-        let n_blocks = match (opts.kv_blocks, opts.kv_cache_mb) {
-            (Some(n), _) => n,
-            (None, Some(mb)) => (mb << 20) / per_block,
-            (None, None) => (wanted.div_ceil(bs) * DEFAULT_KV_CONTEXTS)
-                .min((DEFAULT_KV_CAP_MB << 20) / per_block)
-                .max(wanted.div_ceil(bs)),
-        };
-        if n_blocks == 0 {
-            return Err(Error::Config(format!(
-                "a KV budget of {} MiB holds no block of {bs} tokens ({} KiB each)",
-                opts.kv_cache_mb.unwrap_or(0),
-                per_block >> 10
-            )));
-        }
-        let context = wanted.min(n_blocks * bs);
-        let kv = AnyKvCache::new(
+        let n_blocks = kv_pool_blocks(
+            spec,
             opts.kv_dtype,
-            spec.n_layers,
-            spec.n_kv_heads,
-            spec.head_dim,
             bs,
-            n_blocks,
+            wanted,
+            opts.kv_blocks,
+            opts.kv_cache_mb,
         )?;
-        if opts.kv_dtype.values_per_element() > 1
-            && crate::kv::KvRotation::for_cache::<crate::kv::BlockQ8_0>(spec.head_dim).is_none()
-        {
-            tracing::warn!(
-                "--kv-dtype {}: heads of {} are not a multiple of 64, so keys and values are \
-                 stored unrotated, which costs more accuracy (as in llama.cpp)",
-                opts.kv_dtype,
-                spec.head_dim
-            );
-        }
+        let context = wanted.min(n_blocks * bs);
         let provenance = Provenance {
             path: path.to_path_buf(),
             file_size: if meta.is_dir() {
@@ -471,63 +278,17 @@ impl Engine {
         let window = spec
             .sliding_window
             .filter(|_| spec.sliding_layers.iter().all(|&s| s));
+        let adapters = AdapterRegistry::load(&opts.lora, spec, opts.max_loras)?;
+        let tokenizer = Arc::new(tokenizer);
+        let output = OutputProcessor::new(tokenizer.clone(), spec.vocab_size, spec.hidden);
         model.set_context(context);
-        let (mut always, mut named) =
-            (Vec::new(), Vec::<(WeightedAdapter, Option<Instant>)>::new());
-        for o in &opts.lora {
-            if !o.scale.is_finite() || o.scale.abs() > MAX_ADAPTER_WEIGHT {
-                return Err(Error::Config(format!(
-                    "LoRA scale {} of {} is not a finite number",
-                    o.scale,
-                    o.path.display()
-                )));
-            }
-            let label = o
-                .name
-                .clone()
-                .unwrap_or_else(|| o.path.display().to_string());
-            if o.name
-                .as_deref()
-                .is_some_and(|n| named.iter().any(|(w, _)| w.adapter.name == n))
-            {
-                return Err(Error::Config(format!(
-                    "two LoRA adapters are named {label}"
-                )));
-            }
-            let adapter = LoraAdapter::load(&o.path, &label, &model.spec)?;
-            tracing::info!(
-                name = %label,
-                rank = adapter.rank,
-                targets = ?adapter.targets(),
-                kib = adapter.bytes() >> 10,
-                "loaded LoRA adapter"
-            );
-            let w = WeightedAdapter {
-                adapter: Arc::new(adapter),
-                weight: o.scale,
-            };
-            match o.name {
-                Some(_) => named.push((w, None)),
-                None => always.push(w),
-            }
-        }
-        if opts.max_loras == Some(0) {
-            return Err(Error::Config("--max-loras must be at least 1".into()));
-        }
-        if let Some(max) = opts.max_loras.filter(|&m| named.len() > m) {
-            return Err(Error::Config(format!(
-                "{} named LoRA adapters, more than --max-loras {max}",
-                named.len()
-            )));
-        }
+        let runner = ModelRunner::new(model, pool, opts.kv_dtype, bs, n_blocks)?;
         Ok(Engine {
-            model,
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
             template: Arc::new(template),
             provenance,
             type_mix,
-            pool,
-            kv,
+            runner,
             sched: Scheduler::new(
                 n_blocks,
                 bs,
@@ -538,20 +299,22 @@ impl Engine {
                     max_full_logit_rows,
                 },
             ),
-            requests: HashMap::new(),
+            output,
+            adapters,
             next_id: 0,
             context,
             max_batched_tokens,
-            counters: Counters::default(),
-            always,
-            named,
-            max_loras: opts.max_loras,
             fault: None,
         })
     }
 
+    /// The model (its spec, weights and sizes).
+    pub fn model(&self) -> &Model {
+        self.runner.model()
+    }
+
     pub fn family(&self) -> Family {
-        self.model.spec.family
+        self.model().spec.family
     }
 
     /// The longest sequence (prompt + output) a request may reach.
@@ -560,15 +323,15 @@ impl Engine {
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.n_threads()
+        self.runner.pool().n_threads()
     }
 
     pub fn kv_dtype(&self) -> KvDtype {
-        self.kv.dtype()
+        self.runner.kv_dtype()
     }
 
     pub fn block_size(&self) -> usize {
-        self.kv.block_size()
+        self.runner.block_size()
     }
 
     pub fn stats(&self) -> SchedulerStats {
@@ -576,12 +339,12 @@ impl Engine {
     }
 
     pub fn counters(&self) -> Counters {
-        self.counters
+        self.output.counters
     }
 
     /// Whether any request is queued or running.
     pub fn has_work(&self) -> bool {
-        !self.requests.is_empty()
+        !self.sched.is_idle()
     }
 
     /// Renders a conversation with the model's template and tokenizes it.
@@ -602,16 +365,16 @@ impl Engine {
     pub fn add_request(
         &mut self,
         id: SeqId,
-        req: GenerationRequest,
+        mut req: GenerationRequest,
         after: Option<SeqId>,
         mut sink: Sink,
     ) {
-        if let Err(e) = validate(&req, self.context, self.model.spec.vocab_size) {
+        if let Err(e) = validate(&req, self.context, self.model().spec.vocab_size) {
             sink(SeqEvent::Failed(e));
             return;
         }
         self.maybe_fault(FaultKind::AdmitPanic, &req.prompt);
-        let adapters = match self.adapters_for(&req.adapters) {
+        let adapters = match self.adapters.resolve(&req.adapters) {
             Ok(a) => a,
             Err(e) => {
                 sink(SeqEvent::Failed(e));
@@ -632,70 +395,44 @@ impl Engine {
             }));
             return;
         }
-        self.sched.add(
-            id,
-            req.prompt.clone(),
-            SeqOptions {
-                use_prefix_cache: !req.embed,
-                after: after.filter(|a| self.requests.contains_key(a)),
-                cache_salt: adapter_salt(req.cache_salt.as_deref(), &adapters),
-                full_logits: req.prompt_logprobs.is_some(),
-            },
-        );
-        let active = Active {
-            sampler: Sampler::new(req.sampling.clone()),
-            text: TextAssembler::new(&req.stop),
-            max_tokens,
-            generated: Vec::new(),
-            sink,
-            arrival: Instant::now(),
-            first_token: None,
-            embed_sum: Vec::new(),
-            prompt_lps: Vec::new(),
-            adapters,
-            req,
+        let opts = SeqOptions {
+            use_prefix_cache: !req.embed,
+            after: after.filter(|&a| self.sched.contains(a)),
+            cache_salt: adapter_salt(req.cache_salt.as_deref(), &adapters),
+            full_logits: req.prompt_logprobs.is_some(),
         };
-        self.requests.insert(id, active);
+        let prompt = std::mem::take(&mut req.prompt);
+        let state = RequestState::new(req, max_tokens, sink, adapters);
+        self.sched.add(id, prompt, opts, state);
     }
 
     /// Quantizes the unquantized weight matrices to `ty` in place (see
     /// [`EngineOptions::isq`]); returns how many changed.
     pub fn quantize_weights(&mut self, ty: GgmlType) -> usize {
-        self.model
-            .quantize_unquantized(ty, &self.pool, &mut |_, _| {})
+        self.runner.quantize_weights(ty, &mut |_, _| {})
     }
 
     /// The named adapters requests may ask for.
     pub fn adapter_names(&self) -> Vec<String> {
-        self.named
-            .iter()
-            .map(|(w, _)| w.adapter.name.clone())
-            .collect()
+        self.adapters.named().map(|a| a.name.clone()).collect()
     }
 
     /// The adapters every request gets.
     pub fn always_on_adapters(&self) -> &[WeightedAdapter] {
-        &self.always
+        self.adapters.always_on()
     }
 
     /// Whether any named adapter is loaded.
     pub fn has_adapters(&self) -> bool {
-        !self.named.is_empty()
+        self.adapters.named().next().is_some()
     }
 
     /// Each named adapter with the requests (running or waiting) using it.
     pub fn adapter_use(&self) -> Vec<(String, usize)> {
-        self.named
-            .iter()
-            .map(|(w, _)| (w.adapter.name.clone(), self.users(&w.adapter)))
+        self.adapters
+            .named()
+            .map(|a| (a.name.clone(), users(&self.sched, a)))
             .collect()
-    }
-
-    fn users(&self, a: &Arc<LoraAdapter>) -> usize {
-        self.requests
-            .values()
-            .filter(|r| r.adapters.iter().any(|x| Arc::ptr_eq(&x.adapter, a)))
-            .count()
     }
 
     /// Makes `adapter` (loaded for this model, see [`LoraAdapter::load`])
@@ -704,103 +441,24 @@ impl Engine {
     /// request is using goes first (adapters given at start stay; a request
     /// still on its way to the engine that names the evicted one gets 404).
     pub fn add_adapter(&mut self, adapter: LoraAdapter, scale: f32) -> Result<()> {
-        if !scale.is_finite() || scale.abs() > MAX_ADAPTER_WEIGHT {
-            return Err(Error::InvalidRequest(format!(
-                "LoRA scale {scale} is not a finite number within ±{MAX_ADAPTER_WEIGHT}"
-            )));
-        }
-        if self
-            .named
-            .iter()
-            .any(|(w, _)| w.adapter.name == adapter.name)
-        {
-            return Err(Error::InvalidRequest(format!(
-                "a LoRA adapter named '{}' is already loaded",
-                adapter.name
-            )));
-        }
-        if let Some(max) = self.max_loras.filter(|&m| self.named.len() >= m) {
-            let idle = self
-                .named
-                .iter()
-                .enumerate()
-                .filter(|(_, (w, used))| used.is_some() && self.users(&w.adapter) == 0)
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(i, _)| i);
-            match idle {
-                Some(i) => {
-                    let (w, _) = self.named.remove(i);
-                    tracing::info!(evicted = %w.adapter.name, "LoRA adapter unloaded to make room");
-                }
-                None => {
-                    return Err(Error::Overloaded(format!(
-                        "{max} LoRA adapters are loaded (--max-loras): those loaded at run \
-                         time are all in use, and those given at start stay"
-                    )))
-                }
-            }
-        }
-        self.named.push((
-            WeightedAdapter {
-                adapter: Arc::new(adapter),
-                weight: scale,
-            },
-            Some(Instant::now()),
-        ));
-        Ok(())
+        let sched = &self.sched;
+        self.adapters.add(adapter, scale, |a| users(sched, a))
     }
 
     /// Removes a named adapter. Requests already using it finish with it
     /// (they hold it); new requests cannot name it. Its memory goes when the
     /// last of them ends.
     pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
-        let i = self
-            .named
-            .iter()
-            .position(|(w, _)| w.adapter.name == name)
-            .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
-        self.named.remove(i);
-        Ok(())
-    }
-
-    /// The always-on adapters followed by the named ones `wanted` asks
-    /// for (their weight multiplies the scale they were loaded with).
-    fn adapters_for(&mut self, wanted: &[(String, f32)]) -> Result<Vec<WeightedAdapter>> {
-        let mut v = self.always.clone();
-        for (name, weight) in wanted {
-            if !weight.is_finite() {
-                return Err(Error::InvalidRequest(format!(
-                    "adapter weight {weight} is not a finite number"
-                )));
-            }
-            let (w, used) = self
-                .named
-                .iter_mut()
-                .find(|(w, _)| w.adapter.name == *name)
-                .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
-            if used.is_some() {
-                *used = Some(Instant::now());
-            }
-            let weight = w.weight * weight;
-            if !weight.is_finite() {
-                return Err(Error::InvalidRequest(format!(
-                    "adapter '{name}': weight × scale is not a finite number"
-                )));
-            }
-            v.push(WeightedAdapter {
-                adapter: w.adapter.clone(),
-                weight,
-            });
-        }
-        Ok(v)
+        self.adapters.remove(name)
     }
 
     /// Stops a request now and frees its blocks; its sink hears `Finished`
     /// with [`FinishReason::Cancelled`].
     pub fn abort(&mut self, id: SeqId) {
-        if let Some(a) = self.requests.get(&id) {
-            self.maybe_fault(FaultKind::AbortPanic, &a.req.prompt);
-            self.finish(id, FinishReason::Cancelled);
+        if let Some(s) = self.sched.get(id) {
+            self.maybe_fault(FaultKind::AbortPanic, s.prompt());
+            self.output
+                .finish(&mut self.sched, id, FinishReason::Cancelled);
         }
     }
 
@@ -820,14 +478,14 @@ impl Engine {
             return false;
         }
         for c in &chunks {
-            let prompt = &self.requests[&c.id].req.prompt;
+            let prompt = self.sched.get(c.id).expect("scheduled").prompt();
             self.maybe_fault(FaultKind::StepPanic, prompt);
             self.maybe_fault(FaultKind::Fatal, prompt);
         }
         match self.run_chunks(&chunks) {
             Ok(out) => {
                 self.sched.commit(&chunks);
-                self.process(&chunks, out);
+                self.output.process(&mut self.sched, &chunks, out);
             }
             Err(e) if chunks.len() == 1 => {
                 // Only a bug gets here (requests are validated on entry):
@@ -847,7 +505,7 @@ impl Engine {
                     match self.run_chunks(&one) {
                         Ok(out) => {
                             self.sched.commit(&one);
-                            self.process(&one, out);
+                            self.output.process(&mut self.sched, &one, out);
                         }
                         Err(e) => {
                             tracing::error!("forward pass failed: {e}");
@@ -862,19 +520,18 @@ impl Engine {
 
     /// Ends a request with an internal error (our fault, not the client's).
     pub fn fail(&mut self, id: SeqId, why: &str) {
-        if let Some(a) = self.requests.get(&id) {
-            self.maybe_fault(FaultKind::Fatal, &a.req.prompt);
+        if let Some(s) = self.sched.get(id) {
+            self.maybe_fault(FaultKind::Fatal, s.prompt());
         }
-        if let Some(mut a) = self.requests.remove(&id) {
-            (a.sink)(SeqEvent::Failed(Error::Internal(why.to_string())));
+        if let Some(mut s) = self.sched.finish(id) {
+            (s.data.sink)(SeqEvent::Failed(Error::Internal(why.to_string())));
         }
-        self.sched.finish(id);
     }
 
     /// Fails every request (after a panic inside a step, whose state can no
     /// longer be trusted) and clears the prefix cache.
     pub fn fail_all(&mut self, why: &str) {
-        for id in self.requests.keys().copied().collect::<Vec<_>>() {
+        for id in self.sched.iter().map(|(id, _)| id).collect::<Vec<_>>() {
             self.fail(id, why);
         }
         self.sched.drop_cached();
@@ -894,228 +551,33 @@ impl Engine {
             0
         };
         let free = self.sched.idle_uncached();
-        self.kv.discard(&free);
+        self.runner.discard(&free);
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe { libc::malloc_trim(0) };
         tracing::debug!(dropped, released = free.len(), "trimmed idle memory");
     }
 
+    /// Runs `chunks` through the model runner as one batch.
     fn run_chunks(&mut self, chunks: &[Chunk]) -> Result<Output> {
-        let n: usize = chunks.iter().map(|c| c.len).sum();
-        let (mut tokens, mut positions, mut seq_index) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut rows, mut hidden_rows) = (Vec::new(), Vec::new());
-        let mut tables = Vec::with_capacity(chunks.len());
-        let mut adapters: Vec<&[WeightedAdapter]> = Vec::with_capacity(chunks.len());
-        for (i, c) in chunks.iter().enumerate() {
-            adapters.push(&self.requests[&c.id].adapters);
-            let base = tokens.len();
-            tokens.extend_from_slice(&self.sched.tokens(c.id)[c.start..c.start + c.len]);
-            positions.extend(c.start..c.start + c.len);
-            seq_index.extend(std::iter::repeat_n(i, c.len));
-            tables.push(self.sched.block_table(c.id));
-            match self.rows(c) {
-                Rows::AllHidden => hidden_rows.extend(base..base + c.len),
-                Rows::AllLogits => rows.extend(base..base + c.len),
-                Rows::Last => rows.push(base + c.len - 1),
-                Rows::None => {}
-            }
-        }
+        let inputs: Vec<SeqInput> = chunks
+            .iter()
+            .map(|c| {
+                let s = self.sched.get(c.id).expect("scheduled requests are active");
+                SeqInput {
+                    tokens: &s.tokens()[c.start..c.start + c.len],
+                    start: c.start,
+                    block_table: s.block_table(),
+                    adapters: &s.data.adapters,
+                    rows: rows(s, c),
+                }
+            })
+            .collect();
         if let Some(f) = self.fault.filter(|f| f.kind == FaultKind::StepError) {
-            if tokens.contains(&f.token) {
+            if inputs.iter().any(|i| i.tokens.contains(&f.token)) {
                 return Err(Error::Internal("injected fault: StepError".into()));
             }
         }
-        if adapters.iter().all(|a| a.is_empty()) {
-            adapters.clear();
-        }
-        let batch = Batch {
-            tokens: &tokens,
-            positions: &positions,
-            seq_index: &seq_index,
-            block_tables: &tables,
-            adapters: &adapters,
-        };
-        self.model
-            .forward_any(&batch, &mut self.kv, &rows, &hidden_rows, &self.pool)
-    }
-
-    fn rows(&self, c: &Chunk) -> Rows {
-        let req = &self.requests[&c.id].req;
-        if req.embed {
-            Rows::AllHidden
-        } else if req.prompt_logprobs.is_some() && c.start + 1 < req.prompt.len() {
-            Rows::AllLogits
-        } else if c.completes {
-            Rows::Last
-        } else {
-            Rows::None
-        }
-    }
-
-    /// Turns a step's outputs into tokens and embeddings.
-    fn process(&mut self, chunks: &[Chunk], mut out: Output) {
-        let (vocab, h) = (self.model.spec.vocab_size, self.model.spec.hidden);
-        let mut logit_rows = out.logits.chunks_exact_mut(vocab);
-        let mut hidden_rows = out.hidden.chunks_exact(h);
-        for c in chunks {
-            let plan = self.rows(c);
-            let a = self
-                .requests
-                .get_mut(&c.id)
-                .expect("scheduled requests are active");
-            if a.req.embed {
-                if c.start == 0 {
-                    // Recomputed from the start after a preemption.
-                    a.embed_sum = vec![0.0; h];
-                }
-                for row in hidden_rows.by_ref().take(c.len) {
-                    a.embed_sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-                }
-                if c.completes {
-                    let mut v = std::mem::take(&mut a.embed_sum);
-                    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-                    if norm > 0.0 {
-                        v.iter_mut().for_each(|x| *x /= norm);
-                    }
-                    let tokens = a.req.prompt.len();
-                    (a.sink)(SeqEvent::Embedding { vector: v, tokens });
-                    self.counters.prompt_tokens += tokens as u64;
-                    self.finish(c.id, FinishReason::Stop);
-                }
-                continue;
-            }
-            if plan == Rows::AllLogits {
-                let k = a.req.prompt_logprobs.unwrap_or(0);
-                let n = a.req.prompt.len();
-                a.prompt_lps.resize(n - 1, None);
-                let mut last = None;
-                for pos in c.start..c.start + c.len {
-                    let row = logit_rows.next().expect("a logit row per position");
-                    if pos + 1 < n {
-                        a.prompt_lps[pos] = Some(prompt_logprob(row, a.req.prompt[pos + 1], k));
-                    }
-                    last = Some(row);
-                }
-                if c.completes {
-                    let row = last.expect("a chunk has at least one token");
-                    if let Some(reason) = self.sample(c.id, row) {
-                        self.finish(c.id, reason);
-                    }
-                }
-                continue;
-            }
-            if !c.completes {
-                continue;
-            }
-            let logits = logit_rows.next().expect("a logit row per completed chunk");
-            if let Some(reason) = self.sample(c.id, logits) {
-                self.finish(c.id, reason);
-            }
-        }
-    }
-
-    /// Hands a request its prompt log-probabilities, once, before its
-    /// first token.
-    fn send_prompt_logprobs(&mut self, id: SeqId) {
-        let a = self.requests.get_mut(&id).expect("active");
-        if a.first_token.is_some() || a.req.prompt_logprobs.is_none() {
-            return;
-        }
-        // Empty for a one-token prompt (nothing scores its only token).
-        let lps = std::mem::take(&mut a.prompt_lps)
-            .into_iter()
-            .map(|e| e.expect("every prompt position was computed"))
-            .collect();
-        (a.sink)(SeqEvent::PromptLogprobs(lps));
-    }
-
-    /// Picks a sequence's next token and tells its sink; returns why the
-    /// request ends, if it does.
-    fn sample(&mut self, id: SeqId, logits: &mut [f32]) -> Option<FinishReason> {
-        self.send_prompt_logprobs(id);
-        let stop_ids = &self.tokenizer.special.stop;
-        let a = self.requests.get_mut(&id).expect("active");
-        let lp = a.req.logprobs.map(|k| log_softmax_top(logits, k));
-        let tok = a.sampler.sample(logits);
-        a.sampler.observe(tok);
-        a.generated.push(tok);
-        self.counters.generation_tokens += 1;
-        if a.first_token.is_none() {
-            a.first_token = Some(Instant::now());
-            self.counters.prompt_tokens += a.req.prompt.len() as u64;
-            self.counters.prefix_cache_hit_tokens += self.sched.cached_tokens(id) as u64;
-        }
-        if !a.req.ignore_eos && stop_ids.contains(&tok) {
-            return Some(FinishReason::Stop);
-        }
-        let (mut piece, hit_stop) = a.text.push(self.tokenizer.token_bytes(tok));
-        let out_of_room = !hit_stop && a.generated.len() >= a.max_tokens;
-        if out_of_room {
-            // The last token carries what was held back, not an extra event.
-            piece.push_str(&a.text.finish());
-        }
-        let logprobs = lp.map(|(all, top)| TokenLogprobs {
-            logprob: all[tok as usize],
-            top,
-        });
-        let alive = (a.sink)(SeqEvent::Token(TokenEvent {
-            id: tok,
-            text: piece,
-            logprobs,
-        }));
-        if !alive {
-            return Some(FinishReason::Cancelled);
-        }
-        if hit_stop {
-            return Some(FinishReason::Stop);
-        }
-        if out_of_room {
-            return Some(FinishReason::Length);
-        }
-        self.sched.append(id, tok);
-        None
-    }
-
-    fn finish(&mut self, id: SeqId, finish: FinishReason) {
-        let cached_tokens = self.sched.cached_tokens(id);
-        self.sched.finish(id);
-        let Some(mut a) = self.requests.remove(&id) else {
-            return;
-        };
-        if a.req.embed && finish != FinishReason::Cancelled {
-            return; // the embedding was its answer
-        }
-        let tail = a.text.finish();
-        if !tail.is_empty() && finish != FinishReason::Cancelled {
-            (a.sink)(SeqEvent::Token(TokenEvent {
-                id: *a.generated.last().unwrap_or(&0),
-                text: tail,
-                logprobs: None,
-            }));
-        }
-        let now = Instant::now();
-        let first = a.first_token.unwrap_or(now);
-        tracing::debug!(
-            seq = id,
-            prompt = a.req.prompt.len(),
-            cached = cached_tokens,
-            generated = a.generated.len(),
-            finish = finish.as_str(),
-            "request done"
-        );
-        (a.sink)(SeqEvent::Finished(GenerationSummary {
-            tokens: a.generated,
-            text: a.text.emitted,
-            finish,
-            prompt_tokens: a.req.prompt.len(),
-            cached_tokens,
-            prefill_secs: (first - a.arrival).as_secs_f64(),
-            decode_secs: (now - first).as_secs_f64(),
-        }));
+        self.runner.run(&inputs)
     }
 
     /// Generates from `req` alone, calling `on_token` for every token; it
@@ -1187,7 +649,7 @@ impl Engine {
     /// turned into log-probabilities a few rows at a time, so memory stays
     /// bounded whatever the vocabulary.
     pub fn token_logprobs(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let vocab = self.model.spec.vocab_size;
+        let vocab = self.model().spec.vocab_size;
         let piece = (FULL_LOGITS_BYTES / (vocab * 4).max(1)).clamp(1, self.max_batched_tokens);
         self.with_sequence(tokens.len(), |e, table| {
             let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
@@ -1227,7 +689,7 @@ impl Engine {
                 e.forward_private(table, toks, ci * e.max_batched_tokens, &[], &[])?;
             }
             let start = std::time::Instant::now();
-            let mut logits = Vec::with_capacity(tokens.len() * e.model.spec.vocab_size);
+            let mut logits = Vec::with_capacity(tokens.len() * e.model().spec.vocab_size);
             for (p, &t) in tokens.iter().enumerate() {
                 logits.extend(e.forward_private(table, &[t], d + p, &[0], &[])?.logits);
             }
@@ -1245,19 +707,18 @@ impl Engine {
         rows: &[usize],
         hidden_rows: &[usize],
     ) -> Result<Output> {
-        let positions: Vec<usize> = (start..start + tokens.len()).collect();
-        let batch = Batch {
+        self.runner.run_rows(
+            table,
             tokens,
-            positions: &positions,
-            seq_index: &vec![0; tokens.len()],
-            block_tables: &[table],
-            adapters: &[&self.always],
-        };
-        self.model
-            .forward_any(&batch, &mut self.kv, rows, hidden_rows, &self.pool)
+            start,
+            self.adapters.always_on(),
+            rows,
+            hidden_rows,
+        )
     }
 
-    /// Lends `f` a block table for a private sequence of `len` tokens.
+    /// Lends `f` a block table for a private sequence of `len` tokens,
+    /// leased from the scheduler's pool.
     fn with_sequence<T>(
         &mut self,
         len: usize,
@@ -1269,20 +730,22 @@ impl Engine {
                 self.context
             )));
         }
-        let mut table = Vec::new();
-        while table.len() * self.block_size() < len {
-            match self.sched.blocks.allocate() {
-                Some(b) => table.push(b),
-                None => {
-                    self.sched.blocks.release(&table);
-                    return Err(Error::Overloaded("the KV cache is busy".into()));
-                }
-            }
-        }
+        let table = self
+            .sched
+            .lease(len)
+            .ok_or_else(|| Error::Overloaded("the KV cache is busy".into()))?;
         let r = f(self, &table);
-        self.sched.blocks.release(&table);
+        self.sched.give_back(table);
         r
     }
+}
+
+/// How many of `sched`'s requests (running or waiting) use adapter `a`.
+fn users(sched: &Scheduler<RequestState>, a: &Arc<LoraAdapter>) -> usize {
+    sched
+        .iter()
+        .filter(|(_, s)| s.data.adapters.iter().any(|x| Arc::ptr_eq(&x.adapter, a)))
+        .count()
 }
 
 /// The prefix-cache salt of a sequence: its adapters change every key and
@@ -1306,39 +769,6 @@ fn adapter_salt(salt: Option<&str>, adapters: &[WeightedAdapter]) -> Option<Stri
     Some(s)
 }
 
-/// Checks a request against the engine's limits before it is queued.
-pub fn validate(req: &GenerationRequest, context: usize, vocab: usize) -> Result<()> {
-    req.sampling.validate(vocab)?;
-    if req.prompt.is_empty() {
-        return Err(Error::InvalidRequest("the prompt is empty".into()));
-    }
-    if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::InvalidRequest(format!(
-            "token id {t} is outside the vocabulary of {vocab}"
-        )));
-    }
-    let room = if req.embed { 0 } else { 1 };
-    if req.prompt.len() + room > context {
-        return Err(Error::InvalidRequest(format!(
-            "the prompt has {} tokens, but the context holds {context}{}",
-            req.prompt.len(),
-            if req.embed {
-                ""
-            } else {
-                " (including at least one generated token)"
-            }
-        )));
-    }
-    if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS)
-        || req.prompt_logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS)
-    {
-        return Err(Error::InvalidRequest(format!(
-            "at most {MAX_TOP_LOGPROBS} top log-probabilities per token"
-        )));
-    }
-    Ok(())
-}
-
 /// Renders a conversation with a template and tokenizes it.
 pub fn chat_prompt(
     tokenizer: &Tokenizer,
@@ -1350,166 +780,6 @@ pub fn chat_prompt(
     let bos_text = tokenizer.special.bos.and_then(|b| tokenizer.token_text(b));
     let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(b));
     tokenizer.encode(&text, !has_bos)
-}
-
-/// The log-probability and rank of `token` under `logits`, with the `k`
-/// most likely alternatives.
-/// No allocation beyond the `k` alternatives: this runs for every prompt
-/// position of a request that asks, on the engine's thread.
-fn prompt_logprob(logits: &[f32], token: u32, k: usize) -> PromptTokenLogprob {
-    let lse = log_sum_exp(logits);
-    let own = logits[token as usize];
-    PromptTokenLogprob {
-        id: token,
-        logprob: own - lse,
-        rank: 1 + logits.iter().filter(|&&l| l > own).count(),
-        top: top_k(logits, k)
-            .into_iter()
-            .map(|(i, l)| (i, l - lse))
-            .collect(),
-    }
-}
-
-/// ln Σ exp(logits), stable.
-fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    max + sum.ln() as f32
-}
-
-/// The `k` largest logits, largest first (ties: lower id first).
-fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    #[derive(PartialEq)]
-    struct Entry(f32, Reverse<u32>);
-    impl Eq for Entry {}
-    impl PartialOrd for Entry {
-        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-            Some(self.cmp(o))
-        }
-    }
-    impl Ord for Entry {
-        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-            self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
-        }
-    }
-    if k == 0 {
-        return Vec::new();
-    }
-    // A min-heap of the best k so far.
-    let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::with_capacity(k + 1);
-    for (i, &l) in logits.iter().enumerate() {
-        let e = Entry(l, Reverse(i as u32));
-        if heap.len() < k {
-            heap.push(Reverse(e));
-        } else if heap.peek().is_some_and(|Reverse(min)| e > *min) {
-            heap.pop();
-            heap.push(Reverse(e));
-        }
-    }
-    let mut top: Vec<(u32, f32)> = heap
-        .into_iter()
-        .map(|Reverse(Entry(l, Reverse(i)))| (i, l))
-        .collect();
-    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    top
-}
-
-/// Log-probabilities of every token (natural log) and the `k` most likely.
-fn log_softmax_top(logits: &[f32], k: usize) -> (Vec<f32>, Vec<(u32, f32)>) {
-    let lse = log_sum_exp(logits);
-    let all: Vec<f32> = logits.iter().map(|&v| v - lse).collect();
-    let top = top_k(&all, k);
-    (all, top)
-}
-
-/// Turns token bytes into text: holds back incomplete UTF-8 and any tail that
-/// might begin a stop string, and cuts the text at a stop string.
-pub struct TextAssembler {
-    stops: Vec<String>,
-    bytes: Vec<u8>,
-    pending: String,
-    pub emitted: String,
-}
-
-impl TextAssembler {
-    pub fn new(stops: &[String]) -> Self {
-        TextAssembler {
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            bytes: Vec::new(),
-            pending: String::new(),
-            emitted: String::new(),
-        }
-    }
-
-    /// Adds a token's bytes; returns the text that is now final and whether
-    /// a stop string was reached.
-    pub fn push(&mut self, b: &[u8]) -> (String, bool) {
-        self.bytes.extend_from_slice(b);
-        loop {
-            match std::str::from_utf8(&self.bytes) {
-                Ok(s) => {
-                    self.pending.push_str(s);
-                    self.bytes.clear();
-                    break;
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    self.pending
-                        .push_str(std::str::from_utf8(&self.bytes[..valid]).expect("valid prefix"));
-                    match e.error_len() {
-                        // An incomplete character at the end: wait for more bytes.
-                        None => {
-                            self.bytes.drain(..valid);
-                            break;
-                        }
-                        Some(n) => {
-                            self.pending.push('\u{FFFD}');
-                            self.bytes.drain(..valid + n);
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(i) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
-            let out = self.pending[..i].to_string();
-            self.emitted.push_str(&out);
-            self.pending.clear();
-            return (out, true);
-        }
-        // Hold back the longest tail that could still grow into a stop string.
-        let mut keep = 0;
-        for s in &self.stops {
-            for (i, _) in self.pending.char_indices() {
-                let tail = &self.pending[i..];
-                if s.starts_with(tail) {
-                    keep = keep.max(tail.len());
-                    break;
-                }
-            }
-        }
-        let cut = self.pending.len() - keep;
-        let out: String = self.pending.drain(..cut).collect();
-        self.emitted.push_str(&out);
-        (out, false)
-    }
-
-    /// Flushes what was held back (generation ended without a stop string).
-    pub fn finish(&mut self) -> String {
-        let mut out = std::mem::take(&mut self.pending);
-        if !self.bytes.is_empty() {
-            out.push_str(&String::from_utf8_lossy(&self.bytes));
-            self.bytes.clear();
-        }
-        self.emitted.push_str(&out);
-        out
-    }
 }
 
 fn hf_chat_template(dir: &Path) -> Result<Option<String>> {

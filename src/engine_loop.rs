@@ -2,11 +2,12 @@
 //! request is live; everyone else talks to it through an [`EngineHandle`].
 
 use crate::chat::ChatTemplate;
-use crate::engine::{validate, Engine, GenerationRequest, SeqEvent, Sink};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::lora::LoraAdapter;
 use crate::model::ModelSpec;
+use crate::request::{validate, GenerationRequest, SeqEvent, Sink};
 use crate::scheduler::SeqId;
 use crate::tokenizer::Tokenizer;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -118,7 +119,7 @@ impl Tracked {
             }
             SeqEvent::Finished(s) => {
                 self.ended = true;
-                if s.finish == crate::engine::FinishReason::Cancelled {
+                if s.finish == crate::request::FinishReason::Cancelled {
                     m.requests_aborted_total.fetch_add(1, Relaxed);
                 }
             }
@@ -180,18 +181,19 @@ impl EngineHandle {
     /// Starts the loop thread, which owns `engine` from now on.
     pub fn spawn(engine: Engine, opts: LoopOptions, max_num_seqs: usize) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let (n_params, (weight_bytes, _)) = (engine.model.n_params(), engine.model.weight_bytes());
+        let (n_params, (weight_bytes, _)) =
+            (engine.model().n_params(), engine.model().weight_bytes());
         let stats = engine.stats();
         let model = Arc::new(ModelSummary {
             name: engine.provenance.name.clone(),
-            spec: engine.model.spec.clone(),
+            spec: engine.model().spec.clone(),
             context: engine.context(),
             block_size: engine.block_size(),
             kv_blocks: stats.blocks_total,
             max_num_seqs,
             n_params,
             weight_bytes,
-            dominant_type: engine.model.dominant_type(),
+            dominant_type: engine.model().dominant_type(),
         });
         let metrics = Arc::new(Metrics::default());
         metrics

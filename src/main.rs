@@ -3,9 +3,11 @@
 mod cli;
 
 use clap::{Args, Parser, Subcommand};
+use ruvllm::adapter_registry::LoraOption;
 use ruvllm::chat::ChatMessage;
-use ruvllm::engine::{default_threads, Engine, EngineOptions, GenerationRequest, LoraOption};
+use ruvllm::engine::{default_threads, Engine, EngineOptions};
 use ruvllm::kv::KvDtype;
+use ruvllm::request::GenerationRequest;
 use ruvllm::sampling::SamplingParams;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -579,7 +581,7 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             decode,
         } => {
             let mut e = load(&model)?;
-            let vocab = e.model.spec.vocab_size;
+            let vocab = e.model().spec.vocab_size;
             let logits = if decode {
                 e.decode_logits(&tokens)?
             } else {
@@ -793,8 +795,8 @@ fn chat(m: &ModelArgs, s: &SamplingArgs, system: Option<String>) -> ruvllm::Resu
 
 fn info(m: &ModelArgs) -> ruvllm::Result<()> {
     let e = load(m)?;
-    let s = &e.model.spec;
-    let (bytes, mapped) = e.model.weight_bytes();
+    let s = &e.model().spec;
+    let (bytes, mapped) = e.model().weight_bytes();
     let mix: Vec<String> = e
         .type_mix
         .iter()
@@ -811,7 +813,7 @@ fn info(m: &ModelArgs) -> ruvllm::Result<()> {
     );
     println!("architecture:   {}", s.family.name());
     println!("kernels:        {}", ruvllm::simd::level().name());
-    println!("parameters:     {:.1} M", e.model.n_params() as f64 / 1e6);
+    println!("parameters:     {:.1} M", e.model().n_params() as f64 / 1e6);
     println!("layers:         {}", s.n_layers);
     println!("hidden / ffn:   {} / {}", s.hidden, s.ffn);
     println!(
@@ -874,7 +876,7 @@ fn bench(
     json: bool,
 ) -> ruvllm::Result<()> {
     let mut e = load(m)?;
-    let vocab = e.model.spec.vocab_size as u32;
+    let vocab = e.model().spec.vocab_size as u32;
     // Deterministic pseudo-random tokens, as llama-bench uses random ones.
     let mut rng = ruvllm::sampling::Rng::new(1234);
     let mut tokens = |n: usize| -> Vec<u32> {
@@ -962,7 +964,7 @@ fn batched_decode_rate(e: &mut Engine, prompts: Vec<Vec<u32>>, n: usize) -> f64 
             req,
             None,
             Box::new(move |ev| {
-                if matches!(ev, ruvllm::engine::SeqEvent::Token(_)) && std::mem::take(&mut first) {
+                if matches!(ev, ruvllm::request::SeqEvent::Token(_)) && std::mem::take(&mut first) {
                     started.fetch_add(1, Ordering::Relaxed);
                 }
                 true

@@ -10,10 +10,9 @@
 //! The oldest sequence therefore always makes progress, and since no sequence
 //! may outgrow the pool, every one finishes.
 
-use crate::kv::{BlockHash, BlockManager};
+use crate::kv::BlockManager;
+pub use crate::sequence::{SeqId, Sequence, RELEASED};
 use std::collections::{HashMap, VecDeque};
-
-pub type SeqId = u64;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -46,9 +45,6 @@ pub struct SeqOptions {
     pub full_logits: bool,
 }
 
-/// A block-table entry whose block was released (out of the window).
-pub const RELEASED: u32 = u32::MAX;
-
 /// `len` tokens of sequence `id` from position `start`, to run this step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunk {
@@ -72,67 +68,19 @@ pub struct SchedulerStats {
     pub preemptions: u64,
 }
 
-struct Seq {
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    /// Tokens whose keys and values are in the cache.
-    computed: usize,
-    blocks: Vec<u32>,
-    /// Chained hashes of every full block of `tokens`, each computed once as
-    /// its block fills (empty without prefix caching).
-    block_hashes: Vec<BlockHash>,
-    /// Leading blocks already offered to the prefix cache.
-    registered: usize,
-    use_prefix_cache: bool,
-    /// Not admitted before this sequence has computed its prompt, so that
-    /// the two share the prompt's blocks through the prefix cache.
-    after: Option<SeqId>,
-    /// Prompt tokens that came from the prefix cache at first admission.
-    cached_tokens: Option<usize>,
-    /// Where the block hash chain starts (the request's cache salt).
-    hash_root: BlockHash,
-    /// Positions below this need their logits (prompt log-probabilities).
-    full_logits_until: usize,
-}
-
-impl Seq {
-    /// Tokens to run from position `from` with `budget` tokens and `rows`
-    /// full-logit rows left this step.
-    fn chunk_len(&self, from: usize, budget: usize, rows: usize) -> usize {
-        let n = (self.tokens.len() - from).min(budget);
-        if from < self.full_logits_until {
-            n.min(rows)
-        } else {
-            n
-        }
-    }
-
-    /// Extends `block_hashes` over blocks of `tokens` that filled up.
-    fn hash_full_blocks(&mut self, bs: usize) {
-        if !self.use_prefix_cache {
-            return;
-        }
-        while self.block_hashes.len() < self.tokens.len() / bs {
-            let i = self.block_hashes.len();
-            let prev = self.block_hashes.last().copied().unwrap_or(self.hash_root);
-            let h = BlockManager::chain_hash(&prev, &self.tokens[i * bs..(i + 1) * bs]);
-            self.block_hashes.push(h);
-        }
-    }
-}
-
-pub struct Scheduler {
+/// Sequences with the owner's state `T` of each (`()` when it keeps none).
+pub struct Scheduler<T = ()> {
     cfg: SchedulerConfig,
     block_size: usize,
-    pub blocks: BlockManager,
-    seqs: HashMap<SeqId, Seq>,
+    blocks: BlockManager,
+    seqs: HashMap<SeqId, Sequence<T>>,
     /// Admitted sequences, oldest first.
     running: Vec<SeqId>,
     waiting: VecDeque<SeqId>,
     preemptions: u64,
 }
 
-impl Scheduler {
+impl<T> Scheduler<T> {
     pub fn new(n_blocks: usize, block_size: usize, cfg: SchedulerConfig) -> Self {
         Scheduler {
             cfg: SchedulerConfig {
@@ -155,8 +103,8 @@ impl Scheduler {
         self.blocks.n_blocks() * self.block_size
     }
 
-    /// Queues a sequence. `tokens` must not be empty.
-    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, opts: SeqOptions) {
+    /// Queues a sequence, with its owner's state. `tokens` must not be empty.
+    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, opts: SeqOptions, data: T) {
         debug_assert!(!tokens.is_empty());
         let SeqOptions {
             use_prefix_cache,
@@ -164,7 +112,8 @@ impl Scheduler {
             cache_salt,
             full_logits,
         } = opts;
-        let mut s = Seq {
+        let mut s = Sequence {
+            data,
             hash_root: BlockManager::chain_root(cache_salt.as_deref()),
             full_logits_until: if full_logits { tokens.len() - 1 } else { 0 },
             prompt_len: tokens.len(),
@@ -180,6 +129,24 @@ impl Scheduler {
         s.hash_full_blocks(self.block_size);
         self.seqs.insert(id, s);
         self.waiting.push_back(id);
+    }
+
+    pub fn get(&self, id: SeqId) -> Option<&Sequence<T>> {
+        self.seqs.get(&id)
+    }
+
+    /// The sequence, to change its owner's state (`data`).
+    pub fn get_mut(&mut self, id: SeqId) -> Option<&mut Sequence<T>> {
+        self.seqs.get_mut(&id)
+    }
+
+    pub fn contains(&self, id: SeqId) -> bool {
+        self.seqs.contains_key(&id)
+    }
+
+    /// Every sequence, queued or running, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (SeqId, &Sequence<T>)> {
+        self.seqs.iter().map(|(&id, s)| (id, s))
     }
 
     pub fn tokens(&self, id: SeqId) -> &[u32] {
@@ -364,13 +331,38 @@ impl Scheduler {
         }
     }
 
-    /// Removes a sequence wherever it is and releases its blocks.
-    pub fn finish(&mut self, id: SeqId) {
-        if let Some(s) = self.seqs.remove(&id) {
-            self.release_seq(&s);
-        }
+    /// Removes a sequence wherever it is, releases its blocks and returns
+    /// it (`None` if it was not here).
+    pub fn finish(&mut self, id: SeqId) -> Option<Sequence<T>> {
+        let s = self.seqs.remove(&id)?;
+        self.release_seq(&s);
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&r| r != id);
+        Some(s)
+    }
+
+    /// Blocks for a sequence of `len` tokens that runs outside the
+    /// schedule (a whole-sequence pass: logits, perplexity, benchmarks),
+    /// taken from the pool so that no scheduled sequence is given them;
+    /// `None` when the pool has not enough free. Hand them back with
+    /// [`Scheduler::give_back`].
+    pub fn lease(&mut self, len: usize) -> Option<Vec<u32>> {
+        let mut table = Vec::with_capacity(len.div_ceil(self.block_size));
+        while table.len() * self.block_size < len {
+            match self.blocks.allocate() {
+                Some(b) => table.push(b),
+                None => {
+                    self.blocks.release(&table);
+                    return None;
+                }
+            }
+        }
+        Some(table)
+    }
+
+    /// Returns the blocks of a [`Scheduler::lease`].
+    pub fn give_back(&mut self, table: Vec<u32>) {
+        self.blocks.release(&table);
     }
 
     /// Gives back a prefix looked up for an admission that did not happen,
@@ -386,7 +378,7 @@ impl Scheduler {
     /// stops at the first missing block, so an evicted head orphans every
     /// block after it. Blocks that a sliding window released earlier (and
     /// that are still cached) are refreshed in the same order.
-    fn release_seq(&mut self, s: &Seq) {
+    fn release_seq(&mut self, s: &Sequence<T>) {
         for (i, &b) in s.blocks.iter().enumerate().rev() {
             if b != RELEASED {
                 self.blocks.release(&[b]);
@@ -475,7 +467,7 @@ mod tests {
     #[test]
     fn chunks_respect_the_budget_and_decodes_go_first() {
         let mut s = sched(64, 8, 4);
-        s.add(1, vec![1; 3], opts());
+        s.add(1, vec![1; 3], opts(), ());
         let c = s.schedule();
         assert_eq!(
             c,
@@ -488,7 +480,7 @@ mod tests {
         );
         s.commit(&c);
         s.append(1, 9);
-        s.add(2, vec![2; 20], opts());
+        s.add(2, vec![2; 20], opts(), ());
         let c = s.schedule();
         // The decode first, then 7 tokens of the new prompt.
         assert_eq!(
@@ -517,7 +509,7 @@ mod tests {
         // 12 blocks of 4 = 48 tokens; four sequences that grow to 24 each.
         let mut s = sched(12, 16, 4);
         for id in 0..4 {
-            s.add(id, vec![id as u32 + 1; 6], opts());
+            s.add(id, vec![id as u32 + 1; 6], opts(), ());
         }
         drive(&mut s, 24, &[0, 1, 2, 3]);
         assert!(s.stats().preemptions > 0);
@@ -528,7 +520,7 @@ mod tests {
     fn blocks_out_of_a_sliding_window_are_released() {
         let mut s = sched(32, 64, 4);
         s.cfg.window = Some(6);
-        s.add(1, (0..20).collect(), opts());
+        s.add(1, (0..20).collect(), opts(), ());
         let c = s.schedule();
         s.commit(&c);
         // 20 computed: the next position (20) reads 15.., so blocks 0..=2
@@ -546,7 +538,7 @@ mod tests {
     #[test]
     fn a_shared_prefix_is_computed_once() {
         let mut s = sched(32, 64, 4);
-        s.add(1, (0..20).collect(), opts());
+        s.add(1, (0..20).collect(), opts(), ());
         s.add(
             2,
             (0..20).collect(),
@@ -554,6 +546,7 @@ mod tests {
                 after: Some(1),
                 ..opts()
             },
+            (),
         );
         let c = s.schedule();
         assert_eq!(c.len(), 1, "the sibling waits for the prompt");
@@ -591,11 +584,11 @@ mod tests {
         );
         let a: Vec<u32> = (0..1051).map(|i| 1000 + i % 3000).collect();
         let b: Vec<u32> = (0..2105).map(|i| 5000 + i % 3000).collect();
-        s.add(1, a.clone(), opts());
+        s.add(1, a.clone(), opts(), ());
         drive(&mut s, a.len() + 1, &[1]);
-        s.add(2, b.clone(), opts());
+        s.add(2, b.clone(), opts(), ());
         drive(&mut s, b.len() + 1, &[2]);
-        s.add(3, a.clone(), opts());
+        s.add(3, a.clone(), opts(), ());
         let c = s.schedule();
         assert_eq!(c[0].id, 3);
         let cached = s.cached_tokens(3);
@@ -611,7 +604,7 @@ mod tests {
         let mut s = sched(16, 64, 4);
         s.cfg.window = Some(6);
         let a: Vec<u32> = (0..30).collect();
-        s.add(1, a.clone(), opts());
+        s.add(1, a.clone(), opts(), ());
         drive(&mut s, 31, &[1]);
         // 7 full blocks of 4 stay cached; taking 12 of the 16 blocks takes
         // the 9 uncached ones, then the 3 cached ones released longest ago,
@@ -619,7 +612,7 @@ mod tests {
         // of first.
         let taken: Vec<u32> = (0..12).map(|_| s.blocks.allocate().unwrap()).collect();
         s.blocks.release(&taken);
-        s.add(2, a, opts());
+        s.add(2, a, opts(), ());
         s.schedule();
         assert_eq!(s.cached_tokens(2), 16, "the first four blocks survive");
     }
@@ -628,15 +621,30 @@ mod tests {
     fn different_cache_salts_share_no_prefix() {
         let mut s = sched(32, 64, 4);
         let p: Vec<u32> = (0..20).collect();
-        s.add(1, p.clone(), salted("alice"));
+        s.add(1, p.clone(), salted("alice"), ());
         drive(&mut s, 21, &[1]);
-        s.add(2, p.clone(), salted("bob"));
-        s.add(3, p.clone(), opts());
-        s.add(4, p, salted("alice"));
+        s.add(2, p.clone(), salted("bob"), ());
+        s.add(3, p.clone(), opts(), ());
+        s.add(4, p, salted("alice"), ());
         s.schedule();
         assert_eq!(s.cached_tokens(2), 0);
         assert_eq!(s.cached_tokens(3), 0);
         assert_eq!(s.cached_tokens(4), 16);
+    }
+
+    #[test]
+    fn a_lease_takes_whole_blocks_and_gives_them_all_back() {
+        let mut s = sched(4, 64, 4);
+        let t = s.lease(9).expect("3 of 4 blocks");
+        assert_eq!(t.len(), 3);
+        assert_eq!(s.stats().blocks_used, 3);
+        assert!(s.lease(5).is_none(), "2 blocks do not fit");
+        assert_eq!(s.stats().blocks_used, 3, "a failed lease keeps nothing");
+        s.give_back(t);
+        assert_eq!(s.stats().blocks_used, 0);
+        // The blocks went back to the pool: a sequence may use all of them.
+        s.add(1, vec![1; 16], opts(), ());
+        assert_eq!(s.schedule()[0].len, 16);
     }
 
     #[test]
@@ -647,9 +655,9 @@ mod tests {
             full_logits: true,
             ..Default::default()
         };
-        s.add(1, vec![1; 30], full.clone());
-        s.add(2, vec![2; 30], full);
-        s.add(3, vec![3; 30], opts());
+        s.add(1, vec![1; 30], full.clone(), ());
+        s.add(2, vec![2; 30], full, ());
+        s.add(3, vec![3; 30], opts(), ());
         let c = s.schedule();
         // Ten rows for the first, none left for the second, the third as usual.
         assert_eq!(

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use futures::StreamExt;
 use ruvllm::backends::*;
-use ruvllm::engine::TextAssembler;
+use ruvllm::output::TextAssembler;
 use ruvllm::sampling::{Sampler, SamplingParams};
 
 #[test]
@@ -475,7 +475,7 @@ fn max_tokens_zero_generates_nothing() {
     let mut e = engine(&fixtures().join("llama/model-f32.gguf"), 1);
     let s = e
         .generate(
-            &ruvllm::engine::GenerationRequest {
+            &ruvllm::request::GenerationRequest {
                 prompt: vec![0, 5, 6],
                 sampling: SamplingParams::greedy(),
                 max_tokens: 0,
@@ -485,7 +485,7 @@ fn max_tokens_zero_generates_nothing() {
         )
         .unwrap();
     assert!(s.tokens.is_empty() && s.text.is_empty());
-    assert_eq!(s.finish, ruvllm::engine::FinishReason::Length);
+    assert_eq!(s.finish, ruvllm::request::FinishReason::Length);
 }
 
 #[test]
@@ -515,7 +515,7 @@ fn architecture_helpers() {
 
 #[test]
 fn prefix_cache_reuses_full_blocks_and_changes_nothing() {
-    use ruvllm::engine::GenerationRequest;
+    use ruvllm::request::GenerationRequest;
     let dir = fixtures().join("gemma3/model-f32.gguf");
     let mut e = ruvllm::engine::Engine::load(
         &dir,

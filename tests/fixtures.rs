@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use ruvllm::engine::GenerationRequest;
+use ruvllm::request::GenerationRequest;
 use ruvllm::sampling::{argmax, SamplingParams};
 use std::path::Path;
 
@@ -16,7 +16,7 @@ const ARCHS: &[&str] = &[
 fn check_f32_source(model: &Path, expected: &serde_json::Value, what: &str) {
     let mut e = engine(model, 1);
     let input = ids(&expected["input_ids"]);
-    let vocab = e.model.spec.vocab_size;
+    let vocab = e.model().spec.vocab_size;
     let rows: Vec<usize> = (0..input.len()).collect();
     let out = e.forward_sequence(&input, &rows, true).unwrap();
     let want = floats(&expected["logits"]);
@@ -73,7 +73,7 @@ fn check_arch(arch: &str) {
     let rows: Vec<usize> = (0..input.len()).collect();
     let got = e.forward_sequence(&input, &rows, false).unwrap().logits;
     let want = floats(&q8["logits"]);
-    let vocab = e.model.spec.vocab_size;
+    let vocab = e.model().spec.vocab_size;
     let mean = got
         .iter()
         .zip(&want)
@@ -334,7 +334,8 @@ fn an_f16_kv_cache_stays_close_to_the_reference() {
 /// full-cache forward pass over the same text.
 #[test]
 fn releasing_blocks_behind_a_sliding_window_changes_nothing() {
-    use ruvllm::engine::{Engine, EngineOptions, SeqEvent};
+    use ruvllm::engine::{Engine, EngineOptions};
+    use ruvllm::request::SeqEvent;
     use std::sync::{Arc, Mutex};
     let dir = fixtures().join("mistral");
     let opts = EngineOptions {
@@ -379,7 +380,7 @@ fn releasing_blocks_behind_a_sliding_window_changes_nothing() {
     all.extend_from_slice(&out[..out.len() - 1]);
     let rows: Vec<usize> = (prompt.len() - 1..all.len()).collect();
     let logits = e.forward_sequence(&all, &rows, false).unwrap().logits;
-    let vocab = e.model.spec.vocab_size;
+    let vocab = e.model().spec.vocab_size;
     let want: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
     assert_eq!(out, want);
 }

@@ -38,7 +38,7 @@ fn reference(ty: GgmlType) -> std::path::PathBuf {
 
 /// Every weight matrix of `e`'s model with its GGUF name.
 fn named_matrices(e: &Engine) -> Vec<(String, &Matrix)> {
-    let m = &e.model;
+    let m = e.model();
     let mut v = vec![
         ("token_embd.weight".to_string(), &m.embed),
         ("output.weight".into(), &m.output.w),

@@ -46,7 +46,7 @@ fn softmax(logits: &[f32]) -> Vec<f64> {
 fn check(model_file: &str, reference: &str) {
     let refs = read_json(&fixtures().join("llamacpp").join(reference));
     let mut e = engine(&model_path(model_file), 2);
-    let vocab = e.model.spec.vocab_size;
+    let vocab = e.model().spec.vocab_size;
     let (mut agree, mut total, mut sum_diff) = (0, 0, 0f64);
     for (name, p) in refs["prompts"].as_object().unwrap() {
         let text = p["prompt"].as_str().unwrap();

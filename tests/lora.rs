@@ -4,7 +4,9 @@
 
 mod common;
 use common::*;
-use ruvllm::engine::{Engine, EngineOptions, GenerationRequest, LoraOption, SeqEvent};
+use ruvllm::adapter_registry::LoraOption;
+use ruvllm::engine::{Engine, EngineOptions};
+use ruvllm::request::{GenerationRequest, SeqEvent};
 use ruvllm::sampling::SamplingParams;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -91,7 +93,7 @@ fn peft_adapters_match_peft_on_hf_and_gguf_bases() {
                 all.extend_from_slice(&g[..g.len() - 1]);
                 e.decode_logits(&all).unwrap()
             };
-            let v = e.model.spec.vocab_size;
+            let v = e.model().spec.vocab_size;
             let d = max_abs_diff(
                 &last[last.len() - v..],
                 &floats(&expected["greedy_logits_last"]),

@@ -11,7 +11,8 @@
 
 mod common;
 use common::*;
-use ruvllm::engine::{Engine, EngineOptions, GenerationRequest};
+use ruvllm::engine::{Engine, EngineOptions};
+use ruvllm::request::GenerationRequest;
 use ruvllm::sampling::SamplingParams;
 use ruvllm::Error;
 use std::path::{Path, PathBuf};
@@ -57,7 +58,7 @@ fn check_source(path: &Path, expected: &serde_json::Value, what: &str) {
         let d = max_abs_diff(&got, &want);
         assert!(d <= TOLERANCE, "{what}: logits differ by {d}");
 
-        let vocab = e.model.spec.vocab_size;
+        let vocab = e.model().spec.vocab_size;
         let dec = e.decode_logits(&input).unwrap();
         let dec_rows: Vec<f32> = rows
             .iter()

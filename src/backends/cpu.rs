@@ -3,12 +3,13 @@
 //! batched together.
 
 use super::*;
-use crate::engine::{Engine, EngineOptions, GenerationRequest, SeqEvent};
+use crate::engine::{Engine, EngineOptions};
 use crate::engine_loop::{EngineHandle, LoopOptions};
 use crate::error::Error;
 use crate::kv::KvDtype;
 use crate::model::{Family, ModelSpec};
 use crate::quant::quantize::ISQ_TYPES;
+use crate::request::{GenerationRequest, SeqEvent};
 use std::path::Path;
 
 /// The paged KV cache's shape, when the caller sets it
@@ -92,7 +93,7 @@ impl CpuBackend {
                     "no LoRA adapter named '{name}' is loaded"
                 )));
             }
-            if !w.is_finite() || w.abs() > crate::engine::MAX_ADAPTER_WEIGHT {
+            if !w.is_finite() || w.abs() > crate::adapter_registry::MAX_ADAPTER_WEIGHT {
                 return Err(Error::InvalidRequest(format!(
                     "adapter weight {w} of '{name}' is not a finite number within ±1000"
                 )));
@@ -256,7 +257,7 @@ fn apply_quantization(engine: &mut Engine, want: Option<Quantization>) -> Result
     };
     let target = want.ggml_type();
     let have = engine
-        .model
+        .model()
         .dominant_type()
         .ok_or_else(|| Error::Internal("the model has no weight matrices".into()))?;
     if have == target {
@@ -284,7 +285,7 @@ fn apply_quantization(engine: &mut Engine, want: Option<Quantization>) -> Result
     engine.quantize_weights(target);
     // K-quant rows that are not whole blocks of 256 take llama-quantize's
     // fallback type, which may then hold most of the parameters.
-    match engine.model.dominant_type() {
+    match engine.model().dominant_type() {
         Some(t) if t.is_quantized() => Ok(()),
         _ => Err(Error::Unsupported(format!(
             "the model's matrices cannot be quantized to {}: their rows are not \
@@ -305,7 +306,7 @@ impl LlmBackend for CpuBackend {
             )));
         }
         let mut engine = Engine::load(path, &opts)?;
-        check_description(&config, &engine.model.spec)?;
+        check_description(&config, &engine.model().spec)?;
         apply_quantization(&mut engine, config.quantization)?;
         if engine.context() < config.max_sequence_length {
             tracing::info!(

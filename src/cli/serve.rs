@@ -98,7 +98,7 @@ fn load(
 ) -> ruvllm::Result<EngineHandle> {
     let mut engine = Engine::load(path, opts)?;
     engine.fault = fault;
-    let s = &engine.model.spec;
+    let s = &engine.model().spec;
     let stats = engine.stats();
     let bs = engine.block_size();
     let mib = (bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim, engine.kv_dtype())

@@ -11,8 +11,9 @@ pub mod conn;
 mod openai;
 
 use crate::chat::ChatMessage;
-use crate::engine::{chat_prompt, FinishReason, GenerationRequest, PromptTokenLogprob, SeqEvent};
+use crate::engine::chat_prompt;
 use crate::engine_loop::{EngineHandle, RequestGuard};
+use crate::request::{FinishReason, GenerationRequest, PromptTokenLogprob, SeqEvent};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Extension, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -546,7 +547,7 @@ fn submit(engine: &EngineHandle, groups: Vec<Vec<GenerationRequest>>) -> ApiResu
                 .map(|_| {
                     let (tx, i) = (tx.clone(), index);
                     index += 1;
-                    Box::new(move |ev| tx.unbounded_send((i, ev)).is_ok()) as crate::engine::Sink
+                    Box::new(move |ev| tx.unbounded_send((i, ev)).is_ok()) as crate::request::Sink
                 })
                 .collect();
             (reqs, sinks)
@@ -564,7 +565,7 @@ fn submit(engine: &EngineHandle, groups: Vec<Vec<GenerationRequest>>) -> ApiResu
 /// Per-choice results of a non-streamed request.
 struct Collected {
     text: Vec<String>,
-    events: Vec<Vec<crate::engine::TokenEvent>>,
+    events: Vec<Vec<crate::request::TokenEvent>>,
     finish: Vec<FinishReason>,
     tokens: Vec<usize>,
     cached: Vec<usize>,
@@ -989,7 +990,7 @@ enum StreamItem {
     /// Before the first token of choice i, with the prompt's
     /// log-probabilities when they were asked for.
     Start(usize, Option<Vec<PromptTokenLogprob>>),
-    Token(usize, crate::engine::TokenEvent),
+    Token(usize, crate::request::TokenEvent),
     Finish(usize, FinishReason),
 }
 

@@ -1,7 +1,7 @@
 //! OpenAI request bodies, their validation into engine requests, and the
 //! JSON shapes of responses and errors.
 
-use crate::engine::{FinishReason, GenerationRequest, PromptTokenLogprob, TokenEvent};
+use crate::request::{FinishReason, GenerationRequest, PromptTokenLogprob, TokenEvent};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use axum::http::StatusCode;
@@ -286,13 +286,13 @@ impl Message {
 pub fn top_count(v: Option<i64>, param: &'static str) -> Result<Option<usize>, ApiError> {
     match v {
         None => Ok(None),
-        Some(k) if (0..=crate::engine::MAX_TOP_LOGPROBS as i64).contains(&k) => {
+        Some(k) if (0..=crate::request::MAX_TOP_LOGPROBS as i64).contains(&k) => {
             Ok(Some(k as usize))
         }
         Some(k) => Err(ApiError::bad_request(format!(
             "{param} must be within 0..={}, got {k}; at most {} top log-probabilities per token",
-            crate::engine::MAX_TOP_LOGPROBS,
-            crate::engine::MAX_TOP_LOGPROBS
+            crate::request::MAX_TOP_LOGPROBS,
+            crate::request::MAX_TOP_LOGPROBS
         ))
         .param(param)),
     }
