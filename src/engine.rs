@@ -117,12 +117,18 @@ pub enum FaultKind {
     /// A panic inside a step and again while failing the request: the
     /// engine cannot recover.
     Fatal,
+    /// Every step that runs the request takes [`SLOW_STEP`] longer, so
+    /// that tests can act while it is surely in flight.
+    Slow,
 }
+
+/// What a [`FaultKind::Slow`] request adds to each step it is in.
+pub const SLOW_STEP: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl std::str::FromStr for FaultPlan {
     type Err = Error;
     /// `KIND:TOKEN`, KIND one of step-panic, step-error, admit-panic,
-    /// abort-panic, fatal.
+    /// abort-panic, fatal, slow.
     fn from_str(s: &str) -> Result<Self> {
         let bad = || Error::InvalidRequest(format!("bad fault plan '{s}' (KIND:TOKEN)"));
         let (kind, token) = s.split_once(':').ok_or_else(bad)?;
@@ -132,6 +138,7 @@ impl std::str::FromStr for FaultPlan {
             "admit-panic" => FaultKind::AdmitPanic,
             "abort-panic" => FaultKind::AbortPanic,
             "fatal" => FaultKind::Fatal,
+            "slow" => FaultKind::Slow,
             _ => return Err(bad()),
         };
         Ok(FaultPlan {
@@ -477,10 +484,17 @@ impl Engine {
         if chunks.is_empty() {
             return false;
         }
+        let mut slow = false;
         for c in &chunks {
             let prompt = self.sched.get(c.id).expect("scheduled").prompt();
             self.maybe_fault(FaultKind::StepPanic, prompt);
             self.maybe_fault(FaultKind::Fatal, prompt);
+            slow |= self
+                .fault
+                .is_some_and(|f| f.kind == FaultKind::Slow && prompt.contains(&f.token));
+        }
+        if slow {
+            std::thread::sleep(SLOW_STEP);
         }
         match self.run_chunks(&chunks) {
             Ok(out) => {

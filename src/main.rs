@@ -393,7 +393,7 @@ struct ServeArgs {
     #[arg(long)]
     allow_lora_updates: bool,
     /// Deliberate failures for tests: KIND:TOKEN (step-panic, step-error,
-    /// admit-panic, abort-panic, fatal) on requests whose prompt holds TOKEN.
+    /// admit-panic, abort-panic, fatal, slow) on requests whose prompt holds TOKEN.
     #[arg(long, hide = true)]
     debug_fault: Option<String>,
 }

@@ -596,6 +596,12 @@ async fn adapters_load_and_unload_under_traffic() {
     let dir = fixtures().join("llama");
     let lora = read_json(&dir.join("lora/expected.json"));
     let model = dir.join("model-f32.gguf");
+    // A token no other prompt of this test holds.
+    const SLOW: u32 = 7;
+    assert!(!lora["input_ids"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(SLOW)));
     let code = format!("code={}", dir.join("lora_mix/code").display());
     let body = |m: &str| {
         serde_json::json!({
@@ -634,6 +640,8 @@ async fn adapters_load_and_unload_under_traffic() {
             "2",
             "--kv-dtype",
             "f32",
+            "--debug-fault",
+            &format!("slow:{SLOW}"),
         ],
     )
     .await;
@@ -697,10 +705,15 @@ async fn adapters_load_and_unload_under_traffic() {
 
     // Unload "full" while requests for it run: three long ones, unloaded
     // once the server reports them in progress. They finish exactly as
-    // alone; requests sent after the unload answered are refused.
+    // alone; requests sent after the unload answered are refused. Their
+    // prompt holds the token of the server's slow fault, so that each of
+    // their steps takes 10 ms more and they are surely still running when
+    // the unload comes (a tiny model on a fast machine could otherwise
+    // finish them between two polls of the gauge).
     let long = || {
         let mut b = body("full");
         b["max_tokens"] = 200.into();
+        b["prompt"].as_array_mut().unwrap().push(SLOW.into());
         b
     };
     let (st, alone) = post(&s, "/v1/completions", long()).await;
