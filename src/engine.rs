@@ -60,6 +60,27 @@ pub struct EngineOptions {
     /// Named adapters resident at most; loading one more evicts the least
     /// recently used one that no request is using.
     pub max_loras: Option<usize>,
+    /// With `isq`: run the float model over this text first and fit every
+    /// block under the importance of its columns (activation-aware
+    /// quantization, llama.cpp's importance matrix).
+    pub calibration: Option<Calibration>,
+}
+
+/// Text to calibrate in-situ quantization on (see
+/// [`EngineOptions::calibration`]).
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub text: PathBuf,
+    /// Windows of the text to run, at most.
+    pub windows: usize,
+    /// Tokens per window (at most the context), each starting with BOS as
+    /// llama-imatrix's chunks do.
+    pub window: usize,
+}
+
+impl Calibration {
+    pub const DEFAULT_WINDOWS: usize = 16;
+    pub const DEFAULT_WINDOW: usize = 512;
 }
 
 impl Default for EngineOptions {
@@ -77,6 +98,7 @@ impl Default for EngineOptions {
             isq: None,
             progress: false,
             max_loras: None,
+            calibration: None,
         }
     }
 }
@@ -180,7 +202,14 @@ impl Engine {
         };
         let mut model = loaded.model;
         let pool = ThreadPool::new(opts.threads);
-        if let Some(ty) = opts.isq {
+        if opts.calibration.is_some() && opts.isq.is_none() {
+            return Err(Error::Config(
+                "calibration text given without --isq: it weighs the quantization of float \
+                 weights, and nothing is to be quantized"
+                    .into(),
+            ));
+        }
+        if let Some(ty) = opts.isq.filter(|_| opts.calibration.is_none()) {
             crate::quant::quantize::ensure_isq_type(ty, "in-situ quantization")?;
             let t0 = Instant::now();
             let mut bar = Progress::new(format!("quantizing to {}", ty.name()), opts.progress);
@@ -290,7 +319,7 @@ impl Engine {
         let output = OutputProcessor::new(tokenizer.clone(), spec.vocab_size, spec.hidden);
         model.set_context(context);
         let runner = ModelRunner::new(model, pool, opts.kv_dtype, bs, n_blocks)?;
-        Ok(Engine {
+        let mut engine = Engine {
             tokenizer,
             template: Arc::new(template),
             provenance,
@@ -312,7 +341,74 @@ impl Engine {
             context,
             max_batched_tokens,
             fault: None,
-        })
+        };
+        if let (Some(ty), Some(cal)) = (opts.isq, &opts.calibration) {
+            crate::quant::quantize::ensure_isq_type(ty, "in-situ quantization")?;
+            engine.calibrate_and_quantize(ty, cal, opts.progress)?;
+        }
+        Ok(engine)
+    }
+
+    /// Runs the float model over `cal`'s text gathering the squares of
+    /// every projection's inputs, then quantizes to `ty` with each block
+    /// fitted under its columns' importance.
+    fn calibrate_and_quantize(&mut self, ty: GgmlType, cal: &Calibration, bar: bool) -> Result<()> {
+        let text = std::fs::read_to_string(&cal.text).map_err(|e| Error::io(&cal.text, e))?;
+        let tokens = self.tokenizer.encode(&text, true)?;
+        let window = cal.window.min(self.context);
+        let n = (tokens.len() / window.max(1)).min(cal.windows);
+        if window < 2 || n == 0 {
+            return Err(Error::Config(format!(
+                "calibration text {}: {} tokens, fewer than one window of {window} (at least 2)",
+                cal.text.display(),
+                tokens.len()
+            )));
+        }
+        let bos = self
+            .tokenizer
+            .special
+            .bos
+            .filter(|_| self.tokenizer.special.add_bos);
+        let t0 = Instant::now();
+        self.runner.model_mut().record_input_stats(true);
+        let mut progress = Progress::new(format!("calibrating on {n} × {window} tokens"), bar);
+        let mut run = || -> Result<()> {
+            for (i, w) in tokens.chunks_exact(window).take(n).enumerate() {
+                let mut w = w.to_vec();
+                if let Some(b) = bos {
+                    w[0] = b;
+                }
+                // Every row's logits, so the output projection sees them all.
+                self.token_logprobs(&w)?;
+                progress.update(i + 1, n);
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            self.runner.model_mut().record_input_stats(false);
+            return Err(e);
+        }
+        let calibrate_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut progress = Progress::new(format!("quantizing to {}", ty.name()), bar);
+        let changed = self
+            .runner
+            .quantize_weights(ty, &mut |d, t| progress.update(d, t));
+        self.runner.model_mut().record_input_stats(false);
+        if changed == 0 {
+            tracing::warn!(
+                "--isq {}: no F32/F16/BF16 matrix with rows of whole blocks to quantize",
+                ty.name()
+            );
+        }
+        tracing::info!(
+            matrices = changed,
+            tokens = n * window,
+            calibrate_secs,
+            quantize_secs = t1.elapsed().as_secs_f64(),
+            "calibrated in-situ quantization"
+        );
+        Ok(())
     }
 
     /// The model (its spec, weights and sizes).

@@ -57,6 +57,15 @@ struct ModelArgs {
     /// whole blocks of 256 take Q5_0, Q5_1 or Q8_0, as llama-quantize does).
     #[arg(long, value_name = "TYPE")]
     isq: Option<String>,
+    /// With --isq: run the float model over this text first and fit each
+    /// block under the importance of its columns (the mean square of the
+    /// activations they multiply, as llama.cpp's importance matrix).
+    #[arg(long, value_name = "FILE", requires = "isq")]
+    calibrate: Option<PathBuf>,
+    /// Windows of --calibrate's text to run, at most (each of 512 tokens,
+    /// or the context if smaller).
+    #[arg(long, value_name = "N", default_value_t = ruvllm::engine::Calibration::DEFAULT_WINDOWS)]
+    calibrate_windows: usize,
     /// Weight of each --lora, in the same order (default 1.0).
     #[arg(long = "lora-scale", value_name = "W", allow_negative_numbers = true)]
     lora_scale: Vec<f32>,
@@ -264,12 +273,17 @@ enum Command {
         input: PathBuf,
         /// GGUF file to write (replaced only once it is complete).
         output: PathBuf,
-        /// q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k.
+        /// q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k; f16 writes the
+        /// weights as F16.
         #[arg(value_name = "TYPE")]
         ty: String,
         /// Threads (default: every core).
         #[arg(short, long)]
         threads: Option<usize>,
+        /// Dequantize weights that are already quantized, then convert them
+        /// (as llama-quantize's option; the rounding of both compounds).
+        #[arg(long)]
+        allow_requantize: bool,
     },
     /// OpenAI-compatible HTTP server with continuous batching.
     Serve(Box<ServeArgs>),
@@ -434,6 +448,11 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
         context: m.ctx_size,
         lora: m.lora_options(serving)?,
         isq: m.isq.as_deref().map(isq_type).transpose()?,
+        calibration: m.calibrate.clone().map(|text| ruvllm::engine::Calibration {
+            text,
+            windows: m.calibrate_windows,
+            window: ruvllm::engine::Calibration::DEFAULT_WINDOW,
+        }),
         progress: true,
         max_loras: m.max_loras,
         kv_dtype: match m.kv_dtype.as_deref() {
@@ -612,11 +631,17 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             output,
             ty,
             threads,
+            allow_requantize,
         } => cli::quantize::run(
             &input,
             &output,
-            isq_type(&ty)?,
+            if ty.eq_ignore_ascii_case("f16") {
+                ruvllm::quant::GgmlType::F16
+            } else {
+                isq_type(&ty)?
+            },
             threads.unwrap_or_else(default_threads).max(1),
+            allow_requantize,
         ),
         Command::Serve(a) => serve(*a),
         Command::BenchServe {

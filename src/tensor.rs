@@ -2,7 +2,7 @@
 //! drives the kernels across the thread pool.
 
 use crate::quant::kernels::{act_kind, dot_rows, Acts, MAX_ROWS};
-use crate::quant::quantize::{fallback_type, quantize_row, ISQ_TYPES};
+use crate::quant::quantize::{fallback_type, quantize_row, quantize_row_weighted, ISQ_TYPES};
 use crate::quant::{dequantize, GgmlType};
 use crate::threadpool::{SyncPtr, ThreadPool};
 use memmap2::Mmap;
@@ -129,9 +129,21 @@ impl Matrix {
     /// rows that are not whole blocks of a K-quant take llama-quantize's
     /// fallback type ([`fallback_type`]). Returns false, leaving it as it
     /// is, when it is already quantized, no type fits its rows, or `ty` is
-    /// not one [`quantize_row`] produces.
-    pub fn quantize_to(&mut self, ty: GgmlType, pool: &ThreadPool) -> bool {
+    /// not one [`quantize_row`] produces. With `importance` (one finite,
+    /// non-negative value per column, else it is left as it is too), each
+    /// block is fitted under it ([`quantize_row_weighted`]).
+    pub fn quantize_to(
+        &mut self,
+        ty: GgmlType,
+        importance: Option<&[f32]>,
+        pool: &ThreadPool,
+    ) -> bool {
         if self.ty.is_quantized() || !ISQ_TYPES.contains(&ty) {
+            return false;
+        }
+        if importance.is_some_and(|i| {
+            i.len() != self.cols || i.iter().any(|v| !(*v >= 0.0 && v.is_finite()))
+        }) {
             return false;
         }
         let Some(ty) = fallback_type(ty, self.cols) else {
@@ -144,7 +156,11 @@ impl Matrix {
             let mut row = vec![0f32; this.cols];
             for (i, out) in chunk.chunks_exact_mut(rb).enumerate() {
                 this.dequantize_row(off / rb + i, &mut row);
-                out.copy_from_slice(&quantize_row(ty, &row).expect("checked type and length"));
+                let q = match importance {
+                    Some(imp) => quantize_row_weighted(ty, &row, imp),
+                    None => quantize_row(ty, &row),
+                };
+                out.copy_from_slice(&q.expect("checked type, length and importance"));
             }
         });
         *self = Matrix::new(ty, self.rows, self.cols, Storage::Bytes(Arc::new(data)))

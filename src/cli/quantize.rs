@@ -1,7 +1,9 @@
 //! `ruvllm quantize IN OUT TYPE`: a GGUF file's F32/F16/BF16 weight
 //! matrices quantized to TYPE (as `--isq` does at load, and as
 //! `llama-quantize --pure` does: the same tensors, its fallback types),
-//! written as a new GGUF file.
+//! written as a new GGUF file. TYPE f16 writes them as F16 instead; with
+//! `--allow-requantize` (as llama-quantize's), quantized weight matrices
+//! are dequantized first, so a quantized file can become a float one.
 
 use ruvllm::gguf::{GgufFile, Value};
 use ruvllm::gguf_writer::{GgufWriter, TensorHeader};
@@ -12,6 +14,7 @@ use ruvllm::tensor::{Matrix, Storage};
 use ruvllm::threadpool::ThreadPool;
 use ruvllm::{Error, Result};
 use std::path::Path;
+use std::sync::Arc;
 
 /// llama.cpp's `general.file_type` for a file mostly of `ty`
 /// (`LLAMA_FTYPE_MOSTLY_*`).
@@ -58,8 +61,16 @@ fn is_weight_to_quantize(name: &str, dims: &[usize]) -> bool {
         && !NOT_QUANTIZED.iter().any(|p| name.contains(p))
 }
 
-pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<()> {
-    ensure_isq_type(ty, "quantizing")?;
+pub fn run(
+    input: &Path,
+    output: &Path,
+    ty: GgmlType,
+    threads: usize,
+    allow_requantize: bool,
+) -> Result<()> {
+    if ty != GgmlType::F16 {
+        ensure_isq_type(ty, "quantizing")?;
+    }
     if input.is_dir() {
         return Err(Error::NotImplemented(
             "quantize reads GGUF files; a Hugging Face folder is quantized at load with --isq"
@@ -77,16 +88,21 @@ pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<
     for t in &g.tensors {
         let mut out_ty = t.ty;
         if is_weight_to_quantize(&t.name, &t.dims) {
-            if t.ty.is_quantized() {
+            if t.ty.is_quantized() && !allow_requantize {
                 return Err(Error::InvalidRequest(format!(
-                    "{}: tensor '{}' is already {}; quantize a float (F32/F16/BF16) GGUF",
+                    "{}: tensor '{}' is already {}; quantize a float (F32/F16/BF16) GGUF, or \
+                     pass --allow-requantize to dequantize it first (which compounds the \
+                     rounding of both)",
                     input.display(),
                     t.name,
                     t.ty.name()
                 )));
             }
             // Rows no quantized type fits are stored as F16, as llama-quantize does.
-            out_ty = fallback_type(ty, t.dims[0]).unwrap_or(GgmlType::F16);
+            out_ty = match ty {
+                GgmlType::F16 => GgmlType::F16,
+                _ => fallback_type(ty, t.dims[0]).unwrap_or(GgmlType::F16),
+            };
         }
         headers.push(TensorHeader {
             name: t.name.clone(),
@@ -140,8 +156,15 @@ pub fn run(input: &Path, output: &Path, ty: GgmlType, threads: usize) -> Result<
                         .collect();
                     w.tensor(&f16)?;
                 } else {
-                    let mut m = m;
-                    if !m.quantize_to(h.ty, &pool) {
+                    let mut m = if m.ty.is_quantized() {
+                        // --allow-requantize: from the dequantized values.
+                        let bytes = m.to_f32().iter().flat_map(|v| v.to_le_bytes()).collect();
+                        Matrix::new(GgmlType::F32, rows, cols, Storage::Bytes(Arc::new(bytes)))
+                            .expect("sizes match")
+                    } else {
+                        m
+                    };
+                    if !m.quantize_to(h.ty, None, &pool) {
                         return Err(Error::Internal(format!(
                             "tensor '{}' could not be quantized to {}",
                             t.name,

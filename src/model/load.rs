@@ -87,10 +87,10 @@ impl Loader<'_> {
     }
 
     fn linear(&self, key: &str, rows: usize, cols: usize) -> Result<Linear> {
-        Ok(Linear {
-            w: self.req_matrix(&format!("{key}.weight"), rows, cols)?,
-            b: self.vector(&format!("{key}.bias"), rows)?,
-        })
+        Ok(Linear::new(
+            self.req_matrix(&format!("{key}.weight"), rows, cols)?,
+            self.vector(&format!("{key}.bias"), rows)?,
+        ))
     }
 
     fn norm(&self, key: &str, len: usize) -> Result<Option<Norm>> {
@@ -126,18 +126,9 @@ impl Loader<'_> {
             let p = |n: &str| format!("blk.{i}.{n}");
             let (q, k, v) = match self.matrix(&p("attn_qkv.weight"), qd + 2 * kd, h)? {
                 Some(qkv) => (
-                    Linear {
-                        w: qkv.slice_rows(0, qd),
-                        b: None,
-                    },
-                    Linear {
-                        w: qkv.slice_rows(qd, kd),
-                        b: None,
-                    },
-                    Linear {
-                        w: qkv.slice_rows(qd + kd, kd),
-                        b: None,
-                    },
+                    Linear::new(qkv.slice_rows(0, qd), None),
+                    Linear::new(qkv.slice_rows(qd, kd), None),
+                    Linear::new(qkv.slice_rows(qd + kd, kd), None),
                 ),
                 None => (
                     self.linear(&p("attn_q"), qd, h)?,
@@ -146,21 +137,12 @@ impl Loader<'_> {
                 ),
             };
             let (gate, up) = match self.matrix(&p("ffn_gate.weight"), f, h)? {
-                Some(g) => (
-                    Some(Linear { w: g, b: None }),
-                    self.linear(&p("ffn_up"), f, h)?,
-                ),
+                Some(g) => (Some(Linear::new(g, None)), self.linear(&p("ffn_up"), f, h)?),
                 None if s.family == Family::Phi3 => {
                     let gu = self.req_matrix(&p("ffn_up.weight"), 2 * f, h)?;
                     (
-                        Some(Linear {
-                            w: gu.slice_rows(0, f),
-                            b: None,
-                        }),
-                        Linear {
-                            w: gu.slice_rows(f, f),
-                            b: None,
-                        },
+                        Some(Linear::new(gu.slice_rows(0, f), None)),
+                        Linear::new(gu.slice_rows(f, f), None),
                     )
                 }
                 None => (None, self.linear(&p("ffn_up"), f, h)?),
@@ -185,14 +167,8 @@ impl Loader<'_> {
             return Err(Error::Config("missing ffn_norm tensors".into()));
         }
         let output = match self.matrix("output.weight", s.vocab_size, h)? {
-            Some(w) => Linear {
-                w,
-                b: self.vector("output.bias", s.vocab_size)?,
-            },
-            None => Linear {
-                w: embed.clone(),
-                b: None,
-            },
+            Some(w) => Linear::new(w, self.vector("output.bias", s.vocab_size)?),
+            None => Linear::new(embed.clone(), None),
         };
         Ok(Model::new(
             s.clone(),

@@ -24,6 +24,7 @@ use ops::{
 use rope::{Rope, RopeFreqs};
 pub use rope::{RopeParams, RopeScaling};
 pub use spec::{Activation, Family, ModelSpec, RopeStyle};
+use std::sync::Mutex;
 
 /// Calls `f(j, block, slots)` for each block holding positions `lo..=pos`
 /// of a sequence, where `slots` are the block's slots in that range and `j`
@@ -53,10 +54,61 @@ const ELEMENTWISE_CHUNK: usize = 4096;
 pub struct Linear {
     pub w: Matrix,
     pub b: Option<Vec<f32>>,
+    /// While calibrating: the squares of every input row, summed.
+    pub stats: Option<Mutex<InputStats>>,
+}
+
+/// Sums of squared inputs of a projection, per input column, over the
+/// rows it saw while calibrating: how much each column of its weights
+/// matters to its output (llama.cpp's importance matrix).
+#[derive(Debug, Default)]
+pub struct InputStats {
+    sum_sq: Vec<f64>,
+    rows: u64,
+}
+
+impl InputStats {
+    fn add(&mut self, x: &[f32], cols: usize) {
+        if self.sum_sq.len() != cols {
+            self.sum_sq = vec![0.0; cols];
+        }
+        for row in x.chunks_exact(cols) {
+            for (s, &v) in self.sum_sq.iter_mut().zip(row) {
+                *s += v as f64 * v as f64;
+            }
+            self.rows += 1;
+        }
+    }
+
+    /// The mean square of each input column (0 where it was not finite);
+    /// `None` before any row.
+    pub fn importance(&self) -> Option<Vec<f32>> {
+        (self.rows > 0).then(|| {
+            self.sum_sq
+                .iter()
+                .map(|s| (s / self.rows as f64) as f32)
+                .map(|v| if v.is_finite() { v } else { 0.0 })
+                .collect()
+        })
+    }
 }
 
 impl Linear {
+    pub fn new(w: Matrix, b: Option<Vec<f32>>) -> Self {
+        Linear { w, b, stats: None }
+    }
+
+    fn importance(&self) -> Option<Vec<f32>> {
+        let s = self.stats.as_ref()?;
+        s.lock().unwrap_or_else(|e| e.into_inner()).importance()
+    }
+
     fn forward(&self, x: &[f32], n: usize, pool: &ThreadPool) -> Vec<f32> {
+        if let Some(s) = &self.stats {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(&x[..n * self.w.cols], self.w.cols);
+        }
         let mut y = vec![0f32; n * self.w.rows];
         matmul(&self.w, x, n, &mut y, pool);
         if let Some(b) = &self.b {
@@ -381,22 +433,59 @@ impl Model {
     }
 
     /// Every weight matrix once (a tied output is not counted twice).
-    fn matrices_mut(&mut self) -> Vec<&mut Matrix> {
-        let tied = self.is_tied();
-        let mut v: Vec<&mut Matrix> = vec![&mut self.embed];
+    /// Every projection, the output one included.
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = Vec::new();
         for l in &mut self.layers {
             v.extend([
-                &mut l.q.w,
-                &mut l.k.w,
-                &mut l.v.w,
-                &mut l.o.w,
-                &mut l.up.w,
-                &mut l.down.w,
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.up,
+                &mut l.down,
             ]);
-            v.extend(l.gate.as_mut().map(|g| &mut g.w));
+            v.extend(l.gate.as_mut());
+        }
+        v.push(&mut self.output);
+        v
+    }
+
+    /// Starts (`true`) or stops gathering the inputs' squares of every
+    /// projection (see [`InputStats`]); starting clears what was gathered,
+    /// stopping drops it.
+    pub fn record_input_stats(&mut self, on: bool) {
+        for l in self.linears_mut() {
+            l.stats = on.then(Mutex::default);
+        }
+    }
+
+    /// Every weight matrix once, with the importance of its columns when
+    /// inputs were gathered. A tied embedding is the output projection too:
+    /// it takes the output's importance.
+    fn matrices_mut(&mut self) -> Vec<(&mut Matrix, Option<Vec<f32>>)> {
+        let tied = self.is_tied();
+        let out_importance = self.output.importance();
+        let mut v = vec![(&mut self.embed, out_importance.filter(|_| tied))];
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.up,
+                &mut l.down,
+            ]
+            .into_iter()
+            .chain(l.gate.as_mut())
+            {
+                let imp = lin.importance();
+                v.push((&mut lin.w, imp));
+            }
         }
         if !tied {
-            v.push(&mut self.output.w);
+            let imp = self.output.importance();
+            v.push((&mut self.output.w, imp));
         }
         v
     }
@@ -445,6 +534,8 @@ impl Model {
 
     /// Quantizes F32/F16/BF16 weight matrices to `ty` in memory (in-situ
     /// quantization), calling `progress(done, total)` after each matrix.
+    /// Where inputs were gathered ([`Model::record_input_stats`]), blocks
+    /// are fitted under their columns' importance.
     /// Rows that are not whole blocks of a K-quant take llama-quantize's
     /// fallback type; quantized matrices, and those no type fits, are left
     /// as they are. Returns how many were quantized.
@@ -458,8 +549,8 @@ impl Model {
         let mut ms = self.matrices_mut();
         let total = ms.len();
         let mut changed = 0;
-        for (i, m) in ms.iter_mut().enumerate() {
-            changed += m.quantize_to(ty, pool) as usize;
+        for (i, (m, importance)) in ms.iter_mut().enumerate() {
+            changed += m.quantize_to(ty, importance.as_deref(), pool) as usize;
             progress(i + 1, total);
         }
         if tied {

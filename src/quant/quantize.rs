@@ -14,6 +14,14 @@
 //! f16 super-block scale. Where C compilers fuse multiply-adds our sums may
 //! round differently, so a block can differ from llama-quantize's; its
 //! weighted error is then no larger (tests/isq.rs checks both).
+//!
+//! With an importance per column ([`quantize_row_weighted`]: the mean
+//! square of the activations each weight multiplies, measured on
+//! calibration text, as llama.cpp's importance matrix), every block is
+//! fitted to minimize its error weighted by that importance, as
+//! llama-quantize does with `--imatrix`: Q4_0/Q5_0 search 19 scales,
+//! Q4_1/Q5_1 and the sub-blocks of Q4_K/Q5_K fit a scale and a minimum over
+//! 37 candidates, Q6_K weighs its 19-scale search. Q8_0 ignores it.
 
 use super::{GgmlType, QK, QK_K};
 use half::f16;
@@ -64,20 +72,69 @@ pub fn fallback_type(ty: GgmlType, cols: usize) -> Option<GgmlType> {
 /// Returns `None` for a type it cannot produce or a length that is not
 /// whole blocks.
 pub fn quantize_row(ty: GgmlType, src: &[f32]) -> Option<Vec<u8>> {
+    quantize_row_with(ty, src, None)
+}
+
+/// [`quantize_row`] with each block fitted to minimize its error weighted
+/// by `importance`, one non-negative value per element of `src` (see the
+/// module's notes). A block whose importance is all zero is quantized as
+/// without. `None` also when `importance` is not as long as `src` or holds
+/// a negative or non-finite value.
+pub fn quantize_row_weighted(ty: GgmlType, src: &[f32], importance: &[f32]) -> Option<Vec<u8>> {
+    if importance.len() != src.len() || importance.iter().any(|v| !(*v >= 0.0 && v.is_finite())) {
+        return None;
+    }
+    quantize_row_with(ty, src, Some(importance))
+}
+
+fn quantize_row_with(ty: GgmlType, src: &[f32], importance: Option<&[f32]>) -> Option<Vec<u8>> {
     if !ISQ_TYPES.contains(&ty) || !src.len().is_multiple_of(ty.block_size()) {
         return None;
     }
-    let mut out = Vec::with_capacity(src.len() / ty.block_size() * ty.type_size());
-    for b in src.chunks_exact(ty.block_size()) {
-        match ty {
-            GgmlType::Q8_0 => q8_0(b, &mut out),
-            GgmlType::Q4_0 => q4_0(b, &mut out),
-            GgmlType::Q4_1 => q4_1(b, &mut out),
-            GgmlType::Q5_0 => q5_0(b, &mut out),
-            GgmlType::Q5_1 => q5_1(b, &mut out),
-            GgmlType::Q4K => q4_k(b, &mut out),
-            GgmlType::Q5K => q5_k(b, &mut out),
-            GgmlType::Q6K => q6_k(b, &mut out),
+    let bs = ty.block_size();
+    // The legacy types weigh each value by its importance times its size
+    // against the row's spread (llama.cpp's `qw · sqrt(σ² + x²)`).
+    let sigma2 = src.iter().map(|v| v * v).sum::<f32>() / src.len().max(1) as f32;
+    let mut out = Vec::with_capacity(src.len() / bs * ty.type_size());
+    let mut w = [0f32; QK];
+    for (bi, b) in src.chunks_exact(bs).enumerate() {
+        let imp = importance
+            .map(|imp| &imp[bi * bs..(bi + 1) * bs])
+            .filter(|imp| imp.iter().any(|&v| v > 0.0));
+        if let (Some(imp), true) = (imp, bs == QK) {
+            for ((w, &i), &x) in w.iter_mut().zip(imp).zip(b) {
+                *w = i * (sigma2 + x * x).sqrt();
+            }
+        }
+        match (ty, imp) {
+            (GgmlType::Q8_0, _) => q8_0(b, &mut out),
+            (GgmlType::Q4_0, None) => q4_0(b, &mut out),
+            (GgmlType::Q4_1, None) => q4_1(b, &mut out),
+            (GgmlType::Q5_0, None) => q5_0(b, &mut out),
+            (GgmlType::Q5_1, None) => q5_1(b, &mut out),
+            (GgmlType::Q4_0 | GgmlType::Q5_0, Some(_)) => {
+                let nmax = if ty == GgmlType::Q4_0 { 8 } else { 16 };
+                let mut l = [0u8; QK];
+                push_f16(&mut out, fit_symmetric(b, Some(&w), nmax, &mut l));
+                if ty == GgmlType::Q5_0 {
+                    push_high_bits(&mut out, &l);
+                }
+                push_nibbles(&mut out, &l);
+            }
+            (GgmlType::Q4_1 | GgmlType::Q5_1, Some(_)) => {
+                let nmax = if ty == GgmlType::Q4_1 { 15 } else { 31 };
+                let mut l = [0u8; QK];
+                let (d, m) = fit_scale_min(b, &w, nmax, -0.9, 0.05, 36, &mut l);
+                push_f16(&mut out, d);
+                push_f16(&mut out, -m);
+                if ty == GgmlType::Q5_1 {
+                    push_high_bits(&mut out, &l);
+                }
+                push_nibbles(&mut out, &l);
+            }
+            (GgmlType::Q4K, imp) => q4_k(b, imp, &mut out),
+            (GgmlType::Q5K, imp) => q5_k(b, imp, &mut out),
+            (GgmlType::Q6K, imp) => q6_k(b, imp, &mut out),
             _ => unreachable!("checked against ISQ_TYPES"),
         }
     }
@@ -251,6 +308,14 @@ fn k_weights(x: &[f32]) -> [f32; 32] {
     std::array::from_fn(|l| av + x[l].abs())
 }
 
+/// Weights of a super-block's values under an importance per value:
+/// `importance · sqrt(σ² + x²)` with σ² twice the super-block's mean square
+/// (llama.cpp's K-quant weighting with an importance matrix).
+fn importance_weights(x: &[f32], importance: &[f32]) -> [f32; QK_K] {
+    let sigma2 = 2.0 * x.iter().map(|v| v * v).sum::<f32>() / QK_K as f32;
+    std::array::from_fn(|i| importance[i] * (sigma2 + x[i] * x[i]).sqrt())
+}
+
 /// `x ≈ scale · L - min` with `L` in `0..=nmax`, fitted by weighted least
 /// squares: the plain range-based scale first, then `nstep + 1` candidate
 /// scales `(nmax + rmin + rdelta·i) / range`, each rounded and refitted,
@@ -336,6 +401,7 @@ fn fit_scale_min(
 /// of scales and the levels (0..=nmax) of all 256 values.
 fn k_scales_and_levels(
     x: &[f32],
+    importance: Option<&[f32]>,
     nmax: i32,
     rmin: f32,
     nstep: i32,
@@ -343,10 +409,21 @@ fn k_scales_and_levels(
     let mut levels = [0u8; QK_K];
     let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
     let (mut max_scale, mut max_min) = (0f32, 0f32);
+    let weighted = importance.map(|imp| importance_weights(x, imp));
     for j in 0..8 {
         let xs = &x[32 * j..32 * j + 32];
-        let w = k_weights(xs);
-        let (sc, m) = fit_scale_min(xs, &w, nmax, rmin, 0.1, nstep, &mut levels[32 * j..]);
+        let own = weighted
+            .as_ref()
+            .map(|w| &w[32 * j..32 * j + 32])
+            .filter(|w| w.iter().any(|&v| v > 0.0));
+        let (sc, m) = match own {
+            // llama.cpp's search with an importance matrix: more, finer steps.
+            Some(w) => fit_scale_min(xs, w, nmax, -0.9, 0.05, 36, &mut levels[32 * j..]),
+            None => {
+                let w = k_weights(xs);
+                fit_scale_min(xs, &w, nmax, rmin, 0.1, nstep, &mut levels[32 * j..])
+            }
+        };
         scales[j] = sc;
         mins[j] = m;
         max_scale = max_scale.max(sc);
@@ -389,8 +466,8 @@ fn k_scales_and_levels(
     (d, dmin, packed, levels)
 }
 
-fn q4_k(x: &[f32], out: &mut Vec<u8>) {
-    let (d, dmin, scales, l) = k_scales_and_levels(x, 15, -1.0, 20);
+fn q4_k(x: &[f32], importance: Option<&[f32]>, out: &mut Vec<u8>) {
+    let (d, dmin, scales, l) = k_scales_and_levels(x, importance, 15, -1.0, 20);
     out.extend_from_slice(&d.to_le_bytes());
     out.extend_from_slice(&dmin.to_le_bytes());
     out.extend_from_slice(&scales);
@@ -400,8 +477,8 @@ fn q4_k(x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-fn q5_k(x: &[f32], out: &mut Vec<u8>) {
-    let (d, dmin, scales, l) = k_scales_and_levels(x, 31, -0.5, 15);
+fn q5_k(x: &[f32], importance: Option<&[f32]>, out: &mut Vec<u8>) {
+    let (d, dmin, scales, l) = k_scales_and_levels(x, importance, 31, -0.5, 15);
     out.extend_from_slice(&d.to_le_bytes());
     out.extend_from_slice(&dmin.to_le_bytes());
     out.extend_from_slice(&scales);
@@ -421,11 +498,11 @@ fn q5_k(x: &[f32], out: &mut Vec<u8>) {
 /// Below this magnitude a group counts as all zeros (ggml's GROUP_MAX_EPS).
 const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// Symmetric levels `-nmax..nmax` for 16 values, weighted by `x²`: the
-/// scale mapping the signed extreme to `-nmax`, then 18 scales around it,
-/// the one with the best least-squares fit kept. Returns the scale and
-/// fills `l` with levels offset by `nmax`.
-fn fit_symmetric(x: &[f32], nmax: i32, l: &mut [u8]) -> f32 {
+/// Symmetric levels `-nmax..nmax` for `x`, weighted by `w` (default
+/// `x²`): the scale mapping the signed extreme to `-nmax`, then 18 scales
+/// around it, the one with the best least-squares fit kept. Returns the
+/// scale and fills `l` with levels offset by `nmax`.
+fn fit_symmetric(x: &[f32], w: Option<&[f32]>, nmax: i32, l: &mut [u8]) -> f32 {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -440,9 +517,9 @@ fn fit_symmetric(x: &[f32], nmax: i32, l: &mut [u8]) -> f32 {
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
     let sums = |iscale: f32| {
         let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = level(iscale, v) as f32;
-            let w = v * v;
+            let w = w.map_or(v * v, |w| w[i]);
             sumlx += w * v * q;
             suml2 += w * q * q;
         }
@@ -469,12 +546,17 @@ fn fit_symmetric(x: &[f32], nmax: i32, l: &mut [u8]) -> f32 {
     scale
 }
 
-fn q6_k(x: &[f32], out: &mut Vec<u8>) {
+fn q6_k(x: &[f32], importance: Option<&[f32]>, out: &mut Vec<u8>) {
     let mut l = [0u8; QK_K];
     let mut scales = [0f32; 16];
     let (mut max_scale, mut max_abs) = (0f32, 0f32);
+    let weighted = importance.map(|imp| importance_weights(x, imp));
     for (ib, s) in scales.iter_mut().enumerate() {
-        *s = fit_symmetric(&x[16 * ib..16 * ib + 16], 32, &mut l[16 * ib..]);
+        let w = weighted
+            .as_ref()
+            .map(|w| &w[16 * ib..16 * ib + 16])
+            .filter(|w| w.iter().any(|&v| v > 0.0));
+        *s = fit_symmetric(&x[16 * ib..16 * ib + 16], w, 32, &mut l[16 * ib..]);
         if s.abs() > max_abs {
             max_abs = s.abs();
             max_scale = *s;
