@@ -4,18 +4,15 @@
 //! sequences, the model runner runs it through the model in one forward
 //! pass, and the output processor turns the logits into tokens.
 
-use crate::adapter_registry::{AdapterRegistry, LoraOption};
+use crate::adapter_registry::AdapterRegistry;
 use crate::chat::{ChatMessage, ChatTemplate, CHATML, GEMMA};
 use crate::error::{Error, Result};
 use crate::kv::KvDtype;
 use crate::model::lora::{LoraAdapter, WeightedAdapter};
 use crate::model::{load_gguf, load_hf_folder, Family, Model, Output};
-use crate::output::{log_sum_exp, rows, Counters, OutputProcessor, RequestState};
+use crate::output::{log_sum_exp, rows, OutputProcessor, RequestState};
 use crate::progress::Progress;
 use crate::quant::GgmlType;
-use crate::request::{
-    validate, FinishReason, GenerationRequest, GenerationSummary, SeqEvent, Sink, TokenEvent,
-};
 use crate::runner::{kv_pool_blocks, ModelRunner, SeqInput};
 use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions};
 use crate::threadpool::ThreadPool;
@@ -23,6 +20,15 @@ use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+
+// Where these lived before the engine was split, for code that names them
+// through the engine.
+pub use crate::adapter_registry::{LoraOption, MAX_ADAPTER_WEIGHT};
+pub use crate::output::{Counters, TextAssembler};
+pub use crate::request::{
+    validate, FinishReason, GenerationRequest, GenerationSummary, PromptTokenLogprob, SeqEvent,
+    Sink, TokenEvent, TokenLogprobs, MAX_TOP_LOGPROBS,
+};
 
 /// Context used when the model's own is larger (memory grows with it).
 pub const DEFAULT_MAX_CONTEXT: usize = 4096;
@@ -294,6 +300,9 @@ impl Engine {
             opts.kv_cache_mb,
         )?;
         let context = wanted.min(n_blocks * bs);
+        model.set_context(context);
+        let runner = ModelRunner::new(model, pool, opts.kv_dtype, bs, n_blocks)?;
+        let spec = &runner.model().spec;
         let provenance = Provenance {
             path: path.to_path_buf(),
             file_size: if meta.is_dir() {
@@ -317,8 +326,6 @@ impl Engine {
         let adapters = AdapterRegistry::load(&opts.lora, spec, opts.max_loras)?;
         let tokenizer = Arc::new(tokenizer);
         let output = OutputProcessor::new(tokenizer.clone(), spec.vocab_size, spec.hidden);
-        model.set_context(context);
-        let runner = ModelRunner::new(model, pool, opts.kv_dtype, bs, n_blocks)?;
         let mut engine = Engine {
             tokenizer,
             template: Arc::new(template),
@@ -844,9 +851,11 @@ impl Engine {
             .sched
             .lease(len)
             .ok_or_else(|| Error::Overloaded("the KV cache is busy".into()))?;
-        let r = f(self, &table);
+        // The blocks go back even if `f` panics (the engine loop survives
+        // panics and goes on with this engine).
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self, &table)));
         self.sched.give_back(table);
-        r
+        r.unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 }
 

@@ -345,9 +345,16 @@ impl<T> Scheduler<T> {
     /// schedule (a whole-sequence pass: logits, perplexity, benchmarks),
     /// taken from the pool so that no scheduled sequence is given them;
     /// `None` when the pool has not enough free. Hand them back with
-    /// [`Scheduler::give_back`].
+    /// [`Scheduler::give_back`] before the next [`Scheduler::schedule`]:
+    /// held across steps, they could leave a running sequence no room.
     pub fn lease(&mut self, len: usize) -> Option<Vec<u32>> {
-        let mut table = Vec::with_capacity(len.div_ceil(self.block_size));
+        let need = len.div_ceil(self.block_size);
+        // Checked first: allocating evicts cached prefixes, which a lease
+        // that cannot be had must not cost.
+        if need > self.blocks.n_available() {
+            return None;
+        }
+        let mut table = Vec::with_capacity(need);
         while table.len() * self.block_size < len {
             match self.blocks.allocate() {
                 Some(b) => table.push(b),
@@ -645,6 +652,17 @@ mod tests {
         // The blocks went back to the pool: a sequence may use all of them.
         s.add(1, vec![1; 16], opts(), ());
         assert_eq!(s.schedule()[0].len, 16);
+    }
+
+    #[test]
+    fn a_lease_that_cannot_be_had_evicts_no_cached_prefix() {
+        let mut s = sched(4, 64, 4);
+        s.add(1, (0..9).collect(), opts(), ());
+        drive(&mut s, 10, &[1]);
+        assert!(s.lease(20).is_none(), "5 blocks of a pool of 4");
+        s.add(2, (0..9).collect(), opts(), ());
+        s.schedule();
+        assert_eq!(s.cached_tokens(2), 8, "both full blocks still cached");
     }
 
     #[test]
