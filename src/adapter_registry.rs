@@ -3,6 +3,12 @@
 //! time (at most `max_loras`, the least recently used idle one making
 //! room). What each sequence ends up with is resolved here once, at
 //! admission; the runner applies it.
+//!
+//! Adapters are paid for out of the KV budget (as S-LoRA pools adapter
+//! weights with the KV cache): each holds as many KV blocks as its bytes
+//! fill, leased from the scheduler, so keys, values and adapters together
+//! stay within one budget. A removed adapter's blocks go back when the
+//! last sequence using it lets go of it.
 
 use crate::error::{Error, Result};
 use crate::model::lora::{LoraAdapter, WeightedAdapter};
@@ -27,14 +33,30 @@ pub struct LoraOption {
     pub scale: f32,
 }
 
+/// A named adapter: when a request last asked for it (`None`: loaded at
+/// start, never evicted) and the KV blocks its memory holds.
+struct Named {
+    w: WeightedAdapter,
+    used: Option<Instant>,
+    blocks: Vec<u32>,
+}
+
 #[derive(Default)]
 pub struct AdapterRegistry {
     /// Adapters applied to every sequence.
     always: Vec<WeightedAdapter>,
-    /// Adapters requests may name, in load order, with when a request last
-    /// asked for each (`None`: loaded at start, never evicted).
-    named: Vec<(WeightedAdapter, Option<Instant>)>,
+    /// The KV blocks the always-on adapters' memory holds.
+    always_blocks: Vec<u32>,
+    /// Adapters requests may name, in load order.
+    named: Vec<Named>,
+    /// Removed adapters that sequences still hold, with their blocks.
+    retired: Vec<(Arc<LoraAdapter>, Vec<u32>)>,
     max_loras: Option<usize>,
+}
+
+/// KV blocks of `block_bytes` that `adapter`'s memory fills.
+pub fn blocks_for(adapter: &LoraAdapter, block_bytes: usize) -> usize {
+    adapter.bytes().div_ceil(block_bytes.max(1))
 }
 
 impl AdapterRegistry {
@@ -79,7 +101,11 @@ impl AdapterRegistry {
                 weight: o.scale,
             };
             match o.name {
-                Some(_) => r.named.push((w, None)),
+                Some(_) => r.named.push(Named {
+                    w,
+                    used: None,
+                    blocks: Vec::new(),
+                }),
                 None => r.always.push(w),
             }
         }
@@ -96,12 +122,70 @@ impl AdapterRegistry {
     }
 
     fn find(&self, name: &str) -> Option<usize> {
-        self.named.iter().position(|(w, _)| w.adapter.name == name)
+        self.named.iter().position(|n| n.w.adapter.name == name)
     }
 
     /// The named adapters requests may ask for, in load order.
     pub fn named(&self) -> impl Iterator<Item = &Arc<LoraAdapter>> {
-        self.named.iter().map(|(w, _)| &w.adapter)
+        self.named.iter().map(|n| &n.w.adapter)
+    }
+
+    /// KV blocks of `block_bytes` the adapters loaded by [`Self::load`]
+    /// need, all together.
+    pub fn blocks_needed(&self, block_bytes: usize) -> usize {
+        self.always
+            .iter()
+            .chain(self.named.iter().map(|n| &n.w))
+            .map(|w| blocks_for(&w.adapter, block_bytes))
+            .sum()
+    }
+
+    /// Gives every adapter loaded by [`Self::load`] its blocks, from
+    /// `lease(n)`; `false` if a lease failed.
+    pub fn hold_blocks(
+        &mut self,
+        block_bytes: usize,
+        mut lease: impl FnMut(usize) -> Option<Vec<u32>>,
+    ) -> bool {
+        for w in &self.always {
+            match lease(blocks_for(&w.adapter, block_bytes)) {
+                Some(b) => self.always_blocks.extend(b),
+                None => return false,
+            }
+        }
+        for n in &mut self.named {
+            match lease(blocks_for(&n.w.adapter, block_bytes)) {
+                Some(b) => n.blocks = b,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// KV blocks held for adapters, removed ones still in use included.
+    pub fn blocks_held(&self) -> usize {
+        self.always_blocks.len()
+            + self.named.iter().map(|n| n.blocks.len()).sum::<usize>()
+            + self.retired.iter().map(|(_, b)| b.len()).sum::<usize>()
+    }
+
+    /// The blocks of removed adapters no sequence holds any more, to give
+    /// back to the pool.
+    pub fn reap(&mut self) -> Vec<u32> {
+        let mut free = Vec::new();
+        self.retired.retain_mut(|(a, blocks)| {
+            let gone = Arc::strong_count(a) == 1;
+            if gone {
+                free.append(blocks);
+            }
+            !gone
+        });
+        free
+    }
+
+    fn retire(&mut self, i: usize) {
+        let n = self.named.remove(i);
+        self.retired.push((n.w.adapter, n.blocks));
     }
 
     /// The adapters every request gets.
@@ -109,12 +193,13 @@ impl AdapterRegistry {
         &self.always
     }
 
-    /// Makes `adapter` available under its name, applied with `scale`. At
-    /// `max_loras`, the least recently used adapter loaded at run time
-    /// whose `users` count is 0 goes first (adapters given at start stay).
-    pub fn add(
+    /// Checks that `adapter` may be added with `scale`, and makes room
+    /// for it: at `max_loras`, the least recently used adapter loaded at
+    /// run time whose `users` count is 0 is removed (adapters given at
+    /// start stay). Then [`Self::insert`] it.
+    pub fn make_room(
         &mut self,
-        adapter: LoraAdapter,
+        adapter: &LoraAdapter,
         scale: f32,
         users: impl Fn(&Arc<LoraAdapter>) -> usize,
     ) -> Result<()> {
@@ -134,13 +219,16 @@ impl AdapterRegistry {
                 .named
                 .iter()
                 .enumerate()
-                .filter(|(_, (w, used))| used.is_some() && users(&w.adapter) == 0)
-                .min_by_key(|(_, (_, used))| *used)
+                .filter(|(_, n)| n.used.is_some() && users(&n.w.adapter) == 0)
+                .min_by_key(|(_, n)| n.used)
                 .map(|(i, _)| i);
             match idle {
                 Some(i) => {
-                    let (w, _) = self.named.remove(i);
-                    tracing::info!(evicted = %w.adapter.name, "LoRA adapter unloaded to make room");
+                    tracing::info!(
+                        evicted = %self.named[i].w.adapter.name,
+                        "LoRA adapter unloaded to make room"
+                    );
+                    self.retire(i);
                 }
                 None => {
                     return Err(Error::Overloaded(format!(
@@ -150,14 +238,20 @@ impl AdapterRegistry {
                 }
             }
         }
-        self.named.push((
-            WeightedAdapter {
+        Ok(())
+    }
+
+    /// Adds `adapter` (checked by [`Self::make_room`]) under its name,
+    /// holding `blocks` of the KV pool.
+    pub fn insert(&mut self, adapter: LoraAdapter, scale: f32, blocks: Vec<u32>) {
+        self.named.push(Named {
+            w: WeightedAdapter {
                 adapter: Arc::new(adapter),
                 weight: scale,
             },
-            Some(Instant::now()),
-        ));
-        Ok(())
+            used: Some(Instant::now()),
+            blocks,
+        });
     }
 
     /// Removes a named adapter; sequences holding it keep it until they end.
@@ -165,7 +259,7 @@ impl AdapterRegistry {
         let i = self
             .find(name)
             .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
-        self.named.remove(i);
+        self.retire(i);
         Ok(())
     }
 
@@ -180,11 +274,11 @@ impl AdapterRegistry {
                     "adapter weight {weight} is not a finite number"
                 )));
             }
-            let (w, used) = self
-                .named
-                .iter_mut()
-                .find(|(w, _)| w.adapter.name == *name)
-                .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
+            let Named { w, used, .. } =
+                self.named
+                    .iter_mut()
+                    .find(|n| n.w.adapter.name == *name)
+                    .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
             if used.is_some() {
                 *used = Some(Instant::now());
             }

@@ -13,7 +13,7 @@ use crate::model::{load_gguf, load_hf_folder, Family, Model, Output};
 use crate::output::{log_sum_exp, rows, OutputProcessor, RequestState};
 use crate::progress::Progress;
 use crate::quant::GgmlType;
-use crate::runner::{kv_pool_blocks, ModelRunner, SeqInput};
+use crate::runner::{kv_block_bytes, kv_pool_blocks, ModelRunner, SeqInput};
 use crate::scheduler::{Chunk, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions};
 use crate::threadpool::ThreadPool;
 use crate::tokenizer::Tokenizer;
@@ -42,7 +42,8 @@ pub struct EngineOptions {
     /// Longest sequence (prompt + output) to accept; capped by the model's
     /// context and by the KV pool.
     pub context: Option<usize>,
-    /// Memory for the KV block pool.
+    /// Memory for the KV block pool, LoRA adapters' memory included (they
+    /// hold the blocks their bytes fill).
     pub kv_cache_mb: Option<usize>,
     /// Blocks in the KV pool; takes precedence over `kv_cache_mb`.
     pub kv_blocks: Option<usize>,
@@ -189,6 +190,8 @@ pub struct Engine {
     adapters: AdapterRegistry,
     next_id: SeqId,
     context: usize,
+    /// Bytes of one KV block: the unit adapters are paid for in.
+    block_bytes: usize,
     max_batched_tokens: usize,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
@@ -291,7 +294,12 @@ impl Engine {
             .unwrap_or(DEFAULT_MAX_CONTEXT)
             .min(spec.context_length)
             .max(1);
-        let n_blocks = kv_pool_blocks(
+        // The KV type first: it may refuse the model outright.
+        opts.kv_dtype.check(spec.head_dim)?;
+        let adapters = AdapterRegistry::load(&opts.lora, spec, opts.max_loras)?;
+        let block_bytes = kv_block_bytes(spec, opts.kv_dtype, bs);
+        let adapter_blocks = adapters.blocks_needed(block_bytes);
+        let mut n_blocks = kv_pool_blocks(
             spec,
             opts.kv_dtype,
             bs,
@@ -299,7 +307,20 @@ impl Engine {
             opts.kv_blocks,
             opts.kv_cache_mb,
         )?;
-        let context = wanted.min(n_blocks * bs);
+        // Adapters are paid for out of the KV budget: a budget given is
+        // shared, the default one grows by what they take.
+        if opts.kv_blocks.is_none() && opts.kv_cache_mb.is_none() {
+            n_blocks += adapter_blocks;
+        }
+        if adapter_blocks >= n_blocks {
+            return Err(Error::Config(format!(
+                "the LoRA adapters take {adapter_blocks} of the {n_blocks} KV blocks of the \
+                 budget ({} of {} MiB), leaving none for keys and values",
+                (adapter_blocks * block_bytes) >> 20,
+                (n_blocks * block_bytes) >> 20
+            )));
+        }
+        let context = wanted.min((n_blocks - adapter_blocks) * bs);
         model.set_context(context);
         let runner = ModelRunner::new(model, pool, opts.kv_dtype, bs, n_blocks)?;
         let spec = &runner.model().spec;
@@ -323,7 +344,6 @@ impl Engine {
         let window = spec
             .sliding_window
             .filter(|_| spec.sliding_layers.iter().all(|&s| s));
-        let adapters = AdapterRegistry::load(&opts.lora, spec, opts.max_loras)?;
         let tokenizer = Arc::new(tokenizer);
         let output = OutputProcessor::new(tokenizer.clone(), spec.vocab_size, spec.hidden);
         let mut engine = Engine {
@@ -346,9 +366,19 @@ impl Engine {
             adapters,
             next_id: 0,
             context,
+            block_bytes,
             max_batched_tokens,
             fault: None,
         };
+        let sched = &mut engine.sched;
+        if !engine
+            .adapters
+            .hold_blocks(block_bytes, |n| sched.lease(n * bs))
+        {
+            return Err(Error::Internal(
+                "a fresh KV pool could not hold the adapters it was sized for".into(),
+            ));
+        }
         if let (Some(ty), Some(cal)) = (opts.isq, &opts.calibration) {
             crate::quant::quantize::ensure_isq_type(ty, "in-situ quantization")?;
             engine.calibrate_and_quantize(ty, cal, opts.progress)?;
@@ -444,8 +474,12 @@ impl Engine {
         self.runner.block_size()
     }
 
+    /// The scheduler's figures; `blocks_used` counts blocks held by
+    /// sequences, not those adapters' memory takes ([`Engine::adapter_blocks`]).
     pub fn stats(&self) -> SchedulerStats {
-        self.sched.stats()
+        let mut s = self.sched.stats();
+        s.blocks_used -= self.adapters.blocks_held();
+        s
     }
 
     pub fn counters(&self) -> Counters {
@@ -550,16 +584,61 @@ impl Engine {
     /// least recently used adapter loaded at run time that no admitted
     /// request is using goes first (adapters given at start stay; a request
     /// still on its way to the engine that names the evicted one gets 404).
+    ///
+    /// Its memory comes out of the KV budget, in KV blocks: it is refused
+    /// (503) when the free blocks cannot hold it, or when holding it would
+    /// leave the pool less than one context.
     pub fn add_adapter(&mut self, adapter: LoraAdapter, scale: f32) -> Result<()> {
+        self.reap_adapters();
         let sched = &self.sched;
-        self.adapters.add(adapter, scale, |a| users(sched, a))
+        self.adapters
+            .make_room(&adapter, scale, |a| users(sched, a))?;
+        self.reap_adapters();
+        let need = crate::adapter_registry::blocks_for(&adapter, self.block_bytes);
+        let bs = self.block_size();
+        let total = self.sched.stats().blocks_total;
+        let keep = self.context.div_ceil(bs);
+        if self.adapters.blocks_held() + need + keep > total {
+            return Err(Error::Overloaded(format!(
+                "LoRA adapter '{}' needs {need} KV blocks ({} KiB); with the {} that adapters \
+                 hold, the pool of {total} would keep less than one context ({keep} blocks): \
+                 unload an adapter or give a larger --kv-cache-mb",
+                adapter.name,
+                adapter.bytes() >> 10,
+                self.adapters.blocks_held()
+            )));
+        }
+        let blocks = self.sched.lease(need * bs).ok_or_else(|| {
+            Error::Overloaded(format!(
+                "LoRA adapter '{}' needs {need} free KV blocks; running requests hold the \
+                 pool now, try again later",
+                adapter.name
+            ))
+        })?;
+        self.adapters.insert(adapter, scale, blocks);
+        Ok(())
+    }
+
+    /// Gives back the blocks of removed adapters that no request holds.
+    fn reap_adapters(&mut self) {
+        let free = self.adapters.reap();
+        if !free.is_empty() {
+            self.sched.give_back(free);
+        }
+    }
+
+    /// KV blocks that adapters' memory takes out of the pool.
+    pub fn adapter_blocks(&self) -> usize {
+        self.adapters.blocks_held()
     }
 
     /// Removes a named adapter. Requests already using it finish with it
     /// (they hold it); new requests cannot name it. Its memory goes when the
     /// last of them ends.
     pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
-        self.adapters.remove(name)
+        self.adapters.remove(name)?;
+        self.reap_adapters();
+        Ok(())
     }
 
     /// Stops a request now and frees its blocks; its sink hears `Finished`
@@ -583,6 +662,7 @@ impl Engine {
 
     /// Runs one batch. Returns false when there was nothing to run.
     pub fn step(&mut self) -> bool {
+        self.reap_adapters();
         let chunks = self.sched.schedule();
         if chunks.is_empty() {
             return false;

@@ -505,6 +505,8 @@ fn publish(engine: &Engine, m: &Metrics) {
     m.requests_running.store(s.running as u64, Relaxed);
     m.requests_waiting.store(s.waiting as u64, Relaxed);
     m.kv_blocks_used.store(s.blocks_used as u64, Relaxed);
+    m.kv_blocks_lora
+        .store(engine.adapter_blocks() as u64, Relaxed);
     m.kv_blocks_cached.store(s.blocks_cached as u64, Relaxed);
     m.preemptions_total.store(s.preemptions, Relaxed);
     m.prompt_tokens_total.store(c.prompt_tokens, Relaxed);

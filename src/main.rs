@@ -352,7 +352,8 @@ struct ServeArgs {
     host: String,
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Memory for the KV block pool (default: 4 full contexts, at most 1 GiB).
+    /// Memory for the KV block pool, LoRA adapters included (default: 4 full
+    /// contexts, at most 1 GiB, plus what the adapters given at start take).
     #[arg(long)]
     kv_cache_mb: Option<usize>,
     /// Tokens per KV block.

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub requests_waiting: AtomicU64,
     pub kv_blocks_total: AtomicU64,
     pub kv_blocks_used: AtomicU64,
+    /// Blocks of the KV budget that LoRA adapters' memory takes.
+    pub kv_blocks_lora: AtomicU64,
     pub kv_blocks_cached: AtomicU64,
     pub preemptions_total: AtomicU64,
     pub prefix_cache_hit_tokens_total: AtomicU64,
@@ -80,6 +82,7 @@ impl Default for Metrics {
             requests_waiting: z(),
             kv_blocks_total: z(),
             kv_blocks_used: z(),
+            kv_blocks_lora: z(),
             kv_blocks_cached: z(),
             preemptions_total: z(),
             prefix_cache_hit_tokens_total: z(),
@@ -129,6 +132,12 @@ impl Metrics {
             "gauge",
             "KV blocks held by live sequences.",
             &self.kv_blocks_used,
+        );
+        put(
+            "ruvllm_kv_blocks_lora",
+            "gauge",
+            "KV blocks of the budget that LoRA adapters' memory takes.",
+            &self.kv_blocks_lora,
         );
         put(
             "ruvllm_kv_blocks_cached",

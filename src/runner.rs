@@ -43,6 +43,12 @@ pub struct ModelRunner {
     pool: ThreadPool,
 }
 
+/// Bytes of one KV block of `block_size` tokens (keys and values of every
+/// layer).
+pub fn kv_block_bytes(spec: &ModelSpec, dtype: KvDtype, block_size: usize) -> usize {
+    bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, dtype) * block_size
+}
+
 /// How many KV blocks of `block_size` tokens the pool gets: `kv_blocks`
 /// if given, else what `kv_cache_mb` holds, else [`DEFAULT_KV_CONTEXTS`]
 /// contexts of `context` tokens within [`DEFAULT_KV_CAP_MB`] (and never
@@ -55,8 +61,7 @@ pub fn kv_pool_blocks(
     kv_blocks: Option<usize>,
     kv_cache_mb: Option<usize>,
 ) -> Result<usize> {
-    let per_block =
-        bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, dtype) * block_size;
+    let per_block = kv_block_bytes(spec, dtype, block_size);
     let n_blocks = match (kv_blocks, kv_cache_mb) {
         (Some(n), _) => n,
         (None, Some(mb)) => (mb << 20) / per_block,

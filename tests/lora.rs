@@ -747,6 +747,9 @@ async fn adapters_load_and_unload_under_traffic() {
     let secs = std::time::Duration::from_secs(5);
     common::server::wait_for(&s, "ruvllm_requests_in_flight", |v| v == 0.0, secs).await;
     assert_eq!(metric(&s, "ruvllm_lora_adapters_loaded").await, 1.0);
+    // "code" holds its memory's worth of the KV budget, apart from sequences.
+    assert!(metric(&s, "ruvllm_kv_blocks_lora").await >= 1.0);
+    assert_eq!(metric(&s, "ruvllm_kv_blocks_used").await, 0.0);
     // Loaded again under the same name, it serves the same output.
     let (st, _) = post(&s, "/v1/load_lora_adapter", load("full", &dir.join("lora"))).await;
     assert_eq!(st, 200);
@@ -791,4 +794,79 @@ fn alpha_pattern_scales_only_the_modules_it_names() {
         max_abs_diff(&a, &plain) > 1e-3,
         "the pattern changed nothing"
     );
+}
+
+/// Adapters are paid for out of the KV budget, in KV blocks: one given at
+/// start holds its blocks (not counted as used by sequences); one loaded
+/// at run time is refused while it would leave the pool less than a
+/// context, and fits once another is removed; a removed adapter that a
+/// running request holds keeps its blocks until the request ends; start
+/// adapters that leave no room are a clear error.
+#[test]
+fn adapters_take_their_memory_out_of_the_kv_budget() {
+    use ruvllm::adapter_registry::blocks_for;
+    use ruvllm::kv::KvDtype;
+    use ruvllm::model::lora::LoraAdapter;
+    let dir = fixtures().join("llama");
+    let model = dir.join("model-f32.gguf");
+    let load = |kv_blocks: usize| {
+        Engine::load(
+            &model,
+            &EngineOptions {
+                threads: 2,
+                context: Some(64),
+                kv_blocks: Some(kv_blocks),
+                block_size: 16,
+                lora: vec![named("code", dir.join("lora_mix/code"))],
+                ..Default::default()
+            },
+        )
+    };
+    let probe = load(64).unwrap();
+    let spec = probe.model().spec.clone();
+    let block_bytes = ruvllm::runner::kv_block_bytes(&spec, KvDtype::F32, 16);
+    let full = || LoraAdapter::load(&dir.join("lora"), "full", &spec).unwrap();
+    let code_blocks = blocks_for(
+        &LoraAdapter::load(&dir.join("lora_mix/code"), "c", &spec).unwrap(),
+        block_bytes,
+    );
+    let full_blocks = blocks_for(&full(), block_bytes);
+    assert!(code_blocks >= 1 && full_blocks >= 1);
+    drop(probe);
+    // Room for "code", one context (4 blocks) and all of "full" but one.
+    let total = code_blocks + 4 + full_blocks - 1;
+    let mut e = load(total).unwrap();
+    assert_eq!(e.context(), 64);
+    assert_eq!(e.adapter_blocks(), code_blocks);
+    assert_eq!(e.stats().blocks_used, 0, "adapters are no sequence's");
+    assert_eq!(e.stats().blocks_total, total);
+    let err = e.add_adapter(full(), 1.0).unwrap_err();
+    assert!(matches!(err, ruvllm::Error::Overloaded(_)), "{err}");
+    assert!(err.to_string().contains("less than one context"), "{err}");
+    assert_eq!(
+        e.adapter_blocks(),
+        code_blocks,
+        "a refused load holds nothing"
+    );
+    e.remove_adapter("code").unwrap();
+    assert_eq!(e.adapter_blocks(), 0);
+    e.add_adapter(full(), 1.0).unwrap();
+    assert_eq!(e.adapter_blocks(), full_blocks);
+    // Removed while a request runs with it: its blocks wait for the request.
+    let mut req = greedy_request(&[1, 2, 3, 4], 8);
+    req.adapters = vec![("full".into(), 1.0)];
+    let (tx, rx) = mpsc::channel();
+    e.add_request(7, req, None, Box::new(move |ev| tx.send(ev).is_ok()));
+    e.step();
+    e.remove_adapter("full").unwrap();
+    assert_eq!(e.adapter_blocks(), full_blocks, "still in use");
+    while e.step() {}
+    assert!(rx
+        .try_iter()
+        .any(|ev| matches!(ev, SeqEvent::Finished(s) if s.tokens.len() == 8)));
+    assert_eq!(e.adapter_blocks(), 0, "given back once the request ended");
+    assert_eq!(e.stats().blocks_used, 0);
+    // A budget the start adapters fill leaves nothing for keys and values.
+    let err = load(code_blocks).err().expect("no room");
+    assert!(err.to_string().contains("leaving none"), "{err}");
 }

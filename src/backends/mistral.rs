@@ -155,7 +155,10 @@ impl Default for IsqConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum IsqMethod {
-    /// Activation-aware weight quantization: not implemented (needs calibration data).
+    /// Activation-aware weight quantization (per-channel scales searched on
+    /// calibration data): not implemented. The engine's activation-aware
+    /// method, llama.cpp's importance matrix, is
+    /// [`crate::engine::EngineOptions::calibration`] (`--calibrate`).
     #[default]
     AWQ,
     /// Not implemented (needs calibration data).
@@ -176,7 +179,8 @@ impl IsqConfig {
             (4, IsqMethod::RTN) => Ok(Quantization::Q4),
             (bits, method) => Err(Error::NotImplemented(format!(
                 "ISQ with {bits} bits by {method:?} (round to nearest, IsqMethod::RTN, \
-                 is available with 4, 5 or 8 bits: Q4_0, Q5_0, Q8_0)"
+                 is available with 4, 5 or 8 bits: Q4_0, Q5_0, Q8_0; the engine's \
+                 activation-aware method is EngineOptions::calibration, --calibrate)"
             ))),
         }
     }

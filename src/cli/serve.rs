@@ -109,8 +109,12 @@ fn load(
     // What the same memory would hold in f32, so a quantized cache's gain shows.
     let vs_f32 =
         KvDtype::F32.vector_bytes(s.head_dim) as f64 / dtype.vector_bytes(s.head_dim) as f64;
+    let lora = match engine.adapter_blocks() {
+        0 => String::new(),
+        n => format!(" ({n} of them hold LoRA adapters)"),
+    };
     eprintln!(
-        "KV cache: {} blocks × {bs} tokens = {} tokens ({mib:.0} MiB, {dtype}: {vs_f32:.1}× the tokens of f32); context {} tokens; up to {} sequences, {} tokens per step; {} threads",
+        "KV cache: {} blocks{lora} × {bs} tokens = {} tokens ({mib:.0} MiB, {dtype}: {vs_f32:.1}× the tokens of f32); context {} tokens; up to {} sequences, {} tokens per step; {} threads",
         stats.blocks_total,
         stats.blocks_total * bs,
         engine.context(),
