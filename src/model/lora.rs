@@ -154,6 +154,42 @@ pub(super) fn add_lora(
     }) {
         return;
     }
+    if n < pool.n_threads() {
+        // Fewer rows than threads (decode): each row's shrink is split over
+        // the threads by rank, then its expansion by output element.
+        let threads = pool.n_threads();
+        for r in 0..n {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let ts: Vec<Shrunk> = mix(r)
+                .iter()
+                .filter_map(|wa| {
+                    let p = wa.adapter.pair(layer, target)?;
+                    let mut t = vec![0f32; p.rank];
+                    pool.par_chunks_mut(&mut t, p.rank.div_ceil(threads), &|off, ts| {
+                        let a = &p.a[off * p.cols..(off + ts.len()) * p.cols];
+                        dispatch(Shrink { a, x: xr, t: ts })
+                    });
+                    Some(Shrunk {
+                        k: wa.weight * p.scale,
+                        pair: p,
+                        t,
+                    })
+                })
+                .collect();
+            if ts.is_empty() {
+                continue;
+            }
+            let piece = out.div_ceil(threads).next_multiple_of(8);
+            pool.par_chunks_mut(&mut y[r * out..(r + 1) * out], piece, &|off, ys| {
+                dispatch(Expand {
+                    ts: &ts,
+                    off,
+                    y: ys,
+                })
+            });
+        }
+        return;
+    }
     // A chunk may hold several rows (a one-thread pool hands out all of
     // them at once).
     pool.par_chunks_mut(y, out, &|off, ys| {
@@ -189,18 +225,75 @@ impl Kernel for LoraRow<'_> {
                 continue;
             };
             // Shrink: t = A x, then expand: y += (w·s) B t.
-            // Plain loops, not iterator adaptors: a closure is compiled on
-            // its own, outside this copy's instruction set, and `mul_add`
-            // there becomes a library call.
-            t.clear();
-            for a in p.a.chunks_exact(p.cols) {
-                t.push(dot(s, a, self.x));
-            }
-            let k = wa.weight * p.scale;
-            for (yv, b) in self.y.iter_mut().zip(p.b.chunks_exact(p.rank)) {
-                *yv = s.mul_add(k, dot(s, b, &t), *yv);
-            }
+            shrink(s, &p.a, p.cols, self.x, &mut t);
+            expand(s, wa.weight * p.scale, &p.b, p.rank, &t, self.y);
         }
+    }
+}
+
+/// One adapter's shrunk input `t = A x` of a row, with its weight × scale.
+struct Shrunk<'a> {
+    k: f32,
+    pair: &'a LoraPair,
+    t: Vec<f32>,
+}
+
+/// Elements of `t = A x` for the rows of `A` given (as many as `t` holds).
+struct Shrink<'a> {
+    a: &'a [f32],
+    x: &'a [f32],
+    t: &'a mut [f32],
+}
+
+impl Kernel for Shrink<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        for (tv, a) in self.t.iter_mut().zip(self.a.chunks_exact(self.x.len())) {
+            *tv = dot(s, a, self.x);
+        }
+    }
+}
+
+/// Elements `off..off + y.len()` of a row's output, under every adapter in
+/// turn: each element sees the same operations in the same order as in
+/// [`LoraRow`], so splitting a row changes no bit.
+struct Expand<'a> {
+    ts: &'a [Shrunk<'a>],
+    off: usize,
+    y: &'a mut [f32],
+}
+
+impl Kernel for Expand<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        for sh in self.ts {
+            let r = sh.pair.rank;
+            let b = &sh.pair.b[self.off * r..(self.off + self.y.len()) * r];
+            expand(s, sh.k, b, r, &sh.t, self.y);
+        }
+    }
+}
+
+// Plain loops, not iterator adaptors: a closure is compiled on its own,
+// outside the kernel copy's instruction set, and `mul_add` there becomes
+// a library call.
+
+/// `t = A x` for `A` of rows of `cols`.
+#[inline(always)]
+fn shrink<S: Simd>(s: S, a: &[f32], cols: usize, x: &[f32], t: &mut Vec<f32>) {
+    t.clear();
+    for a in a.chunks_exact(cols) {
+        t.push(dot(s, a, x));
+    }
+}
+
+/// `y += k · B t` for `B` of rows of `rank`, one row per element of `y`.
+#[inline(always)]
+fn expand<S: Simd>(s: S, k: f32, b: &[f32], rank: usize, t: &[f32], y: &mut [f32]) {
+    for (yv, b) in y.iter_mut().zip(b.chunks_exact(rank)) {
+        *yv = s.mul_add(k, dot(s, b, t), *yv);
     }
 }
 
