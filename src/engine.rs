@@ -820,25 +820,38 @@ impl Engine {
     ) -> Result<Output> {
         let hidden_rows = if want_hidden { rows } else { &[] };
         self.with_sequence(tokens.len(), |e, table| {
-            let mut out = Output {
-                logits: Vec::new(),
-                hidden: Vec::new(),
-            };
-            let chunk = e.max_batched_tokens;
-            for (ci, toks) in tokens.chunks(chunk).enumerate() {
-                let base = ci * chunk;
-                let local = |rs: &[usize]| -> Vec<usize> {
-                    rs.iter()
-                        .filter(|&&r| r >= base && r < base + toks.len())
-                        .map(|&r| r - base)
-                        .collect()
-                };
-                let o = e.forward_private(table, toks, base, &local(rows), &local(hidden_rows))?;
-                out.logits.extend_from_slice(&o.logits);
-                out.hidden.extend_from_slice(&o.hidden);
-            }
-            Ok(out)
+            e.forward_chunked(table, tokens, rows, hidden_rows)
         })
+    }
+
+    /// Runs `tokens` from position 0 of a private sequence in chunks of
+    /// the step's token budget, returning the logits of `rows` and the
+    /// hidden states of `hidden_rows`.
+    fn forward_chunked(
+        &mut self,
+        table: &[u32],
+        tokens: &[u32],
+        rows: &[usize],
+        hidden_rows: &[usize],
+    ) -> Result<Output> {
+        let mut out = Output {
+            logits: Vec::new(),
+            hidden: Vec::new(),
+        };
+        let chunk = self.max_batched_tokens;
+        for (ci, toks) in tokens.chunks(chunk).enumerate() {
+            let base = ci * chunk;
+            let local = |rs: &[usize]| -> Vec<usize> {
+                rs.iter()
+                    .filter(|&&r| r >= base && r < base + toks.len())
+                    .map(|&r| r - base)
+                    .collect()
+            };
+            let o = self.forward_private(table, toks, base, &local(rows), &local(hidden_rows))?;
+            out.logits.extend_from_slice(&o.logits);
+            out.hidden.extend_from_slice(&o.hidden);
+        }
+        Ok(out)
     }
 
     /// `log p(tokens[i + 1] | tokens[..=i])` for every `i`: how likely the
@@ -882,9 +895,7 @@ impl Engine {
     ) -> Result<(Vec<f32>, std::time::Duration)> {
         let d = prefix.len();
         self.with_sequence(d + tokens.len(), |e, table| {
-            for (ci, toks) in prefix.chunks(e.max_batched_tokens).enumerate() {
-                e.forward_private(table, toks, ci * e.max_batched_tokens, &[], &[])?;
-            }
+            e.forward_chunked(table, prefix, &[], &[])?;
             let start = std::time::Instant::now();
             let mut logits = Vec::with_capacity(tokens.len() * e.model().spec.vocab_size);
             for (p, &t) in tokens.iter().enumerate() {

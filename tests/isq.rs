@@ -486,3 +486,39 @@ fn calibrated_quantization_beats_round_to_nearest_on_perplexity() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Blocks of zeros, of values too small to scale (below ggml's group
+/// epsilon) and zero sub-blocks beside normal ones: every type comes back
+/// with zeros where a block of 32 was zero and finite values everywhere,
+/// with and without importance.
+#[test]
+fn zero_and_tiny_blocks_quantize_to_finite_values() {
+    use ruvllm::quant::dequantize;
+    use ruvllm::quant::quantize::{quantize_row, quantize_row_weighted, ISQ_TYPES};
+    let n = 512;
+    let mut mixed = vec![0f32; n];
+    for (i, v) in mixed.iter_mut().enumerate().skip(64) {
+        *v = ((i * 37 % 101) as f32 - 50.0) / 25.0;
+    }
+    let rows = [vec![0f32; n], vec![1e-30f32; n], mixed];
+    let importance: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
+    for &ty in ISQ_TYPES {
+        for (ri, x) in rows.iter().enumerate() {
+            for q in [
+                quantize_row(ty, x).unwrap(),
+                quantize_row_weighted(ty, x, &importance).unwrap(),
+            ] {
+                let mut y = vec![f32::NAN; n];
+                dequantize(ty, &q, &mut y);
+                for (i, (&a, &b)) in x.iter().zip(&y).enumerate() {
+                    assert!(b.is_finite(), "{ty:?} row {ri}[{i}]: {b}");
+                    // Exact only where a whole block of 32 is zero (an
+                    // offset cannot hit a lone zero of a block).
+                    if x[i / 32 * 32..][..32].iter().all(|&v| v == 0.0) {
+                        assert_eq!((a, b), (0.0, 0.0), "{ty:?} row {ri}[{i}]");
+                    }
+                }
+            }
+        }
+    }
+}

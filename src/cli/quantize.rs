@@ -130,7 +130,8 @@ pub fn run(
     // no half file, and OUT may even be IN (whose map stays valid).
     let part = output.with_file_name(format!(".{}.part", out_name.to_string_lossy()));
     let file = std::fs::File::create(&part).map_err(|e| Error::io(&part, e))?;
-    let result = (|| -> Result<()> {
+    // A panic (a bug) must not leave the part file behind either.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         let mut w = GgufWriter::new(std::io::BufWriter::new(file), &part, &metadata, &headers)?;
         let pool = ThreadPool::new(threads);
         let mut bar = Progress::new(format!("quantizing to {}", ty.name()), true);
@@ -196,7 +197,11 @@ pub fn run(
             mix.join(", ")
         );
         Ok(())
-    })();
+    }))
+    .unwrap_or_else(|p| {
+        let _ = std::fs::remove_file(&part);
+        std::panic::resume_unwind(p)
+    });
     let result =
         result.and_then(|()| std::fs::rename(&part, output).map_err(|e| Error::io(output, e)));
     if result.is_err() {
