@@ -193,16 +193,18 @@ impl AdapterRegistry {
         &self.always
     }
 
-    /// Checks that `adapter` may be added with `scale`, and makes room
-    /// for it: at `max_loras`, the least recently used adapter loaded at
-    /// run time whose `users` count is 0 is removed (adapters given at
-    /// start stay). Then [`Self::insert`] it.
+    /// Checks that `adapter` may be added with `scale` and finds what must
+    /// make room for it: at `max_loras`, the least recently used adapter
+    /// loaded at run time whose `users` count is 0 (adapters given at
+    /// start stay), returned with the blocks it holds. Nothing changes
+    /// here: [`Self::evict`] the victim and [`Self::insert`] the adapter
+    /// once everything else about the load has been checked.
     pub fn make_room(
-        &mut self,
+        &self,
         adapter: &LoraAdapter,
         scale: f32,
         users: impl Fn(&Arc<LoraAdapter>) -> usize,
-    ) -> Result<()> {
+    ) -> Result<Option<(usize, usize)>> {
         if !scale.is_finite() || scale.abs() > MAX_ADAPTER_WEIGHT {
             return Err(Error::InvalidRequest(format!(
                 "LoRA scale {scale} is not a finite number within ±{MAX_ADAPTER_WEIGHT}"
@@ -222,23 +224,25 @@ impl AdapterRegistry {
                 .filter(|(_, n)| n.used.is_some() && users(&n.w.adapter) == 0)
                 .min_by_key(|(_, n)| n.used)
                 .map(|(i, _)| i);
-            match idle {
-                Some(i) => {
-                    tracing::info!(
-                        evicted = %self.named[i].w.adapter.name,
-                        "LoRA adapter unloaded to make room"
-                    );
-                    self.retire(i);
-                }
-                None => {
-                    return Err(Error::Overloaded(format!(
-                        "{max} LoRA adapters are loaded (--max-loras): those loaded at run \
-                         time are all in use, and those given at start stay"
-                    )))
-                }
-            }
+            return match idle {
+                Some(i) => Ok(Some((i, self.named[i].blocks.len()))),
+                None => Err(Error::Overloaded(format!(
+                    "{max} LoRA adapters are loaded (--max-loras): those loaded at run \
+                     time are all in use, and those given at start stay"
+                ))),
+            };
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Unloads the victim [`Self::make_room`] chose (no sequence holds it,
+    /// so [`Self::reap`] gives its blocks back at once).
+    pub fn evict(&mut self, i: usize) {
+        tracing::info!(
+            evicted = %self.named[i].w.adapter.name,
+            "LoRA adapter unloaded to make room"
+        );
+        self.retire(i);
     }
 
     /// Adds `adapter` (checked by [`Self::make_room`]) under its name,

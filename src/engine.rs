@@ -192,6 +192,10 @@ pub struct Engine {
     context: usize,
     /// Bytes of one KV block: the unit adapters are paid for in.
     block_bytes: usize,
+    /// Whether adapters loaded at run time are paid for out of the KV
+    /// pool: only when the budget was given (a default pool may be one
+    /// context, with nothing to spare).
+    charge_runtime_adapters: bool,
     max_batched_tokens: usize,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
@@ -218,8 +222,10 @@ impl Engine {
                     .into(),
             ));
         }
-        if let Some(ty) = opts.isq.filter(|_| opts.calibration.is_none()) {
+        if let Some(ty) = opts.isq {
             crate::quant::quantize::ensure_isq_type(ty, "in-situ quantization")?;
+        }
+        if let Some(ty) = opts.isq.filter(|_| opts.calibration.is_none()) {
             let t0 = Instant::now();
             let mut bar = Progress::new(format!("quantizing to {}", ty.name()), opts.progress);
             let n = model.quantize_unquantized(ty, &pool, &mut |d, t| bar.update(d, t));
@@ -367,6 +373,7 @@ impl Engine {
             next_id: 0,
             context,
             block_bytes,
+            charge_runtime_adapters: opts.kv_blocks.is_some() || opts.kv_cache_mb.is_some(),
             max_batched_tokens,
             fault: None,
         };
@@ -380,7 +387,6 @@ impl Engine {
             ));
         }
         if let (Some(ty), Some(cal)) = (opts.isq, &opts.calibration) {
-            crate::quant::quantize::ensure_isq_type(ty, "in-situ quantization")?;
             engine.calibrate_and_quantize(ty, cal, opts.progress)?;
         }
         Ok(engine)
@@ -390,6 +396,11 @@ impl Engine {
     /// every projection's inputs, then quantizes to `ty` with each block
     /// fitted under its columns' importance.
     fn calibrate_and_quantize(&mut self, ty: GgmlType, cal: &Calibration, bar: bool) -> Result<()> {
+        if cal.windows == 0 {
+            return Err(Error::Config(
+                "calibration needs at least one window (--calibrate-windows)".into(),
+            ));
+        }
         let text = std::fs::read_to_string(&cal.text).map_err(|e| Error::io(&cal.text, e))?;
         let tokens = self.tokenizer.encode(&text, true)?;
         let window = cal.window.min(self.context);
@@ -478,7 +489,7 @@ impl Engine {
     /// sequences, not those adapters' memory takes ([`Engine::adapter_blocks`]).
     pub fn stats(&self) -> SchedulerStats {
         let mut s = self.sched.stats();
-        s.blocks_used -= self.adapters.blocks_held();
+        s.blocks_used = s.blocks_used.saturating_sub(self.adapters.blocks_held());
         s
     }
 
@@ -591,30 +602,49 @@ impl Engine {
     pub fn add_adapter(&mut self, adapter: LoraAdapter, scale: f32) -> Result<()> {
         self.reap_adapters();
         let sched = &self.sched;
-        self.adapters
+        // Everything is checked before anything changes: a refused load
+        // unloads no other adapter.
+        let victim = self
+            .adapters
             .make_room(&adapter, scale, |a| users(sched, a))?;
-        self.reap_adapters();
-        let need = crate::adapter_registry::blocks_for(&adapter, self.block_bytes);
+        let freed = victim.map_or(0, |(_, blocks)| blocks);
+        let need = if self.charge_runtime_adapters {
+            crate::adapter_registry::blocks_for(&adapter, self.block_bytes)
+        } else {
+            0
+        };
         let bs = self.block_size();
-        let total = self.sched.stats().blocks_total;
+        let s = self.sched.stats();
+        let (total, available) = (s.blocks_total, s.blocks_total - s.blocks_used);
         let keep = self.context.div_ceil(bs);
-        if self.adapters.blocks_held() + need + keep > total {
+        let held = self.adapters.blocks_held() - freed;
+        if held + need + keep > total {
             return Err(Error::Overloaded(format!(
-                "LoRA adapter '{}' needs {need} KV blocks ({} KiB); with the {} that adapters \
-                 hold, the pool of {total} would keep less than one context ({keep} blocks): \
-                 unload an adapter or give a larger --kv-cache-mb",
+                "LoRA adapter '{}' needs {need} KV blocks ({} KiB); with the {held} that \
+                 adapters hold, the pool of {total} would keep less than one context ({keep} \
+                 blocks): unload an adapter or give a larger --kv-cache-mb",
                 adapter.name,
                 adapter.bytes() >> 10,
-                self.adapters.blocks_held()
             )));
         }
-        let blocks = self.sched.lease(need * bs).ok_or_else(|| {
-            Error::Overloaded(format!(
+        if need > available + freed {
+            return Err(Error::Overloaded(format!(
                 "LoRA adapter '{}' needs {need} free KV blocks; running requests hold the \
                  pool now, try again later",
                 adapter.name
-            ))
-        })?;
+            )));
+        }
+        if let Some((i, _)) = victim {
+            self.adapters.evict(i);
+            self.reap_adapters();
+        }
+        let blocks = self
+            .sched
+            .lease(need * bs)
+            .ok_or_else(|| Error::Internal("checked free KV blocks were not there".into()))?;
+        // They may have held keys and values: their pages go back, and the
+        // adapter's own memory takes their place in the budget.
+        self.runner.discard(&blocks);
         self.adapters.insert(adapter, scale, blocks);
         Ok(())
     }
@@ -712,6 +742,8 @@ impl Engine {
                 }
             }
         }
+        // Requests that ended may have let go of a removed adapter.
+        self.reap_adapters();
         true
     }
 
@@ -739,6 +771,7 @@ impl Engine {
     /// Cached prefixes stay (the next turn of a chat wants them) unless
     /// `drop_cache` says to forget them too.
     pub fn trim(&mut self, drop_cache: bool) {
+        self.reap_adapters();
         if self.has_work() {
             return;
         }

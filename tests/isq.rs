@@ -422,7 +422,12 @@ fn calibrated_quantization_beats_round_to_nearest_on_perplexity() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let text =
         std::fs::read_to_string(fixtures().join("../text/licenses-gpl3-apache2.txt")).unwrap();
-    let half = text[..text.len() / 2].rfind('\n').unwrap();
+    let half = text
+        .match_indices('\n')
+        .map(|(i, _)| i)
+        .take_while(|&i| i <= text.len() / 2)
+        .last()
+        .unwrap();
     let (scored, calibration) = (dir.join("scored.txt"), dir.join("calibration.txt"));
     std::fs::write(&scored, &text[..half]).unwrap();
     std::fs::write(&calibration, &text[half..]).unwrap();

@@ -869,4 +869,32 @@ fn adapters_take_their_memory_out_of_the_kv_budget() {
     // A budget the start adapters fill leaves nothing for keys and values.
     let err = load(code_blocks).err().expect("no room");
     assert!(err.to_string().contains("leaving none"), "{err}");
+
+    // At --max-loras 1, a load refused for want of room unloads nothing:
+    // "chat" stays when the larger "full" cannot fit even in its place.
+    let bb = ruvllm::runner::kv_block_bytes(&spec, KvDtype::F32, 1);
+    let chat = || LoraAdapter::load(&dir.join("lora_mix/chat"), "chat", &spec).unwrap();
+    let (chat_blocks, full_blocks) = (blocks_for(&chat(), bb), blocks_for(&full(), bb));
+    assert!(full_blocks > chat_blocks, "{full_blocks} vs {chat_blocks}");
+    let mut e = Engine::load(
+        &model,
+        &EngineOptions {
+            threads: 2,
+            context: Some(64),
+            kv_blocks: Some(64 + chat_blocks),
+            block_size: 1,
+            max_loras: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    e.add_adapter(chat(), 1.0).unwrap();
+    let err = e.add_adapter(full(), 1.0).unwrap_err();
+    assert!(err.to_string().contains("less than one context"), "{err}");
+    assert_eq!(
+        e.adapter_names(),
+        ["chat"],
+        "the refused load evicted nothing"
+    );
+    assert_eq!(e.adapter_blocks(), chat_blocks);
 }

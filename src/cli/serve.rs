@@ -116,7 +116,7 @@ fn load(
     eprintln!(
         "KV cache: {} blocks{lora} × {bs} tokens = {} tokens ({mib:.0} MiB, {dtype}: {vs_f32:.1}× the tokens of f32); context {} tokens; up to {} sequences, {} tokens per step; {} threads",
         stats.blocks_total,
-        stats.blocks_total * bs,
+        (stats.blocks_total - engine.adapter_blocks()) * bs,
         engine.context(),
         opts.max_num_seqs,
         opts.max_batched_tokens,

@@ -249,7 +249,8 @@ impl Kernel for Shrink<'_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        for (tv, a) in self.t.iter_mut().zip(self.a.chunks_exact(self.x.len())) {
+        let cols = self.a.len() / self.t.len().max(1);
+        for (tv, a) in self.t.iter_mut().zip(self.a.chunks_exact(cols.max(1))) {
             *tv = dot(s, a, self.x);
         }
     }

@@ -64,29 +64,35 @@ pub struct Linear {
 #[derive(Debug, Default)]
 pub struct InputStats {
     sum_sq: Vec<f64>,
-    rows: u64,
+    /// Finite values seen per column (a NaN or infinity is left out rather
+    /// than making its column's importance meaningless).
+    counts: Vec<u64>,
 }
 
 impl InputStats {
     fn add(&mut self, x: &[f32], cols: usize) {
         if self.sum_sq.len() != cols {
             self.sum_sq = vec![0.0; cols];
+            self.counts = vec![0; cols];
         }
         for row in x.chunks_exact(cols) {
-            for (s, &v) in self.sum_sq.iter_mut().zip(row) {
-                *s += v as f64 * v as f64;
+            for ((s, n), &v) in self.sum_sq.iter_mut().zip(&mut self.counts).zip(row) {
+                if v.is_finite() {
+                    *s += v as f64 * v as f64;
+                    *n += 1;
+                }
             }
-            self.rows += 1;
         }
     }
 
-    /// The mean square of each input column (0 where it was not finite);
-    /// `None` before any row.
+    /// The mean square of each input column over its finite values (0 for
+    /// a column that had none); `None` before any row.
     pub fn importance(&self) -> Option<Vec<f32>> {
-        (self.rows > 0).then(|| {
+        self.counts.iter().any(|&n| n > 0).then(|| {
             self.sum_sq
                 .iter()
-                .map(|s| (s / self.rows as f64) as f32)
+                .zip(&self.counts)
+                .map(|(s, &n)| if n > 0 { (s / n as f64) as f32 } else { 0.0 })
                 .map(|v| if v.is_finite() { v } else { 0.0 })
                 .collect()
         })

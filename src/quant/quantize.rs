@@ -21,7 +21,10 @@
 //! fitted to minimize its error weighted by that importance, as
 //! llama-quantize does with `--imatrix`: Q4_0/Q5_0 search 19 scales,
 //! Q4_1/Q5_1 and the sub-blocks of Q4_K/Q5_K fit a scale and a minimum over
-//! 37 candidates, Q6_K weighs its 19-scale search. Q8_0 ignores it.
+//! 37 candidates, Q6_K weighs its 19-scale search by the importance alone.
+//! Q8_0 ignores it. One difference from llama-quantize: the K-quants'
+//! sub-block scales and minimums are still rounded under the largest one
+//! (llama.cpp searches those roundings too, weighted).
 
 use super::{GgmlType, QK, QK_K};
 use half::f16;
@@ -550,10 +553,9 @@ fn q6_k(x: &[f32], importance: Option<&[f32]>, out: &mut Vec<u8>) {
     let mut l = [0u8; QK_K];
     let mut scales = [0f32; 16];
     let (mut max_scale, mut max_abs) = (0f32, 0f32);
-    let weighted = importance.map(|imp| importance_weights(x, imp));
     for (ib, s) in scales.iter_mut().enumerate() {
-        let w = weighted
-            .as_ref()
+        // As llama.cpp's Q6_K: the importance itself weighs the search.
+        let w = importance
             .map(|w| &w[16 * ib..16 * ib + 16])
             .filter(|w| w.iter().any(|&v| v > 0.0));
         *s = fit_symmetric(&x[16 * ib..16 * ib + 16], w, 32, &mut l[16 * ib..]);
