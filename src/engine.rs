@@ -401,6 +401,14 @@ impl Engine {
                 "calibration needs at least one window (--calibrate-windows)".into(),
             ));
         }
+        if !self.model().has_unquantized() {
+            // Calibrating would only cost time: say so at once.
+            tracing::warn!(
+                "--isq {}: no F32/F16/BF16 matrix to quantize; calibration skipped",
+                ty.name()
+            );
+            return Ok(());
+        }
         let text = std::fs::read_to_string(&cal.text).map_err(|e| Error::io(&cal.text, e))?;
         let tokens = self.tokenizer.encode(&text, true)?;
         let window = cal.window.min(self.context);

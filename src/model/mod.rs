@@ -509,6 +509,12 @@ impl Model {
         v
     }
 
+    /// Whether any weight matrix is unquantized (F32/F16/BF16): something
+    /// for in-situ quantization to do.
+    pub fn has_unquantized(&self) -> bool {
+        self.matrices().iter().any(|m| !m.ty.is_quantized())
+    }
+
     /// Weight bytes, and how many of them are memory-mapped.
     pub fn weight_bytes(&self) -> (usize, usize) {
         let ms = self.matrices();
