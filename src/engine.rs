@@ -190,8 +190,6 @@ pub struct Engine {
     adapters: AdapterRegistry,
     next_id: SeqId,
     context: usize,
-    /// Bytes of one KV block: the unit adapters are paid for in.
-    block_bytes: usize,
     /// Whether adapters loaded at run time are paid for out of the KV
     /// pool: only when the budget was given (a default pool may be one
     /// context, with nothing to spare).
@@ -224,22 +222,6 @@ impl Engine {
         }
         if let Some(ty) = opts.isq {
             crate::quant::quantize::ensure_isq_type(ty, "in-situ quantization")?;
-        }
-        if let Some(ty) = opts.isq.filter(|_| opts.calibration.is_none()) {
-            let t0 = Instant::now();
-            let mut bar = Progress::new(format!("quantizing to {}", ty.name()), opts.progress);
-            let n = model.quantize_unquantized(ty, &pool, &mut |d, t| bar.update(d, t));
-            if n == 0 {
-                tracing::warn!(
-                    "--isq {}: no F32/F16/BF16 matrix with rows of whole blocks to quantize",
-                    ty.name()
-                );
-            }
-            tracing::info!(
-                matrices = n,
-                secs = t0.elapsed().as_secs_f64(),
-                "in-situ quantization"
-            );
         }
         let spec = &model.spec;
         if tokenizer.vocab_size() > spec.vocab_size {
@@ -372,7 +354,6 @@ impl Engine {
             adapters,
             next_id: 0,
             context,
-            block_bytes,
             charge_runtime_adapters: opts.kv_blocks.is_some() || opts.kv_cache_mb.is_some(),
             max_batched_tokens,
             fault: None,
@@ -386,65 +367,29 @@ impl Engine {
                 "a fresh KV pool could not hold the adapters it was sized for".into(),
             ));
         }
-        if let (Some(ty), Some(cal)) = (opts.isq, &opts.calibration) {
-            engine.calibrate_and_quantize(ty, cal, opts.progress)?;
+        if let Some(ty) = opts.isq {
+            // The KV pool's pages are only touched as it fills, so
+            // quantizing after it is made costs no memory.
+            engine.quantize_in_situ(ty, opts.calibration.as_ref(), opts.progress)?;
         }
         Ok(engine)
     }
 
-    /// Runs the float model over `cal`'s text gathering the squares of
-    /// every projection's inputs, then quantizes to `ty` with each block
-    /// fitted under its columns' importance.
-    fn calibrate_and_quantize(&mut self, ty: GgmlType, cal: &Calibration, bar: bool) -> Result<()> {
-        if cal.windows == 0 {
-            return Err(Error::Config(
-                "calibration needs at least one window (--calibrate-windows)".into(),
-            ));
-        }
-        if !self.model().has_unquantized() {
-            // Calibrating would only cost time: say so at once.
-            tracing::warn!(
-                "--isq {}: no F32/F16/BF16 matrix to quantize; calibration skipped",
-                ty.name()
-            );
-            return Ok(());
-        }
-        let text = std::fs::read_to_string(&cal.text).map_err(|e| Error::io(&cal.text, e))?;
-        let tokens = self.tokenizer.encode(&text, true)?;
-        let window = cal.window.min(self.context);
-        let n = (tokens.len() / window.max(1)).min(cal.windows);
-        if window < 2 || n == 0 {
-            return Err(Error::Config(format!(
-                "calibration text {}: {} tokens, fewer than one window of {window} (at least 2)",
-                cal.text.display(),
-                tokens.len()
-            )));
-        }
-        let bos = self
-            .tokenizer
-            .special
-            .bos
-            .filter(|_| self.tokenizer.special.add_bos);
+    /// Quantizes the unquantized weight matrices to `ty` (see
+    /// [`EngineOptions::isq`]), after calibrating on `cal` if given, with a
+    /// progress bar when `bar`.
+    fn quantize_in_situ(
+        &mut self,
+        ty: GgmlType,
+        cal: Option<&Calibration>,
+        bar: bool,
+    ) -> Result<()> {
         let t0 = Instant::now();
-        self.runner.model_mut().record_input_stats(true);
-        let mut progress = Progress::new(format!("calibrating on {n} × {window} tokens"), bar);
-        let mut run = || -> Result<()> {
-            for (i, w) in tokens.chunks_exact(window).take(n).enumerate() {
-                let mut w = w.to_vec();
-                if let Some(b) = bos {
-                    w[0] = b;
-                }
-                // Every row's logits, so the output projection sees them all.
-                self.token_logprobs(&w)?;
-                progress.update(i + 1, n);
-            }
-            Ok(())
+        // Nothing to quantize: no calibration to pay for either.
+        let calibration_tokens = match cal {
+            Some(cal) if self.model().has_unquantized() => self.calibrate(cal, bar)?,
+            _ => 0,
         };
-        if let Err(e) = run() {
-            self.runner.model_mut().record_input_stats(false);
-            return Err(e);
-        }
-        let calibrate_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut progress = Progress::new(format!("quantizing to {}", ty.name()), bar);
         let changed = self
@@ -459,12 +404,45 @@ impl Engine {
         }
         tracing::info!(
             matrices = changed,
-            tokens = n * window,
-            calibrate_secs,
+            calibration_tokens,
+            calibrate_secs = (t1 - t0).as_secs_f64(),
             quantize_secs = t1.elapsed().as_secs_f64(),
-            "calibrated in-situ quantization"
+            "in-situ quantization"
         );
         Ok(())
+    }
+
+    /// Runs the model over `cal`'s text with every projection gathering
+    /// the squares of its inputs (left on for [`Self::quantize_in_situ`]);
+    /// returns how many tokens it ran.
+    fn calibrate(&mut self, cal: &Calibration, bar: bool) -> Result<usize> {
+        if cal.windows == 0 {
+            return Err(Error::Config(
+                "calibration needs at least one window (--calibrate-windows)".into(),
+            ));
+        }
+        let text = std::fs::read_to_string(&cal.text).map_err(|e| Error::io(&cal.text, e))?;
+        let window = cal.window.min(self.context);
+        let (windows, n_tokens) = self.tokenizer.bos_windows(&text, window, cal.windows)?;
+        if window < 2 || windows.is_empty() {
+            return Err(Error::Config(format!(
+                "calibration text {}: {n_tokens} tokens, fewer than one window of {window} \
+                 (at least 2)",
+                cal.text.display(),
+            )));
+        }
+        let n = windows.len();
+        self.runner.model_mut().record_input_stats(true);
+        let mut progress = Progress::new(format!("calibrating on {n} × {window} tokens"), bar);
+        for (i, w) in windows.iter().enumerate() {
+            // Every row's logits, so the output projection sees them all.
+            if let Err(e) = self.token_logprobs(w) {
+                self.runner.model_mut().record_input_stats(false);
+                return Err(e);
+            }
+            progress.update(i + 1, n);
+        }
+        Ok(n * window)
     }
 
     /// The model (its spec, weights and sizes).
@@ -616,12 +594,13 @@ impl Engine {
             .adapters
             .make_room(&adapter, scale, |a| users(sched, a))?;
         let freed = victim.map_or(0, |(_, blocks)| blocks);
+        let bs = self.block_size();
         let need = if self.charge_runtime_adapters {
-            crate::adapter_registry::blocks_for(&adapter, self.block_bytes)
+            let block_bytes = kv_block_bytes(&self.model().spec, self.kv_dtype(), bs);
+            crate::adapter_registry::blocks_for(&adapter, block_bytes)
         } else {
             0
         };
-        let bs = self.block_size();
         let s = self.sched.stats();
         let (total, available) = (s.blocks_total, s.blocks_total - s.blocks_used);
         let keep = self.context.div_ceil(bs);

@@ -705,33 +705,23 @@ fn perplexity(
             "--ctx-size must be at least 4 to score anything".into(),
         ));
     }
-    // As llama-perplexity: the whole text is tokenized with BOS (when the
-    // model wants one), which shifts every window by that token.
-    let tokens = e.tokenizer.encode(&text, true)?;
-    let n_chunks = (tokens.len() / window).min(max_chunks.unwrap_or(usize::MAX));
+    // As llama-perplexity: whole windows of the text tokenized with BOS,
+    // each starting with BOS.
+    let (windows, n_tokens) =
+        e.tokenizer
+            .bos_windows(&text, window, max_chunks.unwrap_or(usize::MAX))?;
+    let n_chunks = windows.len();
     if n_chunks == 0 {
         return Err(ruvllm::Error::InvalidRequest(format!(
-            "{}: {} tokens, fewer than one window of {window}",
+            "{}: {n_tokens} tokens, fewer than one window of {window}",
             file.display(),
-            tokens.len()
         )));
     }
-    let bos = e
-        .tokenizer
-        .special
-        .bos
-        .filter(|_| e.tokenizer.special.add_bos);
     let start = Instant::now();
     let (mut nll, mut count) = (0f64, 0usize);
     let mut per_chunk = Vec::with_capacity(n_chunks);
-    for c in 0..n_chunks {
-        let mut chunk = tokens[c * window..(c + 1) * window].to_vec();
-        // As llama-perplexity: the window starts with BOS when the model
-        // wants one, in place of its first token.
-        if let Some(b) = bos {
-            chunk[0] = b;
-        }
-        let lps = e.token_logprobs(&chunk)?;
+    for (c, chunk) in windows.iter().enumerate() {
+        let lps = e.token_logprobs(chunk)?;
         // lps[i] is log p(chunk[i + 1] | chunk[..=i]). As llama-perplexity,
         // the logits of positions window/2 ..= window - 2 are scored.
         let first = window / 2;

@@ -100,6 +100,33 @@ impl Tokenizer {
         self.is_control.get(id as usize).copied().unwrap_or(false)
     }
 
+    /// A text cut as llama-perplexity and llama-imatrix cut it: tokenized
+    /// whole with BOS (when the model wants one), which shifts every window
+    /// by that token, then up to `max` windows of `window` tokens, each
+    /// starting with BOS in place of its first token. Also returns how many
+    /// tokens the text has (for saying why there are no windows).
+    pub fn bos_windows(
+        &self,
+        text: &str,
+        window: usize,
+        max: usize,
+    ) -> Result<(Vec<Vec<u32>>, usize)> {
+        let tokens = self.encode(text, true)?;
+        let bos = self.special.bos.filter(|_| self.special.add_bos);
+        let windows = tokens
+            .chunks_exact(window.max(1))
+            .take(max)
+            .map(|w| {
+                let mut w = w.to_vec();
+                if let Some(b) = bos {
+                    w[0] = b;
+                }
+                w
+            })
+            .collect();
+        Ok((windows, tokens.len()))
+    }
+
     /// Encodes text. With `add_special`, BOS/EOS are added as the model's
     /// metadata says. Special-token text always becomes the special token.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {

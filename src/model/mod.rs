@@ -438,30 +438,11 @@ impl Model {
         self.output.w.row(0).as_ptr() == self.embed.row(0).as_ptr()
     }
 
-    /// Every weight matrix once (a tied output is not counted twice).
-    /// Every projection, the output one included.
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut v: Vec<&mut Linear> = Vec::new();
-        for l in &mut self.layers {
-            v.extend([
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.up,
-                &mut l.down,
-            ]);
-            v.extend(l.gate.as_mut());
-        }
-        v.push(&mut self.output);
-        v
-    }
-
     /// Starts (`true`) or stops gathering the inputs' squares of every
     /// projection (see [`InputStats`]); starting clears what was gathered,
     /// stopping drops it.
     pub fn record_input_stats(&mut self, on: bool) {
-        for l in self.linears_mut() {
+        for l in layer_linears_mut(&mut self.layers).chain([&mut self.output]) {
             l.stats = on.then(Mutex::default);
         }
     }
@@ -473,21 +454,9 @@ impl Model {
         let tied = self.is_tied();
         let out_importance = self.output.importance();
         let mut v = vec![(&mut self.embed, out_importance.filter(|_| tied))];
-        for l in &mut self.layers {
-            for lin in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.up,
-                &mut l.down,
-            ]
-            .into_iter()
-            .chain(l.gate.as_mut())
-            {
-                let imp = lin.importance();
-                v.push((&mut lin.w, imp));
-            }
+        for lin in layer_linears_mut(&mut self.layers) {
+            let imp = lin.importance();
+            v.push((&mut lin.w, imp));
         }
         if !tied {
             let imp = self.output.importance();
@@ -496,6 +465,7 @@ impl Model {
         v
     }
 
+    /// Every weight matrix once (a tied output is not counted twice).
     fn matrices(&self) -> Vec<&Matrix> {
         let tied = self.is_tied();
         let mut v: Vec<&Matrix> = vec![&self.embed];
@@ -570,6 +540,22 @@ impl Model {
         }
         changed
     }
+}
+
+/// Every projection of `layers`.
+fn layer_linears_mut(layers: &mut [Layer]) -> impl Iterator<Item = &mut Linear> {
+    layers.iter_mut().flat_map(|l| {
+        [
+            &mut l.q,
+            &mut l.k,
+            &mut l.v,
+            &mut l.o,
+            &mut l.up,
+            &mut l.down,
+        ]
+        .into_iter()
+        .chain(l.gate.as_mut())
+    })
 }
 
 /// What every attention task reads, and the output they share.
