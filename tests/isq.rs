@@ -342,7 +342,7 @@ fn lcg(seed: u64) -> impl FnMut() -> f32 {
 #[test]
 fn importance_weighted_blocks_lose_less_where_it_matters() {
     use ruvllm::quant::dequantize;
-    use ruvllm::quant::quantize::{quantize_row, quantize_row_weighted};
+    use ruvllm::quant::quantize::{quantize_row, quantize_row_weighted, ISQ_TYPES};
     let cols = 512;
     let mut u = lcg(7);
     let importance: Vec<f32> = (0..cols).map(|_| (5.0 * u()).exp()).collect();
@@ -353,17 +353,7 @@ fn importance_weighted_blocks_lose_less_where_it_matters() {
                 .collect()
         })
         .collect();
-    let all = [
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ];
-    for ty in all {
+    for &ty in ISQ_TYPES {
         let (mut plain, mut weighted) = (0f64, 0f64);
         for x in &rows {
             let err = |q: &[u8]| {
@@ -432,31 +422,13 @@ fn calibrated_quantization_beats_round_to_nearest_on_perplexity() {
     std::fs::write(&scored, &text[..half]).unwrap();
     std::fs::write(&calibration, &text[half..]).unwrap();
     let ppl = |extra: &[&std::ffi::OsStr]| -> f64 {
-        let out = std::process::Command::new(bin)
-            .args([
-                "perplexity",
-                "-c",
-                "512",
-                "--chunks",
-                "4",
-                "--json",
-                "--isq",
-                "q4_0",
-            ])
-            .arg("-m")
-            .arg(&f16)
-            .arg("-f")
-            .arg(&scored)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["ppl"].as_f64().unwrap()
+        let args: Vec<&std::ffi::OsStr> = ["-c", "512", "--chunks", "4", "--isq", "q4_0", "-m"]
+            .iter()
+            .map(|a| a.as_ref())
+            .chain([f16.as_os_str(), "-f".as_ref(), scored.as_os_str()])
+            .chain(extra.iter().copied())
+            .collect();
+        perplexity_json(&args)["ppl"].as_f64().unwrap()
     };
     let rtn = ppl(&[]);
     let calibrated = ppl(&[

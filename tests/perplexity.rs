@@ -5,32 +5,21 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::process::Command;
 
 /// Our perplexity after `windows` windows of 512 tokens, as JSON.
 fn ours(model: &str, windows: usize, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_ruvllm"))
-        .args([
-            "perplexity",
-            "-c",
-            "512",
-            "--json",
-            "--chunks",
-            &windows.to_string(),
-        ])
-        .arg("-m")
-        .arg(models_dir().join(model))
-        .arg("-f")
-        .arg(fixtures().join("../text/licenses-gpl3-apache2.txt"))
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "-c".into(),
+        "512".into(),
+        "--chunks".into(),
+        windows.to_string().into(),
+        "-m".into(),
+        models_dir().join(model).into(),
+        "-f".into(),
+        fixtures().join("../text/licenses-gpl3-apache2.txt").into(),
+    ];
+    args.extend(extra.iter().map(|a| a.into()));
+    perplexity_json(&args)
 }
 
 #[test]
