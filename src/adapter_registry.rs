@@ -12,6 +12,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::lora::{LoraAdapter, WeightedAdapter};
+use crate::model::xlora::XLora;
 use crate::model::ModelSpec;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +34,31 @@ pub struct LoraOption {
     pub scale: f32,
 }
 
+/// An X-LoRA checkpoint to load with the model (see
+/// [`crate::model::xlora`]).
+#[derive(Debug, Clone)]
+pub struct XLoraOption {
+    /// `None`: applied to every request. `Some(name)`: to requests that
+    /// name it.
+    pub name: Option<String>,
+    pub path: PathBuf,
+}
+
+/// What a sequence is given: LoRA adapters with their weights and, when it
+/// runs under an X-LoRA, that X-LoRA (whose experts end `adapters`).
+#[derive(Clone, Default)]
+pub struct AdapterMix {
+    pub adapters: Vec<WeightedAdapter>,
+    pub xlora: Option<Arc<XLora>>,
+}
+
+/// A loaded X-LoRA and the KV blocks its memory holds.
+struct XEntry {
+    name: Option<String>,
+    x: Arc<XLora>,
+    blocks: Vec<u32>,
+}
+
 /// A named adapter: when a request last asked for it (`None`: loaded at
 /// start, never evicted) and the KV blocks its memory holds.
 struct Named {
@@ -52,6 +78,8 @@ pub struct AdapterRegistry {
     /// Removed adapters that sequences still hold, with their blocks.
     retired: Vec<(Arc<LoraAdapter>, Vec<u32>)>,
     max_loras: Option<usize>,
+    /// X-LoRA checkpoints (given at start; they stay).
+    xloras: Vec<XEntry>,
 }
 
 /// KV blocks of `block_bytes` that `adapter`'s memory fills.
@@ -60,10 +88,11 @@ pub fn blocks_for(adapter: &LoraAdapter, block_bytes: usize) -> usize {
 }
 
 impl AdapterRegistry {
-    /// Loads `options` for a model of `spec`; named ones may not exceed
-    /// `max_loras`.
+    /// Loads `options` and `xloras` for a model of `spec`; named LoRA
+    /// adapters may not exceed `max_loras`.
     pub fn load(
         options: &[LoraOption],
+        xloras: &[XLoraOption],
         spec: &ModelSpec,
         max_loras: Option<usize>,
     ) -> Result<Self> {
@@ -109,6 +138,26 @@ impl AdapterRegistry {
                 None => r.always.push(w),
             }
         }
+        for o in xloras {
+            let label = o
+                .name
+                .clone()
+                .unwrap_or_else(|| o.path.display().to_string());
+            if let Some(n) = o.name.as_deref().filter(|n| r.name_taken(n)) {
+                return Err(Error::Config(format!("two adapters are named {n}")));
+            }
+            if o.name.is_none() && r.xloras.iter().any(|x| x.name.is_none()) {
+                return Err(Error::Config(
+                    "only one X-LoRA can apply to every request".into(),
+                ));
+            }
+            let x = XLora::load(&o.path, &label, spec)?;
+            r.xloras.push(XEntry {
+                name: o.name.clone(),
+                x: Arc::new(x),
+                blocks: Vec::new(),
+            });
+        }
         if max_loras == Some(0) {
             return Err(Error::Config("--max-loras must be at least 1".into()));
         }
@@ -125,6 +174,33 @@ impl AdapterRegistry {
         self.named.iter().position(|n| n.w.adapter.name == name)
     }
 
+    fn find_xlora(&self, name: &str) -> Option<&XEntry> {
+        self.xloras.iter().find(|x| x.name.as_deref() == Some(name))
+    }
+
+    /// Whether a LoRA adapter or an X-LoRA goes by `name`.
+    pub fn name_taken(&self, name: &str) -> bool {
+        self.find(name).is_some() || self.find_xlora(name).is_some()
+    }
+
+    /// Names requests may ask for: LoRA adapters, then X-LoRAs.
+    pub fn names(&self) -> Vec<String> {
+        self.named()
+            .map(|a| a.name.clone())
+            .chain(self.xloras.iter().filter_map(|x| x.name.clone()))
+            .collect()
+    }
+
+    /// Whether any X-LoRA is loaded (its sequences keep two KV caches).
+    pub fn has_xlora(&self) -> bool {
+        !self.xloras.is_empty()
+    }
+
+    /// The X-LoRA every request gets, if any.
+    pub fn always_on_xlora(&self) -> Option<&Arc<XLora>> {
+        self.xloras.iter().find(|x| x.name.is_none()).map(|x| &x.x)
+    }
+
     /// The named adapters requests may ask for, in load order.
     pub fn named(&self) -> impl Iterator<Item = &Arc<LoraAdapter>> {
         self.named.iter().map(|n| &n.w.adapter)
@@ -137,7 +213,12 @@ impl AdapterRegistry {
             .iter()
             .chain(self.named.iter().map(|n| &n.w))
             .map(|w| blocks_for(&w.adapter, block_bytes))
-            .sum()
+            .sum::<usize>()
+            + self
+                .xloras
+                .iter()
+                .map(|x| x.x.bytes().div_ceil(block_bytes.max(1)))
+                .sum::<usize>()
     }
 
     /// Gives every adapter loaded by [`Self::load`] its blocks, from
@@ -159,6 +240,12 @@ impl AdapterRegistry {
                 None => return false,
             }
         }
+        for x in &mut self.xloras {
+            match lease(x.x.bytes().div_ceil(block_bytes.max(1))) {
+                Some(b) => x.blocks = b,
+                None => return false,
+            }
+        }
         true
     }
 
@@ -167,6 +254,7 @@ impl AdapterRegistry {
         self.always_blocks.len()
             + self.named.iter().map(|n| n.blocks.len()).sum::<usize>()
             + self.retired.iter().map(|(_, b)| b.len()).sum::<usize>()
+            + self.xloras.iter().map(|x| x.blocks.len()).sum::<usize>()
     }
 
     /// The blocks of removed adapters no sequence holds any more, to give
@@ -210,7 +298,7 @@ impl AdapterRegistry {
                 "LoRA scale {scale} is not a finite number within ±{MAX_ADAPTER_WEIGHT}"
             )));
         }
-        if self.find(&adapter.name).is_some() {
+        if self.name_taken(&adapter.name) {
             return Err(Error::InvalidRequest(format!(
                 "a LoRA adapter named '{}' is already loaded",
                 adapter.name
@@ -268,15 +356,27 @@ impl AdapterRegistry {
     }
 
     /// The always-on adapters followed by the named ones `wanted` asks
-    /// for (their weight multiplies the scale they were loaded with); each
-    /// named one counts as just used.
-    pub fn resolve(&mut self, wanted: &[(String, f32)]) -> Result<Vec<WeightedAdapter>> {
+    /// for (their weight multiplies the scale they were loaded with), then
+    /// the experts of the X-LoRA, if one applies (the always-on one or
+    /// one `wanted` names; their weight multiplies its global scaling
+    /// weight). Each named LoRA adapter counts as just used.
+    pub fn resolve(&mut self, wanted: &[(String, f32)]) -> Result<AdapterMix> {
         let mut v = self.always.clone();
+        let mut xlora = self.always_on_xlora().map(|x| (x.clone(), 1.0f32));
         for (name, weight) in wanted {
             if !weight.is_finite() {
                 return Err(Error::InvalidRequest(format!(
                     "adapter weight {weight} is not a finite number"
                 )));
+            }
+            if let Some(x) = self.find_xlora(name) {
+                if xlora.is_some() {
+                    return Err(Error::InvalidRequest(format!(
+                        "X-LoRA '{name}': a request runs under one X-LoRA at most"
+                    )));
+                }
+                xlora = Some((x.x.clone(), *weight));
+                continue;
             }
             let Named { w, used, .. } =
                 self.named
@@ -297,6 +397,15 @@ impl AdapterRegistry {
                 weight,
             });
         }
-        Ok(v)
+        if let Some((x, weight)) = &xlora {
+            v.extend(x.weighted().into_iter().map(|mut e| {
+                e.weight *= weight;
+                e
+            }));
+        }
+        Ok(AdapterMix {
+            adapters: v,
+            xlora: xlora.map(|(x, _)| x),
+        })
     }
 }

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 // Where these lived before the engine was split, for code that names them
 // through the engine.
-pub use crate::adapter_registry::{LoraOption, MAX_ADAPTER_WEIGHT};
+pub use crate::adapter_registry::{LoraOption, XLoraOption, MAX_ADAPTER_WEIGHT};
 pub use crate::output::{Counters, TextAssembler};
 pub use crate::request::{
     validate, FinishReason, GenerationRequest, GenerationSummary, PromptTokenLogprob, SeqEvent,
@@ -58,6 +58,11 @@ pub struct EngineOptions {
     /// LoRA adapters to load: unnamed ones apply to every request, named
     /// ones to the requests that ask for them.
     pub lora: Vec<LoraOption>,
+    /// X-LoRA checkpoints to load: an unnamed one applies to every
+    /// request, named ones to the requests that ask for them. Their
+    /// sequences keep a second KV cache (for the scaling pass) and do not
+    /// use the prefix cache.
+    pub xlora: Vec<XLoraOption>,
     /// In-situ quantization: F32/F16/BF16 weight matrices are quantized to
     /// this type at load (one of [`crate::quant::quantize::ISQ_TYPES`]).
     pub isq: Option<GgmlType>,
@@ -102,6 +107,7 @@ impl Default for EngineOptions {
             max_num_seqs: 32,
             kv_dtype: KvDtype::F32,
             lora: Vec::new(),
+            xlora: Vec::new(),
             isq: None,
             progress: false,
             max_loras: None,
@@ -194,6 +200,9 @@ pub struct Engine {
     /// pool: only when the budget was given (a default pool may be one
     /// context, with nothing to spare).
     charge_runtime_adapters: bool,
+    /// KV caches the longest-keeping sequence holds (2 with an X-LoRA):
+    /// the pool always keeps room for one context of those.
+    kv_tables: usize,
     max_batched_tokens: usize,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
@@ -284,7 +293,7 @@ impl Engine {
             .max(1);
         // The KV type first: it may refuse the model outright.
         opts.kv_dtype.check(spec.head_dim)?;
-        let adapters = AdapterRegistry::load(&opts.lora, spec, opts.max_loras)?;
+        let adapters = AdapterRegistry::load(&opts.lora, &opts.xlora, spec, opts.max_loras)?;
         let block_bytes = kv_block_bytes(spec, opts.kv_dtype, bs);
         let adapter_blocks = adapters.blocks_needed(block_bytes);
         let mut n_blocks = kv_pool_blocks(
@@ -308,7 +317,15 @@ impl Engine {
                 (n_blocks * block_bytes) >> 20
             )));
         }
-        let context = wanted.min((n_blocks - adapter_blocks) * bs);
+        // An X-LoRA sequence keeps two caches: the pool must hold it.
+        let kv_tables = if adapters.has_xlora() { 2 } else { 1 };
+        let context = wanted.min((n_blocks - adapter_blocks) / kv_tables * bs);
+        if context == 0 {
+            return Err(Error::Config(format!(
+                "the KV pool of {n_blocks} blocks holds no X-LoRA sequence (two caches) \
+                 beside the adapters' {adapter_blocks} blocks: give a larger --kv-cache-mb"
+            )));
+        }
         model.set_context(context);
         let runner = ModelRunner::new(model, pool, opts.kv_dtype, bs, n_blocks)?;
         let spec = &runner.model().spec;
@@ -355,6 +372,7 @@ impl Engine {
             next_id: 0,
             context,
             charge_runtime_adapters: opts.kv_blocks.is_some() || opts.kv_cache_mb.is_some(),
+            kv_tables,
             max_batched_tokens,
             fault: None,
         };
@@ -515,7 +533,7 @@ impl Engine {
             return;
         }
         self.maybe_fault(FaultKind::AdmitPanic, &req.prompt);
-        let adapters = match self.adapters.resolve(&req.adapters) {
+        let mix = match self.adapters.resolve(&req.adapters) {
             Ok(a) => a,
             Err(e) => {
                 sink(SeqEvent::Failed(e));
@@ -539,11 +557,12 @@ impl Engine {
         let opts = SeqOptions {
             use_prefix_cache: !req.embed,
             after: after.filter(|&a| self.sched.contains(a)),
-            cache_salt: adapter_salt(req.cache_salt.as_deref(), &adapters),
+            cache_salt: adapter_salt(req.cache_salt.as_deref(), &mix.adapters),
             full_logits: req.prompt_logprobs.is_some(),
+            kv_tables: if mix.xlora.is_some() { 2 } else { 1 },
         };
         let prompt = std::mem::take(&mut req.prompt);
-        let state = RequestState::new(req, max_tokens, sink, adapters);
+        let state = RequestState::new(req, max_tokens, sink, mix);
         self.sched.add(id, prompt, opts, state);
     }
 
@@ -555,7 +574,7 @@ impl Engine {
 
     /// The named adapters requests may ask for.
     pub fn adapter_names(&self) -> Vec<String> {
-        self.adapters.named().map(|a| a.name.clone()).collect()
+        self.adapters.names()
     }
 
     /// The adapters every request gets.
@@ -603,7 +622,7 @@ impl Engine {
         };
         let s = self.sched.stats();
         let (total, available) = (s.blocks_total, s.blocks_total - s.blocks_used);
-        let keep = self.context.div_ceil(bs);
+        let keep = self.context.div_ceil(bs) * self.kv_tables;
         let held = self.adapters.blocks_held() - freed;
         if held + need + keep > total {
             return Err(Error::Overloaded(format!(
@@ -784,7 +803,8 @@ impl Engine {
                     tokens: &s.tokens()[c.start..c.start + c.len],
                     start: c.start,
                     block_table: s.block_table(),
-                    adapters: &s.data.adapters,
+                    adapters: &s.data.mix.adapters,
+                    xlora: s.data.mix.xlora.as_deref(),
                     rows: rows(s, c),
                 }
             })
@@ -935,11 +955,13 @@ impl Engine {
         rows: &[usize],
         hidden_rows: &[usize],
     ) -> Result<Output> {
+        let mix = self.adapters.resolve(&[])?;
         self.runner.run_rows(
             table,
             tokens,
             start,
-            self.adapters.always_on(),
+            &mix.adapters,
+            mix.xlora.as_deref(),
             rows,
             hidden_rows,
         )
@@ -958,9 +980,17 @@ impl Engine {
                 self.context
             )));
         }
+        // An always-on X-LoRA keeps a second cache: each logical block
+        // is a pair (see `SeqOptions::kv_tables`).
+        let width = if self.adapters.always_on_xlora().is_some() {
+            2
+        } else {
+            1
+        };
+        let bs = self.block_size();
         let table = self
             .sched
-            .lease(len)
+            .lease(len.div_ceil(bs) * bs * width)
             .ok_or_else(|| Error::Overloaded("the KV cache is busy".into()))?;
         // The blocks go back even if `f` panics (the engine loop survives
         // panics and goes on with this engine).
@@ -974,7 +1004,13 @@ impl Engine {
 fn users(sched: &Scheduler<RequestState>, a: &Arc<LoraAdapter>) -> usize {
     sched
         .iter()
-        .filter(|(_, s)| s.data.adapters.iter().any(|x| Arc::ptr_eq(&x.adapter, a)))
+        .filter(|(_, s)| {
+            s.data
+                .mix
+                .adapters
+                .iter()
+                .any(|x| Arc::ptr_eq(&x.adapter, a))
+        })
         .count()
 }
 

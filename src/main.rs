@@ -3,7 +3,7 @@
 mod cli;
 
 use clap::{Args, Parser, Subcommand};
-use ruvllm::adapter_registry::LoraOption;
+use ruvllm::adapter_registry::{LoraOption, XLoraOption};
 use ruvllm::chat::ChatMessage;
 use ruvllm::engine::{default_threads, Engine, EngineOptions};
 use ruvllm::kv::KvDtype;
@@ -42,6 +42,12 @@ struct ModelArgs {
     /// requests choose with `"model": "NAME"`; a bare PATH applies to all.
     #[arg(long = "lora", value_name = "[NAME=]PATH")]
     lora: Vec<String>,
+    /// X-LoRA checkpoint (PEFT's: adapter_config.json of type XLORA, the
+    /// classifier, one folder per expert): a classifier picks the experts'
+    /// weights per token. With `serve`, NAME=PATH loads one that requests
+    /// choose with `"model": "NAME"`; a bare PATH applies to all.
+    #[arg(long = "xlora", value_name = "[NAME=]PATH")]
+    xlora: Vec<String>,
     /// Named LoRA adapters resident at most (serve): loading one more over
     /// HTTP unloads the least recently used idle one.
     #[arg(long)]
@@ -86,21 +92,7 @@ impl ModelArgs {
             .iter()
             .enumerate()
             .map(|(i, arg)| {
-                // NAME=PATH when the text before '=' is a name (a path
-                // with '=' in a folder name stays a path).
-                let name_char = |c: char| c.is_ascii_alphanumeric() || "-_.:@+".contains(c);
-                let (name, path) = match arg.split_once('=') {
-                    Some((n, p)) if !n.is_empty() && n.len() <= 128 && n.chars().all(name_char) => {
-                        (Some(n.to_string()), PathBuf::from(p))
-                    }
-                    _ => (None, PathBuf::from(arg)),
-                };
-                if !path.exists() {
-                    return Err(ruvllm::Error::InvalidRequest(format!(
-                        "LoRA adapter not found: {}",
-                        path.display()
-                    )));
-                }
+                let (name, path) = named_path(arg, "LoRA adapter")?;
                 Ok(LoraOption {
                     name: name.filter(|_| keep_names),
                     path,
@@ -109,6 +101,39 @@ impl ModelArgs {
             })
             .collect()
     }
+
+    /// The X-LoRA checkpoints to load (names kept by a server only).
+    fn xlora_options(&self, keep_names: bool) -> ruvllm::Result<Vec<XLoraOption>> {
+        self.xlora
+            .iter()
+            .map(|arg| {
+                let (name, path) = named_path(arg, "X-LoRA checkpoint")?;
+                Ok(XLoraOption {
+                    name: name.filter(|_| keep_names),
+                    path,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Splits `[NAME=]PATH`: NAME=PATH when the text before '=' is a name (a
+/// path with '=' in a folder name stays a path). The path must exist.
+fn named_path(arg: &str, what: &str) -> ruvllm::Result<(Option<String>, PathBuf)> {
+    let name_char = |c: char| c.is_ascii_alphanumeric() || "-_.:@+".contains(c);
+    let (name, path) = match arg.split_once('=') {
+        Some((n, p)) if !n.is_empty() && n.len() <= 128 && n.chars().all(name_char) => {
+            (Some(n.to_string()), PathBuf::from(p))
+        }
+        _ => (None, PathBuf::from(arg)),
+    };
+    if !path.exists() {
+        return Err(ruvllm::Error::InvalidRequest(format!(
+            "{what} not found: {}",
+            path.display()
+        )));
+    }
+    Ok((name, path))
 }
 
 #[derive(Args, Clone)]
@@ -448,6 +473,7 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
         threads: m.threads.unwrap_or_else(default_threads),
         context: m.ctx_size,
         lora: m.lora_options(serving)?,
+        xlora: m.xlora_options(serving)?,
         isq: m.isq.as_deref().map(isq_type).transpose()?,
         calibration: m.calibrate.clone().map(|text| ruvllm::engine::Calibration {
             text,

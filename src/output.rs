@@ -3,7 +3,7 @@
 //! embeddings, the summary at the end), appending sampled tokens to the
 //! sequences and ending those that are done.
 
-use crate::model::lora::WeightedAdapter;
+use crate::adapter_registry::AdapterMix;
 use crate::model::Output;
 use crate::request::{
     FinishReason, GenerationRequest, GenerationSummary, PromptTokenLogprob, SeqEvent, Sink,
@@ -39,19 +39,15 @@ pub struct RequestState {
     pub embed_sum: Vec<f32>,
     /// Log-probabilities of prompt tokens 1.., by position (when asked for).
     pub prompt_lps: Vec<Option<PromptTokenLogprob>>,
-    /// Every adapter applied to this sequence, with its weight.
-    pub adapters: Vec<WeightedAdapter>,
+    /// Every adapter applied to this sequence, with its weight (and its
+    /// X-LoRA, if it runs under one).
+    pub mix: AdapterMix,
 }
 
 impl RequestState {
     /// The state of `req`, whose prompt has been taken out (it goes to the
     /// sequence), with at most `max_tokens` to generate.
-    pub fn new(
-        req: GenerationRequest,
-        max_tokens: usize,
-        sink: Sink,
-        adapters: Vec<WeightedAdapter>,
-    ) -> Self {
+    pub fn new(req: GenerationRequest, max_tokens: usize, sink: Sink, mix: AdapterMix) -> Self {
         RequestState {
             sampler: Sampler::new(req.sampling.clone()),
             text: TextAssembler::new(&req.stop),
@@ -61,7 +57,7 @@ impl RequestState {
             first_token: None,
             embed_sum: Vec::new(),
             prompt_lps: Vec::new(),
-            adapters,
+            mix,
             req,
         }
     }

@@ -6,7 +6,8 @@
 
 use crate::error::{Error, Result};
 use crate::kv::{bytes_per_token, AnyKvCache, KvDtype};
-use crate::model::lora::WeightedAdapter;
+use crate::model::lora::{factors_len, WeightedAdapter};
+use crate::model::xlora::XLora;
 use crate::model::{Batch, Model, ModelSpec, Output};
 use crate::threadpool::ThreadPool;
 
@@ -28,12 +29,17 @@ pub enum Rows {
 }
 
 /// One sequence's part of a step: `tokens` at positions `start..`.
+#[derive(Clone, Copy)]
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
     pub block_table: &'a [u32],
     /// Applied to this sequence's rows only (empty: the base model).
     pub adapters: &'a [WeightedAdapter],
+    /// The X-LoRA whose experts end `adapters`: a scaling pass picks
+    /// their weights per token, and `block_table` holds each logical
+    /// block as a pair (the real pass's, then the scaling pass's).
+    pub xlora: Option<&'a XLora>,
     pub rows: Rows,
 }
 
@@ -146,70 +152,210 @@ impl ModelRunner {
         self.kv.discard(blocks);
     }
 
-    /// One forward pass over `seqs`' tokens as one flat batch. The output
-    /// holds, in `seqs` order, the logit rows of every sequence that asked
-    /// for logits, then (separately) the hidden rows of those that asked
-    /// for hidden states.
+    /// One forward pass over `seqs`' tokens as one flat batch (two for
+    /// X-LoRA sequences: their scaling pass first). The output holds, in
+    /// `seqs` order, the logit rows of every sequence that asked for
+    /// logits, then (separately) the hidden rows of those that asked for
+    /// hidden states.
     pub fn run(&mut self, seqs: &[SeqInput]) -> Result<Output> {
-        let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        let (mut tokens, mut positions, mut seq_index) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut rows, mut hidden_rows) = (Vec::new(), Vec::new());
-        let mut tables = Vec::with_capacity(seqs.len());
-        let mut adapters: Vec<&[WeightedAdapter]> = Vec::with_capacity(seqs.len());
+        let layers = self.model.spec.n_layers;
+        let tables: Vec<Tables> = seqs
+            .iter()
+            .map(|s| Tables::of(s.block_table, s.xlora.is_some()))
+            .collect();
+        let factors = self.scaling_pass(seqs, &tables)?;
+        let mut b = FlatBatch::default();
         for (i, s) in seqs.iter().enumerate() {
-            let (base, len) = (tokens.len(), s.tokens.len());
-            tokens.extend_from_slice(s.tokens);
-            positions.extend(s.start..s.start + len);
-            seq_index.extend(std::iter::repeat_n(i, len));
-            tables.push(s.block_table);
-            adapters.push(s.adapters);
-            match s.rows {
-                Rows::AllHidden => hidden_rows.extend(base..base + len),
-                Rows::AllLogits => rows.extend(base..base + len),
-                Rows::Last if len > 0 => rows.push(base + len - 1),
-                Rows::Last | Rows::None => {}
+            let f = factors[i].as_deref().map(|f| {
+                let len = factors_len(layers, s.adapters.len());
+                (f, len, len)
+            });
+            b.push(s, tables[i].main(), f);
+        }
+        b.forward(&mut self.model, &mut self.kv, &self.pool)
+    }
+
+    /// Runs the scaling pass of the X-LoRA sequences of `seqs` through
+    /// their own KV tables and returns, for each of them, its rows'
+    /// weight factors for the real pass.
+    fn scaling_pass(
+        &mut self,
+        seqs: &[SeqInput],
+        tables: &[Tables],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut out: Vec<Option<Vec<f32>>> = seqs.iter().map(|_| None).collect();
+        if seqs.iter().all(|s| s.xlora.is_none()) {
+            return Ok(out);
+        }
+        let layers = self.model.spec.n_layers;
+        let mut b = FlatBatch::default();
+        let dummies: Vec<Option<Vec<f32>>> = seqs
+            .iter()
+            .map(|s| s.xlora.map(|x| x.scaling_pass_factors(layers, lead(s, x))))
+            .collect();
+        for (i, s) in seqs.iter().enumerate() {
+            if let (Some(d), Some(scaling)) = (&dummies[i], tables[i].scaling()) {
+                let pass = SeqInput {
+                    rows: Rows::AllHidden,
+                    ..*s
+                };
+                b.push(&pass, scaling, Some((d.as_slice(), 0, d.len())));
             }
         }
-        if adapters.iter().all(|a| a.is_empty()) {
-            adapters.clear();
+        let hidden = b.forward(&mut self.model, &mut self.kv, &self.pool)?.hidden;
+        let h = self.model.spec.hidden;
+        let mut at = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            if let Some(x) = s.xlora {
+                let rows = &hidden[at * h..(at + s.tokens.len()) * h];
+                out[i] = Some(x.factors(layers, lead(s, x), rows));
+                at += s.tokens.len();
+            }
         }
-        let batch = Batch {
-            tokens: &tokens,
-            positions: &positions,
-            seq_index: &seq_index,
-            block_tables: &tables,
-            adapters: &adapters,
-        };
-        self.model
-            .forward_any(&batch, &mut self.kv, &rows, &hidden_rows, &self.pool)
+        Ok(out)
     }
 
     /// One sequence's `tokens` at positions `start..`, returning the logits
     /// of `rows` and the hidden states of `hidden_rows` (indices into
     /// `tokens`).
+    #[allow(clippy::too_many_arguments)]
     pub fn run_rows(
         &mut self,
         block_table: &[u32],
         tokens: &[u32],
         start: usize,
         adapters: &[WeightedAdapter],
+        xlora: Option<&XLora>,
         rows: &[usize],
         hidden_rows: &[usize],
     ) -> Result<Output> {
-        let positions: Vec<usize> = (start..start + tokens.len()).collect();
-        let one = [adapters];
-        let batch = Batch {
+        let seq = SeqInput {
             tokens,
-            positions: &positions,
-            seq_index: &vec![0; tokens.len()],
-            block_tables: &[block_table],
-            adapters: if adapters.is_empty() { &[] } else { &one },
+            start,
+            block_table,
+            adapters,
+            xlora,
+            rows: Rows::None,
         };
-        self.model
-            .forward_any(&batch, &mut self.kv, rows, hidden_rows, &self.pool)
+        let tables = [Tables::of(block_table, xlora.is_some())];
+        let factors = self.scaling_pass(std::slice::from_ref(&seq), &tables)?;
+        let mut b = FlatBatch::default();
+        let f = factors[0].as_deref().map(|f| {
+            let len = factors_len(self.model.spec.n_layers, adapters.len());
+            (f, len, len)
+        });
+        b.push(&seq, tables[0].main(), f);
+        b.rows.extend_from_slice(rows);
+        b.hidden_rows.extend_from_slice(hidden_rows);
+        b.forward(&mut self.model, &mut self.kv, &self.pool)
+    }
+}
+
+/// How many adapters of a sequence's mix come before X-LoRA's experts.
+fn lead(s: &SeqInput, x: &XLora) -> usize {
+    s.adapters.len().saturating_sub(x.experts.len())
+}
+
+/// A sequence's block table, split when it interleaves two: an X-LoRA
+/// sequence keeps each logical block of its KV cache as a pair, the real
+/// pass's then the scaling pass's.
+enum Tables<'a> {
+    One(&'a [u32]),
+    Two(Vec<u32>, Vec<u32>),
+}
+
+impl<'a> Tables<'a> {
+    fn of(table: &'a [u32], paired: bool) -> Self {
+        if !paired {
+            return Tables::One(table);
+        }
+        let main = table.iter().step_by(2).copied().collect();
+        let scaling = table.iter().skip(1).step_by(2).copied().collect();
+        Tables::Two(main, scaling)
+    }
+
+    fn main(&self) -> &[u32] {
+        match self {
+            Tables::One(t) => t,
+            Tables::Two(m, _) => m,
+        }
+    }
+
+    fn scaling(&self) -> Option<&[u32]> {
+        match self {
+            Tables::One(_) => None,
+            Tables::Two(_, s) => Some(s),
+        }
+    }
+}
+
+/// Sequences gathered into one flat batch.
+#[derive(Default)]
+struct FlatBatch<'a> {
+    tokens: Vec<u32>,
+    positions: Vec<usize>,
+    seq_index: Vec<usize>,
+    tables: Vec<&'a [u32]>,
+    adapters: Vec<&'a [WeightedAdapter]>,
+    factors: Vec<&'a [f32]>,
+    rows: Vec<usize>,
+    hidden_rows: Vec<usize>,
+}
+
+impl<'a> FlatBatch<'a> {
+    /// Adds `s` with KV `table` and, if any, per-row weight factors
+    /// `(values, stride, len)`: row `j`'s are `values[j·stride..][..len]`
+    /// (stride 0: the same for every row).
+    fn push(
+        &mut self,
+        s: &SeqInput<'a>,
+        table: &'a [u32],
+        factors: Option<(&'a [f32], usize, usize)>,
+    ) {
+        let (base, len) = (self.tokens.len(), s.tokens.len());
+        let i = self.tables.len();
+        self.tokens.extend_from_slice(s.tokens);
+        self.positions.extend(s.start..s.start + len);
+        self.seq_index.extend(std::iter::repeat_n(i, len));
+        self.tables.push(table);
+        self.adapters.push(s.adapters);
+        match factors {
+            Some((f, stride, flen)) => {
+                if self.factors.len() < base {
+                    self.factors.resize(base, &[]);
+                }
+                self.factors
+                    .extend((0..len).map(|j| &f[j * stride..j * stride + flen]));
+            }
+            None if !self.factors.is_empty() => self.factors.resize(base + len, &[]),
+            None => {}
+        }
+        match s.rows {
+            Rows::AllHidden => self.hidden_rows.extend(base..base + len),
+            Rows::AllLogits => self.rows.extend(base..base + len),
+            Rows::Last if len > 0 => self.rows.push(base + len - 1),
+            Rows::Last | Rows::None => {}
+        }
+    }
+
+    fn forward(self, model: &mut Model, kv: &mut AnyKvCache, pool: &ThreadPool) -> Result<Output> {
+        let mut factors = self.factors;
+        if !factors.is_empty() {
+            factors.resize(self.tokens.len(), &[]);
+        }
+        let adapters = if self.adapters.iter().all(|a| a.is_empty()) {
+            &[][..]
+        } else {
+            &self.adapters[..]
+        };
+        let batch = Batch {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            seq_index: &self.seq_index,
+            block_tables: &self.tables,
+            adapters,
+            factors: &factors,
+        };
+        model.forward_any(&batch, kv, &self.rows, &self.hidden_rows, pool)
     }
 }

@@ -43,6 +43,11 @@ pub struct SeqOptions {
     /// The logits of every prompt position are wanted: prompt chunks are
     /// bounded by [`SchedulerConfig::max_full_logit_rows`].
     pub full_logits: bool,
+    /// KV caches the sequence keeps (0 counts as 1): each logical block of
+    /// its table is this many pool blocks in a row (X-LoRA keeps a second
+    /// cache for its scaling pass). Only single-cache sequences use the
+    /// prefix cache.
+    pub kv_tables: usize,
 }
 
 /// `len` tokens of sequence `id` from position `start`, to run this step.
@@ -111,7 +116,9 @@ impl<T> Scheduler<T> {
             after,
             cache_salt,
             full_logits,
+            kv_tables,
         } = opts;
+        let width = kv_tables.max(1);
         let mut s = Sequence {
             data,
             hash_root: BlockManager::chain_root(cache_salt.as_deref()),
@@ -122,9 +129,10 @@ impl<T> Scheduler<T> {
             blocks: Vec::new(),
             block_hashes: Vec::new(),
             registered: 0,
-            use_prefix_cache,
+            use_prefix_cache: use_prefix_cache && width == 1,
             after,
             cached_tokens: None,
+            width,
         };
         s.hash_full_blocks(self.block_size);
         self.seqs.insert(id, s);
@@ -191,7 +199,7 @@ impl<T> Scheduler<T> {
             let id = self.running[i];
             let s = &self.seqs[&id];
             let n = s.chunk_len(s.computed, budget, rows);
-            let need = (s.computed + n).div_ceil(self.block_size);
+            let need = (s.computed + n).div_ceil(self.block_size) * s.width;
             let mut fits = true;
             while self.seqs[&id].blocks.len() < need {
                 if let Some(b) = self.blocks.allocate() {
@@ -255,7 +263,7 @@ impl<T> Scheduler<T> {
                 .lookup_prefix(&s.block_hashes[..usable.min(s.block_hashes.len())]);
             let computed = table.len() * self.block_size;
             let n = s.chunk_len(computed, budget, rows);
-            let need = (computed + n).div_ceil(self.block_size) - table.len();
+            let need = (computed + n).div_ceil(self.block_size) * s.width - table.len();
             if n == 0 {
                 // Out of full-logit rows this step: the others may go.
                 self.release_lookup(&table);
@@ -312,7 +320,7 @@ impl<T> Scheduler<T> {
             // the earliest; blocks wholly before that are never read again.
             if let Some(w) = self.cfg.window {
                 let needed_from = (s.computed + 1).saturating_sub(w);
-                for b in s.blocks.iter_mut().take(needed_from / bs) {
+                for b in s.blocks.iter_mut().take(needed_from / bs * s.width) {
                     if *b != RELEASED {
                         self.blocks.release(&[*b]);
                         *b = RELEASED;

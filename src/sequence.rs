@@ -31,6 +31,8 @@ pub struct Sequence<T> {
     pub(crate) hash_root: BlockHash,
     /// Positions below this need their logits (prompt log-probabilities).
     pub(crate) full_logits_until: usize,
+    /// Pool blocks per logical block (KV caches the sequence keeps).
+    pub(crate) width: usize,
     /// The owner's state of this sequence (the engine's: sampler, sink...).
     pub data: T,
 }
@@ -50,6 +52,8 @@ impl<T> Sequence<T> {
         &self.tokens[self.prompt_len..]
     }
 
+    /// Its pool blocks: with several KV caches, each logical block's
+    /// blocks in a row (see [`crate::scheduler::SeqOptions::kv_tables`]).
     pub fn block_table(&self) -> &[u32] {
         &self.blocks
     }

@@ -238,6 +238,7 @@ fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
             seq_index: &vec![0; tokens.len()],
             block_tables: &[table],
             adapters: &[],
+            factors: &[],
         };
         model
             .forward(&batch, &mut kv, &rows, &[], &pool)
@@ -270,6 +271,7 @@ fn a_flat_batch_of_several_sequences_matches_each_alone_bit_for_bit() {
         seq_index: &seq_index,
         block_tables: &[&table_a, &table_b],
         adapters: &[],
+        factors: &[],
     };
     let both = model
         .forward(&batch, &mut kv, &rows, &[], &pool)

@@ -129,11 +129,52 @@ impl LoraAdapter {
     }
 }
 
+/// Factors of row `r`'s adapter weights at `(layer, target)`: its
+/// `factors` (laid out as [`factor_index`] says) for that projection, or
+/// none (empty: every factor 1).
+fn row_factors<'a>(
+    factors: &'a [&'a [f32]],
+    r: usize,
+    n_mix: usize,
+    layer: usize,
+    target: Target,
+) -> &'a [f32] {
+    match factors.get(r) {
+        Some(f) if !f.is_empty() => {
+            let i = factor_index(layer, target, 0, n_mix);
+            f.get(i..i + n_mix).unwrap_or(&[])
+        }
+        _ => &[],
+    }
+}
+
+/// Where the factor of adapter `j` (of a mix of `n_mix`) at `(layer,
+/// target)` sits in a row's factors: `layers × projections × n_mix`.
+pub fn factor_index(layer: usize, target: Target, j: usize, n_mix: usize) -> usize {
+    (layer * TARGETS + target as usize) * n_mix + j
+}
+
+/// Values in one row's factors for a model of `layers` layers.
+pub fn factors_len(layers: usize, n_mix: usize) -> usize {
+    layers * TARGETS * n_mix
+}
+
+/// The weight adapter `j` of a row's mix is applied with: its own times
+/// the row's factor for the projection (X-LoRA's learned scalings).
+#[inline(always)]
+fn weight_of(wa: &WeightedAdapter, factors: &[f32], j: usize) -> f32 {
+    wa.weight * factors.get(j).copied().unwrap_or(1.0)
+}
+
 /// Adds every row's adapters to the output of the projection `target` of
 /// layer `layer`: `y[r] += Σ w · s · B (A x[r])` over the adapters of row
-/// `r`'s sequence. `x` is `n × cols`, `y` is `n × rows`.
+/// `r`'s sequence, `w` times the row's factor for this projection when
+/// `factors[r]` has any. `x` is `n × cols`, `y` is `n × rows`. An adapter
+/// whose weight comes to 0 for a row is skipped for it.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn add_lora(
     adapters: &[&[WeightedAdapter]],
+    factors: &[&[f32]],
     seq_index: &[usize],
     layer: usize,
     target: Target,
@@ -147,6 +188,7 @@ pub(super) fn add_lora(
     }
     let (cols, out) = (x.len() / n, y.len() / n);
     let mix = |r: usize| adapters.get(seq_index[r]).copied().unwrap_or(&[]);
+    let fac = |r: usize| row_factors(factors, r, mix(r).len(), layer, target);
     if !(0..n).any(|r| {
         mix(r)
             .iter()
@@ -160,17 +202,23 @@ pub(super) fn add_lora(
         let threads = pool.n_threads();
         for r in 0..n {
             let xr = &x[r * cols..(r + 1) * cols];
+            let f = fac(r);
             let ts: Vec<Shrunk> = mix(r)
                 .iter()
-                .filter_map(|wa| {
+                .enumerate()
+                .filter_map(|(j, wa)| {
                     let p = wa.adapter.pair(layer, target)?;
+                    let w = weight_of(wa, f, j);
+                    if w == 0.0 {
+                        return None;
+                    }
                     let mut t = vec![0f32; p.rank];
                     pool.par_chunks_mut(&mut t, p.rank.div_ceil(threads), &|off, ts| {
                         let a = &p.a[off * p.cols..(off + ts.len()) * p.cols];
                         dispatch(Shrink { a, x: xr, t: ts })
                     });
                     Some(Shrunk {
-                        k: wa.weight * p.scale,
+                        k: w * p.scale,
                         pair: p,
                         t,
                     })
@@ -197,6 +245,7 @@ pub(super) fn add_lora(
             let r = off / out + i;
             dispatch(LoraRow {
                 mix: mix(r),
+                factors: fac(r),
                 layer,
                 target,
                 x: &x[r * cols..(r + 1) * cols],
@@ -209,6 +258,7 @@ pub(super) fn add_lora(
 /// One row's low-rank update, compiled once per instruction set.
 struct LoraRow<'a> {
     mix: &'a [WeightedAdapter],
+    factors: &'a [f32],
     layer: usize,
     target: Target,
     x: &'a [f32],
@@ -220,13 +270,17 @@ impl Kernel for LoraRow<'_> {
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
         let mut t = Vec::new();
-        for wa in self.mix {
+        for (j, wa) in self.mix.iter().enumerate() {
             let Some(p) = wa.adapter.pair(self.layer, self.target) else {
                 continue;
             };
+            let w = weight_of(wa, self.factors, j);
+            if w == 0.0 {
+                continue;
+            }
             // Shrink: t = A x, then expand: y += (w·s) B t.
             shrink(s, &p.a, p.cols, self.x, &mut t);
-            expand(s, wa.weight * p.scale, &p.b, p.rank, &t, self.y);
+            expand(s, w * p.scale, &p.b, p.rank, &t, self.y);
         }
     }
 }
@@ -440,7 +494,7 @@ fn place(
 
 /// A tensor's values as f32 (F32, F16 or BF16 little-endian bytes), or
 /// `None` for another type or a byte count that does not match `len`.
-fn to_f32(ty: GgmlType, bytes: &[u8], len: usize) -> Option<Vec<f32>> {
+pub(super) fn to_f32(ty: GgmlType, bytes: &[u8], len: usize) -> Option<Vec<f32>> {
     if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
         || bytes.len() != len.checked_mul(ty.type_size())?
     {

@@ -10,6 +10,7 @@ pub mod lora;
 pub mod ops;
 pub mod rope;
 pub mod spec;
+pub mod xlora;
 
 use crate::error::{Error, Result};
 use crate::kv::{AnyKvCache, KvCache, KvElem, KvRotation};
@@ -171,6 +172,11 @@ pub struct Batch<'a> {
     /// LoRA adapters of each sequence (indexed like `block_tables`); empty
     /// when no sequence has any.
     pub adapters: &'a [&'a [WeightedAdapter]],
+    /// Per row: factors of its adapters' weights for each layer and
+    /// projection (X-LoRA's scalings, laid out as
+    /// [`lora::factor_index`] says), or empty (every factor 1). Empty
+    /// when no row has any.
+    pub factors: &'a [&'a [f32]],
 }
 
 /// What a forward pass returns for the rows it was asked about.
@@ -282,7 +288,16 @@ impl Model {
             };
             layer.attn_norm.apply(&x, &mut normed);
             let lora = |t: Target, x: &[f32], y: &mut [f32]| {
-                add_lora(batch.adapters, batch.seq_index, li, t, x, y, pool)
+                add_lora(
+                    batch.adapters,
+                    batch.factors,
+                    batch.seq_index,
+                    li,
+                    t,
+                    x,
+                    y,
+                    pool,
+                )
             };
             let mut q = layer.q.forward(&normed, n, pool);
             lora(Target::Q, &normed, &mut q);
