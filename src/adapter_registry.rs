@@ -77,8 +77,10 @@ pub struct AdapterRegistry {
     named: Vec<Named>,
     /// Removed adapters that sequences still hold, with their blocks.
     retired: Vec<(Arc<LoraAdapter>, Vec<u32>)>,
+    /// Removed X-LoRAs that sequences still hold, with their blocks.
+    retired_x: Vec<(Arc<XLora>, Vec<u32>)>,
     max_loras: Option<usize>,
-    /// X-LoRA checkpoints (given at start; they stay).
+    /// X-LoRA checkpoints (given at start or loaded at run time).
     xloras: Vec<XEntry>,
 }
 
@@ -255,6 +257,7 @@ impl AdapterRegistry {
             + self.named.iter().map(|n| n.blocks.len()).sum::<usize>()
             + self.retired.iter().map(|(_, b)| b.len()).sum::<usize>()
             + self.xloras.iter().map(|x| x.blocks.len()).sum::<usize>()
+            + self.retired_x.iter().map(|(_, b)| b.len()).sum::<usize>()
     }
 
     /// The blocks of removed adapters no sequence holds any more, to give
@@ -263,6 +266,13 @@ impl AdapterRegistry {
         let mut free = Vec::new();
         self.retired.retain_mut(|(a, blocks)| {
             let gone = Arc::strong_count(a) == 1;
+            if gone {
+                free.append(blocks);
+            }
+            !gone
+        });
+        self.retired_x.retain_mut(|(x, blocks)| {
+            let gone = Arc::strong_count(x) == 1;
             if gone {
                 free.append(blocks);
             }
@@ -346,13 +356,33 @@ impl AdapterRegistry {
         });
     }
 
-    /// Removes a named adapter; sequences holding it keep it until they end.
+    /// Removes a named adapter or X-LoRA; sequences holding it keep it
+    /// until they end.
     pub fn remove(&mut self, name: &str) -> Result<()> {
+        if let Some(i) = self
+            .xloras
+            .iter()
+            .position(|x| x.name.as_deref() == Some(name))
+        {
+            let x = self.xloras.remove(i);
+            self.retired_x.push((x.x, x.blocks));
+            return Ok(());
+        }
         let i = self
             .find(name)
             .ok_or_else(|| Error::NotFound(format!("no LoRA adapter named '{name}'")))?;
         self.retire(i);
         Ok(())
+    }
+
+    /// Adds a named X-LoRA loaded at run time, holding `blocks` of the KV
+    /// pool (its name checked free with [`Self::name_taken`]).
+    pub fn insert_xlora(&mut self, x: XLora, blocks: Vec<u32>) {
+        self.xloras.push(XEntry {
+            name: Some(x.name.clone()),
+            x: Arc::new(x),
+            blocks,
+        });
     }
 
     /// The always-on adapters followed by the named ones `wanted` asks

@@ -613,46 +613,89 @@ impl Engine {
             .adapters
             .make_room(&adapter, scale, |a| users(sched, a))?;
         let freed = victim.map_or(0, |(_, blocks)| blocks);
-        let bs = self.block_size();
-        let need = if self.charge_runtime_adapters {
-            let block_bytes = kv_block_bytes(&self.model().spec, self.kv_dtype(), bs);
-            crate::adapter_registry::blocks_for(&adapter, block_bytes)
-        } else {
-            0
-        };
-        let s = self.sched.stats();
-        let (total, available) = (s.blocks_total, s.blocks_total - s.blocks_used);
-        let keep = self.context.div_ceil(bs) * self.kv_tables;
-        let held = self.adapters.blocks_held() - freed;
-        if held + need + keep > total {
-            return Err(Error::Overloaded(format!(
-                "LoRA adapter '{}' needs {need} KV blocks ({} KiB); with the {held} that \
-                 adapters hold, the pool of {total} would keep less than one context ({keep} \
-                 blocks): unload an adapter or give a larger --kv-cache-mb",
-                adapter.name,
-                adapter.bytes() >> 10,
-            )));
-        }
-        if need > available + freed {
-            return Err(Error::Overloaded(format!(
-                "LoRA adapter '{}' needs {need} free KV blocks; running requests hold the \
-                 pool now, try again later",
-                adapter.name
-            )));
-        }
+        let need = self.charged_blocks(adapter.bytes());
+        self.check_room(&adapter.name, adapter.bytes(), need, freed, self.kv_tables)?;
         if let Some((i, _)) = victim {
             self.adapters.evict(i);
             self.reap_adapters();
         }
+        let blocks = self.lease_for_adapter(need)?;
+        self.adapters.insert(adapter, scale, blocks);
+        Ok(())
+    }
+
+    /// Makes the X-LoRA `xlora` (see [`crate::model::xlora::XLora::load`])
+    /// available under its name. Its memory comes out of the KV budget as
+    /// an adapter's does, and since its sequences keep two KV caches, the
+    /// pool must keep room for two contexts besides (503 otherwise).
+    pub fn add_xlora(&mut self, xlora: crate::model::xlora::XLora) -> Result<()> {
+        self.reap_adapters();
+        if self.adapters.name_taken(&xlora.name) {
+            return Err(Error::InvalidRequest(format!(
+                "an adapter named '{}' is already loaded",
+                xlora.name
+            )));
+        }
+        let need = self.charged_blocks(xlora.bytes());
+        self.check_room(&xlora.name, xlora.bytes(), need, 0, 2)?;
+        let blocks = self.lease_for_adapter(need)?;
+        self.adapters.insert_xlora(xlora, blocks);
+        self.kv_tables = 2;
+        Ok(())
+    }
+
+    /// KV blocks an adapter of `bytes` loaded at run time is charged.
+    fn charged_blocks(&self, bytes: usize) -> usize {
+        if !self.charge_runtime_adapters {
+            return 0;
+        }
+        let block_bytes = kv_block_bytes(&self.model().spec, self.kv_dtype(), self.block_size());
+        bytes.div_ceil(block_bytes.max(1))
+    }
+
+    /// Checks that `need` more blocks for adapter `name` (of `bytes`), with
+    /// `freed` given back first, leave the pool one context of sequences
+    /// keeping `kv_tables` caches, and that they are free now.
+    fn check_room(
+        &self,
+        name: &str,
+        bytes: usize,
+        need: usize,
+        freed: usize,
+        kv_tables: usize,
+    ) -> Result<()> {
+        let bs = self.block_size();
+        let s = self.sched.stats();
+        let (total, available) = (s.blocks_total, s.blocks_total - s.blocks_used);
+        let keep = self.context.div_ceil(bs) * kv_tables;
+        let held = self.adapters.blocks_held() - freed;
+        if held + need + keep > total {
+            return Err(Error::Overloaded(format!(
+                "adapter '{name}' needs {need} KV blocks ({} KiB); with the {held} that \
+                 adapters hold, the pool of {total} would keep less than one context ({keep} \
+                 blocks): unload an adapter or give a larger --kv-cache-mb",
+                bytes >> 10,
+            )));
+        }
+        if need > available + freed {
+            return Err(Error::Overloaded(format!(
+                "adapter '{name}' needs {need} free KV blocks; running requests hold the \
+                 pool now, try again later"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Leases `need` blocks for an adapter's memory.
+    fn lease_for_adapter(&mut self, need: usize) -> Result<Vec<u32>> {
         let blocks = self
             .sched
-            .lease(need * bs)
+            .lease(need * self.block_size())
             .ok_or_else(|| Error::Internal("checked free KV blocks were not there".into()))?;
         // They may have held keys and values: their pages go back, and the
         // adapter's own memory takes their place in the budget.
         self.runner.discard(&blocks);
-        self.adapters.insert(adapter, scale, blocks);
-        Ok(())
+        Ok(blocks)
     }
 
     /// Gives back the blocks of removed adapters that no request holds.

@@ -6,6 +6,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::lora::LoraAdapter;
+use crate::model::xlora::XLora;
 use crate::model::ModelSpec;
 use crate::request::{validate, GenerationRequest, SeqEvent, Sink};
 use crate::scheduler::SeqId;
@@ -65,6 +66,10 @@ enum Command {
     },
     RemoveAdapter {
         name: String,
+        reply: Sender<Result<()>>,
+    },
+    AddXLora {
+        xlora: Box<XLora>,
         reply: Sender<Result<()>>,
     },
 }
@@ -228,7 +233,8 @@ impl EngineHandle {
         self.adapters.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
-    /// Loads an adapter from `path` on the calling thread (it reads files:
+    /// Loads an adapter (a LoRA adapter, or an X-LoRA checkpoint) from
+    /// `path` on the calling thread (it reads files:
     /// keep it off async threads) and hands it to the engine, which serves
     /// it from its next step on; running requests are not disturbed.
     pub fn load_adapter(&self, name: &str, path: &std::path::Path, scale: f32) -> Result<()> {
@@ -240,14 +246,27 @@ impl EngineHandle {
                 "a LoRA adapter named '{name}' is already loaded"
             )));
         }
-        let adapter = LoraAdapter::load(path, name, &self.model.spec)?;
         let (reply, rx) = std::sync::mpsc::channel();
-        self.tx
-            .send(Command::AddAdapter {
-                adapter: Box::new(adapter),
+        let command = if crate::model::xlora::is_checkpoint(path) {
+            if scale != 1.0 {
+                return Err(Error::InvalidRequest(format!(
+                    "{}: an X-LoRA checkpoint takes no scale (its global_scaling_weight is one)",
+                    path.display()
+                )));
+            }
+            Command::AddXLora {
+                xlora: Box::new(XLora::load(path, name, &self.model.spec)?),
+                reply,
+            }
+        } else {
+            Command::AddAdapter {
+                adapter: Box::new(LoraAdapter::load(path, name, &self.model.spec)?),
                 scale,
                 reply,
-            })
+            }
+        };
+        self.tx
+            .send(command)
             .map_err(|_| Error::Internal("the engine has stopped".into()))?;
         rx.recv()
             .map_err(|_| Error::Internal("the engine has stopped".into()))?
@@ -469,6 +488,11 @@ fn iteration(
                 reply,
             } => {
                 let r = engine.add_adapter(*adapter, scale);
+                publish_names(engine, names);
+                let _ = reply.send(r);
+            }
+            Command::AddXLora { xlora, reply } => {
+                let r = engine.add_xlora(*xlora);
                 publish_names(engine, names);
                 let _ = reply.send(r);
             }

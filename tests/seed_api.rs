@@ -98,10 +98,11 @@ fn module_doc_mistral_example() -> ruvllm::Result<()> {
     let mix = read_json(&fixtures().join("llama/lora_mix/expected.json"));
     let prompt = read_json(&fixtures().join("llama/expected.json"))["prompt_text"].clone();
     let prompt = prompt.as_str().unwrap();
-    // Learned routing (the default) is not implemented: no weights, no text.
+    // Learned routing (the default) needs a checkpoint: without one, or
+    // weights, no text.
     assert!(matches!(
         backend.generate(prompt, greedy(4)),
-        Err(Error::NotImplemented(_))
+        Err(Error::InvalidRequest(_))
     ));
     backend.load_xlora_adapter("code", Path::new(&fixture("llama/lora_mix/code")))?;
     backend.load_xlora_adapter("chat", Path::new(&fixture("llama/lora_mix/chat")))?;
@@ -739,6 +740,43 @@ fn async_token_stream_ends_and_wakes_only_on_events() -> ruvllm::Result<()> {
         Ok::<_, Error>(text)
     })?;
     assert_eq!(text, backend.generate("The quick", greedy(16))?);
+    Ok(())
+}
+
+/// The seed's learned routing: an X-LoRA checkpoint loaded by name runs
+/// every later generation under its classifier, giving PEFT's tokens.
+#[test]
+fn learned_xlora_routing_through_the_seed_api() -> ruvllm::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/xlora/layerwise");
+    let expected = read_json(&dir.join("expected.json"));
+    let config_x = MistralBackendConfig::default()
+        .with_paged_attention(16, 4096)
+        .with_xlora_adapters(vec!["mix"]);
+    let mut backend = MistralBackend::with_config(config_x)?;
+    backend.load_model(&fixture("llama/model-f32.gguf"), config())?;
+    let tok = ruvllm::tokenizer::Tokenizer::from_hf_dir(&fixtures().join("llama"))?;
+    let prompt = ids(&expected["greedy"]["prompt"]);
+    let text = tok.decode(&prompt[1..], false);
+    assert_eq!(
+        tok.encode(&text, true)?,
+        prompt,
+        "the prompt text round-trips"
+    );
+    assert!(
+        backend.generate(&text, greedy(8)).is_err(),
+        "no checkpoint yet"
+    );
+    backend.load_xlora_adapter("mix", &dir)?;
+    let want = tok.decode(&ids(&expected["greedy"]["tokens"]), false);
+    assert_eq!(
+        backend.generate(&text, greedy(8))?,
+        want,
+        "PEFT's X-LoRA tokens"
+    );
+    let stats = backend.xlora_stats().unwrap();
+    assert_eq!((stats.loaded_adapters, stats.forward_count), (1, 1));
+    // The name is taken; a checkpoint cannot load twice.
+    assert!(backend.load_xlora_adapter("mix", &dir).is_err());
     Ok(())
 }
 

@@ -394,7 +394,11 @@ async fn the_server_serves_an_xlora_by_name() {
     let llama = fixtures().join("llama");
     let model = llama.join("model-f32.gguf");
     let arg = format!("mix={}", case_dir("layerwise").display());
-    let s = start_model(model.to_str().unwrap(), &["--xlora", &arg]).await;
+    let s = start_model(
+        model.to_str().unwrap(),
+        &["--xlora", &arg, "--allow-lora-updates", "--kv-dtype", "f32"],
+    )
+    .await;
     let models: serde_json::Value = reqwest::get(format!("{}/v1/models", s.url))
         .await
         .unwrap()
@@ -420,8 +424,39 @@ async fn the_server_serves_an_xlora_by_name() {
     )
     .await;
     assert_eq!(st, 200, "{v}");
-    let text = engine(&model, 1)
-        .tokenizer
-        .decode(&ids(&g["tokens"]), false);
-    assert_eq!(v["choices"][0]["text"], text.as_str(), "{v}");
+    let tok = engine(&model, 1).tokenizer.clone();
+    assert_eq!(
+        v["choices"][0]["text"],
+        tok.decode(&ids(&g["tokens"]), false).as_str(),
+        "{v}"
+    );
+
+    // Hot load and unload, as for LoRA adapters.
+    let (st, v) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        serde_json::json!({"lora_name": "top", "lora_path": case_dir("topk")}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let g = &read_json(&case_dir("topk").join("expected.json"))["greedy"];
+    let body = serde_json::json!({
+        "model": "top", "prompt": g["prompt"], "max_tokens": 8,
+        "temperature": 0, "ignore_eos": true,
+    });
+    let (st, v) = post(&s, "/v1/completions", body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["text"],
+        tok.decode(&ids(&g["tokens"]), false).as_str(),
+        "{v}"
+    );
+    let (st, v) = post(
+        &s,
+        "/v1/unload_lora_adapter",
+        serde_json::json!({"lora_name": "top"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(post(&s, "/v1/completions", body).await.0, 404);
 }

@@ -28,7 +28,7 @@ pub struct CpuBackend {
     /// [`MistralBackend::set_xlora_adapters`].
     mix: std::sync::Mutex<Vec<(String, f32)>>,
     /// Generation is refused while the mix is empty (X-LoRA configured with
-    /// learned routing, which is not implemented, and no weights given).
+    /// learned routing, and neither a checkpoint loaded nor weights given).
     needs_mix: bool,
     /// Requests that ran with adapters, and how often each was used.
     usage: std::sync::Mutex<(u64, std::collections::HashMap<String, u64>)>,
@@ -62,9 +62,10 @@ impl CpuBackend {
     fn mix_for_request(&self) -> Result<Vec<(String, f32)>> {
         let mix = self.mix();
         if mix.is_empty() && self.needs_mix {
-            return Err(Error::NotImplemented(
-                "learned X-LoRA routing (a classifier over hidden states); give the adapter \
-                 weights with set_xlora_adapters, or configure use_learned_routing: false"
+            return Err(Error::InvalidRequest(
+                "learned X-LoRA routing needs an X-LoRA checkpoint: load one with \
+                 load_xlora_adapter(name, folder), or give the adapters' weights with \
+                 set_xlora_adapters"
                     .into(),
             ));
         }

@@ -1,10 +1,13 @@
 //! The original's `MistralBackend` names, over the CPU backend: its paged
-//! attention settings, round-to-nearest ISQ and X-LoRA adapters with
-//! weights given through [`MistralBackend::set_xlora_adapters`] (additive
-//! mixing, `y = W x + Σ wᵢ sᵢ Bᵢ Aᵢ x`) are honoured. X-LoRA's learned
-//! routing (a classifier choosing the weights per token), the other mixing
-//! modes and the other ISQ methods are not implemented, and every call that
-//! needs them says so.
+//! attention settings, round-to-nearest ISQ and X-LoRA are honoured.
+//! X-LoRA mixes either with weights given through
+//! [`MistralBackend::set_xlora_adapters`] (additive mixing,
+//! `y = W x + Σ wᵢ sᵢ Bᵢ Aᵢ x`), or, with `use_learned_routing`, by a
+//! learned classifier that picks the weights per token and layer: load an
+//! X-LoRA checkpoint (PEFT's format, see [`crate::model::xlora`]) with
+//! [`MistralBackend::load_xlora_adapter`]. The other mixing modes and the
+//! other ISQ methods are not implemented, and every call that needs them
+//! says so.
 //!
 //! ```
 //! use ruvllm::backends::{MistralBackend, MistralBackendConfig, XLoraMixingMode};
@@ -93,11 +96,13 @@ impl Default for PagedAttentionConfigExt {
 /// X-LoRA (mixture of LoRA experts) settings. `adapter_names` lists the
 /// adapters that may be loaded (empty: any); `adapter_scales`, in the same
 /// order, are the weights used until [`MistralBackend::set_xlora_adapters`]
-/// gives others. Only `Additive` mixing is implemented. `use_learned_routing`
-/// asks for a classifier that picks the weights per token, which is not
-/// implemented: with it, generation is refused until weights are given.
-/// `router_hidden_dim`, `router_layers`, `top_k` and `temperature` belong to
-/// that classifier.
+/// gives others. Only `Additive` mixing is implemented. With
+/// `use_learned_routing` (and no `adapter_scales`), a classifier picks the
+/// weights per token: generation is refused until an X-LoRA checkpoint is
+/// loaded (or weights are given). The classifier's shape, top-k and
+/// temperature come from the checkpoint's own config, as PEFT saves it;
+/// `router_hidden_dim`, `router_layers`, `top_k` and `temperature` are kept
+/// for the original's users and not read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct XLoraConfig {
     pub adapter_names: Vec<String>,
@@ -190,9 +195,11 @@ fn no_xlora<T>() -> Result<T> {
     Err(Error::NotImplemented("X-LoRA adapters".into()))
 }
 
-/// X-LoRA adapter management apart from a backend. Not implemented: every
-/// operation fails with [`Error::NotImplemented`]; a [`MistralBackend`]
-/// configured with X-LoRA loads and mixes adapters itself.
+/// X-LoRA adapter management apart from a backend. Not implemented:
+/// adapters are checked against the model they apply to, so they load
+/// into a backend. Every operation fails with [`Error::NotImplemented`];
+/// a [`MistralBackend`] configured with X-LoRA loads adapters and
+/// checkpoints and mixes them itself.
 pub struct XLoraManager {
     config: XLoraConfig,
 }
@@ -325,10 +332,21 @@ impl MistralBackend {
     /// Loads a LoRA adapter (PEFT folder or GGUF) for the loaded model under
     /// `name`, one of the configured `adapter_names`. With `adapter_scales`
     /// configured, the loaded ones are mixed with those weights.
+    ///
+    /// An X-LoRA checkpoint (a PEFT folder of type XLORA: classifier and
+    /// experts) loads the same way; with `use_learned_routing` and no
+    /// `adapter_scales`, every later generation runs under it, its
+    /// classifier choosing the experts' weights per token.
     pub fn load_xlora_adapter(&self, name: &str, path: &Path) -> Result<()> {
         self.check_name(name)?;
         self.inner.load_adapter(name, path)?;
         let x = self.xlora()?;
+        if crate::model::xlora::is_checkpoint(path)
+            && x.use_learned_routing
+            && x.adapter_scales.is_none()
+        {
+            return self.inner.set_mix(vec![(name.to_string(), 1.0)]);
+        }
         if let Some(scales) = &x.adapter_scales {
             let loaded = self.inner.adapters();
             let mix = x

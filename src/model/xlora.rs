@@ -89,6 +89,16 @@ fn module_group(family: Family, t: Target) -> usize {
     }
 }
 
+/// Whether `path` is an X-LoRA checkpoint (a folder whose
+/// `adapter_config.json` says `"peft_type": "XLORA"`), not a LoRA adapter.
+pub fn is_checkpoint(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path.join("adapter_config.json")) else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .is_ok_and(|v| v.get("peft_type").and_then(|t| t.as_str()) == Some("XLORA"))
+}
+
 impl XLora {
     /// Loads the checkpoint at `dir` for a base model of `spec`.
     pub fn load(dir: &Path, name: &str, spec: &ModelSpec) -> Result<Self> {
