@@ -193,6 +193,13 @@ impl AdapterRegistry {
             .collect()
     }
 
+    /// The named X-LoRAs, in load order.
+    pub fn named_xloras(&self) -> impl Iterator<Item = (&str, &Arc<XLora>)> {
+        self.xloras
+            .iter()
+            .filter_map(|x| Some((x.name.as_deref()?, &x.x)))
+    }
+
     /// Whether any X-LoRA is loaded (its sequences keep two KV caches).
     pub fn has_xlora(&self) -> bool {
         !self.xloras.is_empty()

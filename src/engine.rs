@@ -589,9 +589,20 @@ impl Engine {
 
     /// Each named adapter with the requests (running or waiting) using it.
     pub fn adapter_use(&self) -> Vec<(String, usize)> {
+        let xlora_users = |x: &Arc<crate::model::xlora::XLora>| {
+            self.sched
+                .iter()
+                .filter(|(_, s)| s.data.mix.xlora.as_ref().is_some_and(|y| Arc::ptr_eq(x, y)))
+                .count()
+        };
         self.adapters
             .named()
             .map(|a| (a.name.clone(), users(&self.sched, a)))
+            .chain(
+                self.adapters
+                    .named_xloras()
+                    .map(|(n, x)| (n.to_string(), xlora_users(x))),
+            )
             .collect()
     }
 
