@@ -9,7 +9,7 @@ from token to token and layer to layer), saved as PEFT saves it
 with the classifier), with the two adapters copied into sub-folders named
 by the config's `adapters` keys ("0" is `code`, "1" is `chat`). `expected.json` holds what PEFT computes:
 
-    input_ids   the lora_mix prompt (24 tokens)
+    input_ids   the base fixture's prompt (24 tokens)
     logits      every position's logits, one forward without a KV cache
     scalings    get_latest_scalings() of that forward: per token, per
                 adapted module (in PEFT's module order), per adapter
@@ -25,12 +25,18 @@ The cases:
     topk        classifier of depth 1, one scaling for every layer, no
                 softmax, top_k_lora 1 with enable_softmax_topk, scaling
                 pass value 0, global_scaling_weight 0.8
+    phi3        the shared tiny phi3 model (fused qkv_proj and gate_up_proj,
+                o_proj built before qkv_proj) with two experts made here
+                (random A and B, init_lora_weights=False): "0" on qkv_proj
+                and down_proj only, "1" on all four modules, so the
+                classifier's modules are the union of the experts'; depth
+                1, per-layer scalings, softmax
 
 CI never runs this script; it only reads the committed files. To rebuild
 them (CPU or GPU, seconds), where torch, transformers and peft are
 installed:
 
-    python3 scripts/make-xlora-fixture.py --llama ../shared/fixtures/llama \
+    python3 scripts/make-xlora-fixture.py --shared ../shared/fixtures \
         --out tests/fixtures/xlora
 """
 
@@ -40,12 +46,13 @@ import os
 import shutil
 
 import torch
-from peft import XLoraConfig, get_peft_model
+from peft import LoraConfig, XLoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+# name: (base folder under the shared fixtures, experts, options)
 CASES = {
-    "layerwise": dict(
+    "layerwise": ("llama", None, dict(
         xlora_depth=2,
         xlora_size=32,
         xlora_dropout_p=0.2,
@@ -54,8 +61,8 @@ CASES = {
         softmax_temperature=0.7,
         scaling_pass_value=0.5,
         global_scaling_weight=1.0,
-    ),
-    "topk": dict(
+    )),
+    "topk": ("llama", None, dict(
         xlora_depth=1,
         layerwise_scalings=False,
         enable_softmax=False,
@@ -63,7 +70,9 @@ CASES = {
         enable_softmax_topk=True,
         scaling_pass_value=0.0,
         global_scaling_weight=0.8,
-    ),
+    )),
+    "phi3": ("phi3", {"0": ["qkv_proj", "down_proj"], "1": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]},
+             dict(xlora_depth=1, layerwise_scalings=True, enable_softmax=True)),
 }
 # PEFT names the adapters it loads "0", "1", ... and activates them by the
 # keys of `adapters`: any other keys leave them inactive (peft 0.21), so
@@ -78,7 +87,32 @@ def rounded(t, digits=6):
     return [round(float(v), digits) for v in t.reshape(-1)]
 
 
-def build(llama, out, name, options, input_ids):
+def make_experts(base, out, targets):
+    """Random PEFT LoRA adapters on `base`, one per entry of `targets`."""
+    for k, modules in targets.items():
+        torch.manual_seed(77 + int(k))
+        m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False)
+        pm = get_peft_model(m, cfg)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0.0, 0.2)
+        pm.save_pretrained(os.path.join(out, k))
+        os.remove(os.path.join(out, k, "README.md"))
+
+
+def build(shared, out, name, base_name, targets, options):
+    llama = os.path.join(shared, base_name)
+    with open(os.path.join(llama, "expected.json")) as f:
+        input_ids = json.load(f)["input_ids"]
+    if targets is None:
+        sources = {k: os.path.join(llama, "lora_mix", a) for k, a in ADAPTERS.items()}
+    else:
+        made = os.path.join(out, f".{name}-experts")
+        shutil.rmtree(made, ignore_errors=True)
+        make_experts(llama, made, targets)
+        sources = {k: os.path.join(made, k) for k in targets}
     torch.manual_seed(1234 + len(name))
     model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
     with torch.no_grad():
@@ -88,7 +122,7 @@ def build(llama, out, name, options, input_ids):
     config = XLoraConfig(
         task_type="CAUSAL_LM",
         hidden_size=model.config.hidden_size,
-        adapters={k: os.path.join(llama, "lora_mix", a) for k, a in ADAPTERS.items()},
+        adapters=sources,
         **options,
     )
     xm = get_peft_model(model, config)
@@ -121,9 +155,9 @@ def build(llama, out, name, options, input_ids):
     # PEFT 0.21 writes each adapter again (with every adapter's tensors in
     # it) and a model card; the checkpoint carries the originals instead.
     os.remove(os.path.join(case, "README.md"))
-    for k, a in ADAPTERS.items():
+    for k, src in sources.items():
         shutil.rmtree(os.path.join(case, k), ignore_errors=True)
-        shutil.copytree(os.path.join(llama, "lora_mix", a), os.path.join(case, k))
+        shutil.copytree(src, os.path.join(case, k))
     # Its classifier file also loses every layer whose Sequential index is
     # an adapter name ("layers.0", "layers.1"): written here in full, under
     # the keys PEFT gives the ones it keeps.
@@ -138,7 +172,7 @@ def build(llama, out, name, options, input_ids):
     cfg_path = os.path.join(case, "adapter_config.json")
     with open(cfg_path) as f:
         saved = json.load(f)
-    saved["adapters"] = {k: k for k in ADAPTERS}
+    saved["adapters"] = {k: k for k in sources}
     with open(cfg_path, "w") as f:
         json.dump(saved, f, indent=2, sort_keys=True)
 
@@ -175,7 +209,8 @@ def build(llama, out, name, options, input_ids):
         "case": name,
         "options": options,
         "classifier_gain": CLASSIFIER_GAIN,
-        "adapters": ADAPTERS,
+        "base": base_name,
+        "adapters": ADAPTERS if targets is None else targets,
         "input_ids": input_ids,
         "vocab": logits.shape[-1],
         "logits": rounded(logits),
@@ -204,15 +239,13 @@ def build(llama, out, name, options, input_ids):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--llama", required=True, help="the shared fixtures' llama folder")
+    ap.add_argument("--shared", required=True, help="the shared fixtures folder")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    with open(os.path.join(args.llama, "lora_mix", "expected.json")) as f:
-        input_ids = json.load(f)["input_ids"]
     os.makedirs(args.out, exist_ok=True)
-    for name, options in CASES.items():
-        build(args.llama, args.out, name, options, input_ids)
+    for name, (base, targets, options) in CASES.items():
+        build(args.shared, args.out, name, base, targets, options)
 
 
 if __name__ == "__main__":

@@ -382,6 +382,14 @@ impl AdapterRegistry {
         Ok(())
     }
 
+    /// Whether `max_loras` adapters and X-LoRAs are named already (an
+    /// X-LoRA loaded at run time is refused then: it is never evicted).
+    pub fn full(&self) -> bool {
+        self.max_loras.is_some_and(|m| {
+            self.named.len() + self.xloras.iter().filter(|x| x.name.is_some()).count() >= m
+        })
+    }
+
     /// Adds a named X-LoRA loaded at run time, holding `blocks` of the KV
     /// pool (its name checked free with [`Self::name_taken`]).
     pub fn insert_xlora(&mut self, x: XLora, blocks: Vec<u32>) {
@@ -435,6 +443,13 @@ impl AdapterRegistry {
             });
         }
         if let Some((x, weight)) = &xlora {
+            let global = x.settings.global_scaling_weight * weight;
+            if !global.is_finite() {
+                return Err(Error::InvalidRequest(format!(
+                    "X-LoRA '{}': weight × global_scaling_weight is not a finite number",
+                    x.name
+                )));
+            }
             v.extend(x.weighted().into_iter().map(|mut e| {
                 e.weight *= weight;
                 e

@@ -320,6 +320,13 @@ impl Engine {
         // An X-LoRA sequence keeps two caches: the pool must hold it.
         let kv_tables = if adapters.has_xlora() { 2 } else { 1 };
         let context = wanted.min((n_blocks - adapter_blocks) / kv_tables * bs);
+        if kv_tables > 1 && context < wanted.min((n_blocks - adapter_blocks) * bs) {
+            tracing::warn!(
+                context,
+                "X-LoRA sequences keep two KV caches: the context is cut to what the pool \
+                 holds twice (give a larger --kv-cache-mb for more)"
+            );
+        }
         if context == 0 {
             return Err(Error::Config(format!(
                 "the KV pool of {n_blocks} blocks holds no X-LoRA sequence (two caches) \
@@ -644,6 +651,13 @@ impl Engine {
         if self.adapters.name_taken(&xlora.name) {
             return Err(Error::InvalidRequest(format!(
                 "an adapter named '{}' is already loaded",
+                xlora.name
+            )));
+        }
+        if self.adapters.full() {
+            return Err(Error::Overloaded(format!(
+                "X-LoRA '{}': --max-loras adapters are loaded (an X-LoRA evicts none); \
+                 unload one first",
                 xlora.name
             )));
         }

@@ -6,8 +6,7 @@ mod common;
 use common::*;
 use ruvllm::adapter_registry::LoraOption;
 use ruvllm::engine::{Engine, EngineOptions};
-use ruvllm::request::{GenerationRequest, SeqEvent};
-use ruvllm::sampling::SamplingParams;
+use ruvllm::request::SeqEvent;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -44,17 +43,6 @@ fn named(name: &str, path: PathBuf) -> LoraOption {
         name: Some(name.into()),
         path,
         scale: 1.0,
-    }
-}
-
-fn greedy_request(prompt: &[u32], n: usize) -> GenerationRequest {
-    GenerationRequest {
-        prompt: prompt.to_vec(),
-        sampling: SamplingParams::greedy(),
-        max_tokens: n,
-        ignore_eos: true,
-        logprobs: Some(0),
-        ..Default::default()
     }
 }
 
@@ -172,37 +160,6 @@ fn mixed_adapters_match_peft_weightings() {
             "{what}: per-request mix on the GGUF base"
         );
     }
-}
-
-type Seen = (Vec<u32>, Vec<u32>, usize);
-
-/// Runs `reqs` together through one engine; each request's tokens, their
-/// logprobs' bits and its cached prompt tokens.
-fn run_together(e: &mut Engine, reqs: Vec<GenerationRequest>) -> Vec<Seen> {
-    let mut rxs = Vec::new();
-    for r in reqs {
-        let (tx, rx) = mpsc::channel();
-        let id = e.new_id();
-        e.add_request(id, r, None, Box::new(move |ev| tx.send(ev).is_ok()));
-        rxs.push(rx);
-    }
-    while e.step() {}
-    rxs.into_iter()
-        .map(|rx| {
-            let (mut toks, mut lps) = (Vec::new(), Vec::new());
-            loop {
-                match rx.recv().unwrap() {
-                    SeqEvent::Token(t) => {
-                        toks.push(t.id);
-                        lps.push(t.logprobs.unwrap().logprob.to_bits());
-                    }
-                    SeqEvent::Finished(s) => return (toks, lps, s.cached_tokens),
-                    SeqEvent::Failed(e) => panic!("{e}"),
-                    _ => {}
-                }
-            }
-        })
-        .collect()
 }
 
 #[test]

@@ -11,11 +11,14 @@ use ruvllm::adapter_registry::{LoraOption, XLoraOption};
 use ruvllm::engine::{Engine, EngineOptions};
 use ruvllm::model::xlora::XLora;
 use ruvllm::request::{GenerationRequest, SeqEvent};
-use ruvllm::sampling::SamplingParams;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+/// Cases on the llama fixture (its mixing adapters as experts).
 const CASES: [&str; 2] = ["layerwise", "topk"];
+/// Every case, with phi3 (fused modules, `o_proj` first; experts that
+/// target different modules).
+const ALL_CASES: [&str; 3] = ["layerwise", "topk", "phi3"];
 
 fn case_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -45,26 +48,15 @@ fn always(case: &str) -> Vec<XLoraOption> {
     }]
 }
 
-fn greedy_request(prompt: &[u32], n: usize) -> GenerationRequest {
-    GenerationRequest {
-        prompt: prompt.to_vec(),
-        sampling: SamplingParams::greedy(),
-        max_tokens: n,
-        ignore_eos: true,
-        logprobs: Some(0),
-        ..Default::default()
-    }
-}
-
 /// Every position's logits, then the greedy continuation through the
 /// scheduler (prefill in chunks of `chunk`, then one token per step, each
 /// with the scaling pass on its own KV cache), against PEFT's cache-less
 /// recomputation.
 #[test]
 fn xlora_matches_peft_on_hf_and_gguf_bases() {
-    let llama = fixtures().join("llama");
-    for case in CASES {
+    for case in ALL_CASES {
         let expected = read_json(&case_dir(case).join("expected.json"));
+        let llama = fixtures().join(expected["base"].as_str().unwrap());
         let input = ids(&expected["input_ids"]);
         let rows: Vec<usize> = (0..input.len()).collect();
         for (base, chunk) in [(llama.clone(), 5), (llama.join("model-f32.gguf"), 512)] {
@@ -90,61 +82,34 @@ fn xlora_matches_peft_on_hf_and_gguf_bases() {
 
 /// With scaling pass value 0 the scaling pass is the base model: the
 /// classifier on the base model's final hidden states gives PEFT's
-/// scalings (after its softmax, before top-k).
+/// scalings (after its softmax, before top-k), module by module in PEFT's
+/// order (phi3's per-layer case: `o_proj` before the fused `qkv_proj`).
 #[test]
 fn classifier_scalings_match_peft() {
-    let llama = fixtures().join("llama");
-    let expected = read_json(&case_dir("topk").join("expected.json"));
-    assert_eq!(
-        expected["options"]["scaling_pass_value"].as_f64(),
-        Some(0.0)
-    );
-    let input = ids(&expected["input_ids"]);
-    let rows: Vec<usize> = (0..input.len()).collect();
-    let mut e = engine(&llama, 2);
-    let hidden = e.forward_sequence(&input, &rows, true).unwrap().hidden;
-    let x = XLora::load(&case_dir("topk"), "topk", &e.model().spec).unwrap();
-    assert_eq!(
-        x.n_modules(),
-        expected["n_modules"].as_u64().unwrap() as usize
-    );
-    let got = x.scalings(&hidden);
-    let want = floats(&expected["scalings"]);
-    let d = max_abs_diff(&got, &want);
-    assert!(d <= 1e-4, "scalings differ from PEFT's by {d}");
-    // The fixture's scalings differ from token to token: a classifier that
-    // ignored its input could not pass.
-    let per_row = got.len() / input.len();
-    assert!((1..input.len()).any(|r| got[r * per_row] != got[0]));
-}
-
-type Seen = (Vec<u32>, Vec<u32>);
-
-fn run_together(e: &mut Engine, reqs: Vec<GenerationRequest>) -> Vec<Seen> {
-    let mut rxs = Vec::new();
-    for r in reqs {
-        let (tx, rx) = mpsc::channel();
-        let id = e.new_id();
-        e.add_request(id, r, None, Box::new(move |ev| tx.send(ev).is_ok()));
-        rxs.push(rx);
+    for case in ["topk", "phi3"] {
+        let expected = read_json(&case_dir(case).join("expected.json"));
+        let base = fixtures().join(expected["base"].as_str().unwrap());
+        let pass = expected["options"]["scaling_pass_value"].as_f64();
+        assert!(pass.is_none() || pass == Some(0.0), "{case}");
+        let input = ids(&expected["input_ids"]);
+        let rows: Vec<usize> = (0..input.len()).collect();
+        let mut e = engine(&base, 2);
+        let hidden = e.forward_sequence(&input, &rows, true).unwrap().hidden;
+        let x = XLora::load(&case_dir(case), case, &e.model().spec).unwrap();
+        assert_eq!(
+            x.n_modules(),
+            expected["n_modules"].as_u64().unwrap() as usize,
+            "{case}"
+        );
+        let got = x.scalings(&hidden);
+        let want = floats(&expected["scalings"]);
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= 1e-4, "{case}: scalings differ from PEFT's by {d}");
+        // The fixture's scalings differ from token to token: a classifier
+        // that ignored its input could not pass.
+        let per_row = got.len() / input.len();
+        assert!((1..input.len()).any(|r| got[r * per_row] != got[0]));
     }
-    while e.step() {}
-    rxs.into_iter()
-        .map(|rx| {
-            let (mut toks, mut lps) = (Vec::new(), Vec::new());
-            loop {
-                match rx.recv().unwrap() {
-                    SeqEvent::Token(t) => {
-                        toks.push(t.id);
-                        lps.push(t.logprobs.unwrap().logprob.to_bits());
-                    }
-                    SeqEvent::Finished(_) => return (toks, lps),
-                    SeqEvent::Failed(e) => panic!("{e}"),
-                    _ => {}
-                }
-            }
-        })
-        .collect()
 }
 
 /// X-LoRA requests share batch steps with LoRA and base requests: each
@@ -267,60 +232,69 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_jso
 fn hostile_xlora_checkpoints_are_refused() {
     let llama = fixtures().join("llama");
     type Damage = Box<dyn Fn(&Path)>;
+    let set = |key: &'static str, value: serde_json::Value| -> Damage {
+        Box::new(move |d| {
+            edit_config(d, |c| {
+                c.insert(key.into(), value.clone());
+            })
+        })
+    };
     let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "lora-type",
-            Box::new(|d| {
-                edit_config(d, |c| {
-                    c.insert("peft_type".into(), "LORA".into());
-                })
-            }),
+            set("peft_type", serde_json::json!("LORA")),
             "XLORA",
         ),
         (
             "hidden",
-            Box::new(|d| {
-                edit_config(d, |c| {
-                    c.insert("hidden_size".into(), 32.into());
-                })
-            }),
+            set("hidden_size", serde_json::json!(32)),
             "hidden_size",
         ),
         (
             "depth",
-            Box::new(|d| {
-                edit_config(d, |c| {
-                    c.insert("xlora_depth".into(), 3.into());
-                })
-            }),
+            set("xlora_depth", serde_json::json!(3)),
             "xlora_depth",
         ),
         (
             "huge-depth",
-            Box::new(|d| {
-                edit_config(d, |c| {
-                    c.insert("xlora_depth".into(), 1_000_000_000u64.into());
-                })
-            }),
+            set("xlora_depth", serde_json::json!(1_000_000_000u64)),
             "xlora_depth",
         ),
-        (
-            "width",
-            Box::new(|d| {
-                edit_config(d, |c| {
-                    c.insert("xlora_size".into(), 31.into());
-                })
-            }),
-            "shape",
-        ),
+        ("width", set("xlora_size", serde_json::json!(31)), "shape"),
         (
             "no-adapters",
-            Box::new(|d| {
-                edit_config(d, |c| {
-                    c.insert("adapters".into(), serde_json::json!({}));
-                })
-            }),
+            set("adapters", serde_json::json!({})),
             "adapters",
+        ),
+        (
+            "named-keys",
+            set("adapters", serde_json::json!({"code": "0", "chat": "1"})),
+            "must be \"0\"",
+        ),
+        (
+            "escaping-key",
+            set("adapters", serde_json::json!({"0": "0", "../1": "1"})),
+            "must be \"0\"",
+        ),
+        (
+            "many-tensors",
+            Box::new(|d| {
+                let zero = [0u8; 4];
+                let views: Vec<(String, safetensors::tensor::TensorView)> = (0..1000)
+                    .map(|i| {
+                        let v = safetensors::tensor::TensorView::new(
+                            safetensors::Dtype::F32,
+                            vec![1],
+                            &zero,
+                        )
+                        .unwrap();
+                        (format!("internal_xlora_classifier.layers.{i}.weight"), v)
+                    })
+                    .collect();
+                let out = safetensors::serialize(views, None).unwrap();
+                std::fs::write(d.join("adapter_model.safetensors"), out).unwrap();
+            }),
+            "tensors",
         ),
         (
             "missing-expert",
@@ -329,11 +303,7 @@ fn hostile_xlora_checkpoints_are_refused() {
         ),
         (
             "temperature",
-            Box::new(|d| {
-                edit_config(d, |c| {
-                    c.insert("softmax_temperature".into(), 0.into());
-                })
-            }),
+            set("softmax_temperature", serde_json::json!(0)),
             "temperature",
         ),
         (

@@ -494,7 +494,28 @@ fn place(
 
 /// A tensor's values as f32 (F32, F16 or BF16 little-endian bytes), or
 /// `None` for another type or a byte count that does not match `len`.
-pub(super) fn to_f32(ty: GgmlType, bytes: &[u8], len: usize) -> Option<Vec<f32>> {
+/// A safetensors tensor of F32/F16/BF16 as f32, or an error naming it.
+pub(super) fn tensor_f32(
+    t: &safetensors::tensor::TensorView,
+    name: &str,
+    path: &Path,
+) -> Result<Vec<f32>> {
+    let ty = match t.dtype() {
+        safetensors::Dtype::F32 => GgmlType::F32,
+        safetensors::Dtype::F16 => GgmlType::F16,
+        safetensors::Dtype::BF16 => GgmlType::BF16,
+        other => {
+            return Err(bad(
+                path,
+                format!("{name}: dtype {other:?} is not f32/f16/bf16"),
+            ))
+        }
+    };
+    to_f32(ty, t.data(), t.shape().iter().product())
+        .ok_or_else(|| bad(path, format!("{name}: data does not match its shape")))
+}
+
+fn to_f32(ty: GgmlType, bytes: &[u8], len: usize) -> Option<Vec<f32>> {
     if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
         || bytes.len() != len.checked_mul(ty.type_size())?
     {
@@ -669,22 +690,7 @@ fn load_peft(dir: &Path, spec: &ModelSpec) -> Result<Vec<[Option<LoraPair>; TARG
             let t = st
                 .tensor(n)
                 .map_err(|_| bad(&st_path, format!("{n} is missing (its pair is present)")))?;
-            let ty = match t.dtype() {
-                safetensors::Dtype::F32 => GgmlType::F32,
-                safetensors::Dtype::F16 => GgmlType::F16,
-                safetensors::Dtype::BF16 => GgmlType::BF16,
-                other => {
-                    return Err(bad(
-                        &st_path,
-                        format!("{n}: dtype {other:?} is not f32/f16/bf16"),
-                    ))
-                }
-            };
-            let shape = t.shape().to_vec();
-            let len = shape.iter().product();
-            let v = to_f32(ty, t.data(), len)
-                .ok_or_else(|| bad(&st_path, format!("{n}: data does not match its shape")))?;
-            Ok((shape, v))
+            Ok((t.shape().to_vec(), tensor_f32(&t, n, &st_path)?))
         };
         let (a_shape, a) = read(name)?;
         let (b_shape, b) = read(&b_name)?;

@@ -17,11 +17,10 @@
 //! folder per expert, named by its key in `adapters` (or at the path given
 //! there, relative to the checkpoint).
 
-use super::lora::{factor_index, factors_len, to_f32, LoraAdapter, Target, WeightedAdapter};
+use super::lora::{factor_index, factors_len, tensor_f32, LoraAdapter, Target, WeightedAdapter};
 use super::spec::{Family, ModelSpec};
 use crate::error::{Error, Result};
-use crate::quant::GgmlType;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 const TARGETS: [Target; 7] = [
@@ -77,22 +76,48 @@ fn bad(path: &Path, what: impl std::fmt::Display) -> Error {
     Error::Adapter(format!("{}: {what}", path.display()))
 }
 
-/// Which module of its layer feeds a projection, in the order the model's
-/// modules are built (phi3 fuses q/k/v and gate/up into one module each).
-fn module_group(family: Family, t: Target) -> usize {
-    match (family, t) {
-        (Family::Phi3, Target::Q | Target::K | Target::V) => 0,
-        (Family::Phi3, Target::O) => 1,
-        (Family::Phi3, Target::Gate | Target::Up) => 2,
-        (Family::Phi3, Target::Down) => 3,
-        (_, t) => t as usize,
+/// The projections of a layer in the order the model builds their modules
+/// (PEFT numbers the classifier's modules in that order), each with its
+/// module: phi3 builds `o_proj` before `qkv_proj`, and fuses q/k/v and
+/// gate/up into one module each.
+fn module_order(family: Family) -> [(Target, usize); 7] {
+    use Target::*;
+    match family {
+        Family::Phi3 => [
+            (O, 0),
+            (Q, 1),
+            (K, 1),
+            (V, 1),
+            (Gate, 2),
+            (Up, 2),
+            (Down, 3),
+        ],
+        _ => [
+            (Q, 0),
+            (K, 1),
+            (V, 2),
+            (O, 3),
+            (Gate, 4),
+            (Up, 5),
+            (Down, 6),
+        ],
     }
+}
+
+/// Reads a checkpoint's `adapter_config.json`, a regular file (a FIFO
+/// would block the reader).
+fn read_config(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(bad(path, "not a regular file"));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
 /// Whether `path` is an X-LoRA checkpoint (a folder whose
 /// `adapter_config.json` says `"peft_type": "XLORA"`), not a LoRA adapter.
 pub fn is_checkpoint(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path.join("adapter_config.json")) else {
+    let Ok(text) = read_config(&path.join("adapter_config.json")) else {
         return false;
     };
     serde_json::from_str::<serde_json::Value>(&text)
@@ -106,7 +131,7 @@ impl XLora {
         if !dir.is_dir() {
             return Err(bad(dir, "an X-LoRA checkpoint is a folder"));
         }
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let text = read_config(&cfg_path)?;
         let cfg: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| bad(&cfg_path, format!("not JSON: {e}")))?;
         let field = |k: &str| cfg.get(k).filter(|v| !v.is_null());
@@ -164,8 +189,14 @@ impl XLora {
             scaling_pass_value: number("scaling_pass_value", 0.0)?,
             global_scaling_weight: number("global_scaling_weight", 1.0)?,
         };
-        if settings.enable_softmax && settings.softmax_temperature == 0.0 {
-            return Err(bad(&cfg_path, "softmax_temperature is 0"));
+        if settings.enable_softmax && settings.softmax_temperature < 1e-3 {
+            return Err(bad(
+                &cfg_path,
+                format!(
+                    "softmax_temperature {} is not at least 0.001",
+                    settings.softmax_temperature
+                ),
+            ));
         }
         if flag("use_trainable_adapters", false)? {
             tracing::debug!("use_trainable_adapters only matters for training");
@@ -183,8 +214,10 @@ impl XLora {
         let depth = count("xlora_depth", 1, MAX_DEPTH)?;
         let size = count("xlora_size", 2048, MAX_WIDTH)?;
 
-        // The experts, in PEFT's order: it names them "0", "1", … and
-        // activates them by those keys, so numeric keys sort numerically.
+        // The experts, in PEFT's order: it loads them as "0", "1", … and
+        // activates them by the keys of `adapters`, so only those keys
+        // work there; each is a sub-folder of the checkpoint (a key is a
+        // number, so it names nothing outside it).
         let listed = field("adapters")
             .and_then(|v| v.as_object())
             .filter(|m| !m.is_empty())
@@ -195,22 +228,21 @@ impl XLora {
                 format!("{} adapters, more than {MAX_EXPERTS}", listed.len()),
             ));
         }
-        let mut keys: Vec<(&String, &serde_json::Value)> = listed.iter().collect();
-        if keys.iter().all(|(k, _)| k.parse::<usize>().is_ok()) {
-            keys.sort_by_key(|(k, _)| k.parse::<usize>().unwrap_or(usize::MAX));
-        }
-        let mut experts = Vec::with_capacity(keys.len());
-        for (key, value) in keys {
-            let sub = dir.join(key);
-            let path = if sub.join("adapter_config.json").is_file() {
-                sub
-            } else {
-                match value.as_str().map(PathBuf::from) {
-                    Some(p) if p.is_absolute() => p,
-                    Some(p) => dir.join(p),
-                    None => sub,
-                }
-            };
+        let mut experts = Vec::with_capacity(listed.len());
+        for i in 0..listed.len() {
+            let key = i.to_string();
+            if !listed.contains_key(&key) {
+                return Err(bad(
+                    &cfg_path,
+                    format!(
+                        "the keys of `adapters` must be \"0\" to \"{}\", as PEFT names the \
+                         experts it loads (found {:?})",
+                        listed.len() - 1,
+                        listed.keys().collect::<Vec<_>>()
+                    ),
+                ));
+            }
+            let path = dir.join(&key);
             if !path.is_dir() {
                 return Err(bad(
                     &cfg_path,
@@ -225,11 +257,10 @@ impl XLora {
         let mut n_modules = 0;
         for (layer, slots) in module.iter_mut().enumerate() {
             let mut group_index: [Option<usize>; 7] = [None; 7];
-            for t in TARGETS {
+            for (t, g) in module_order(spec.family) {
                 if !experts.iter().any(|e| e.pair(layer, t).is_some()) {
                     continue;
                 }
-                let g = module_group(spec.family, t);
                 let i = *group_index[g].get_or_insert_with(|| {
                     n_modules += 1;
                     n_modules - 1
@@ -421,6 +452,17 @@ fn load_classifier(path: &Path, widths: &[usize]) -> Result<Vec<Dense>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+    // A weight and a bias per layer: more tensors is not a classifier (and
+    // the search below is quadratic in them).
+    if st.len() > 2 * MAX_DEPTH {
+        return Err(bad(
+            path,
+            format!(
+                "{} tensors, more than a classifier of depth {MAX_DEPTH} has",
+                st.len()
+            ),
+        ));
+    }
     // Sequential index → (weight name, bias name).
     let mut found: Vec<(usize, String, Option<String>)> = Vec::new();
     for name in st.names() {
@@ -471,19 +513,7 @@ fn load_classifier(path: &Path, widths: &[usize]) -> Result<Vec<Dense>> {
                 format!("{n} has shape {:?}, expected {shape:?}", t.shape()),
             ));
         }
-        let ty = match t.dtype() {
-            safetensors::Dtype::F32 => GgmlType::F32,
-            safetensors::Dtype::F16 => GgmlType::F16,
-            safetensors::Dtype::BF16 => GgmlType::BF16,
-            other => {
-                return Err(bad(
-                    path,
-                    format!("{n}: dtype {other:?} is not f32/f16/bf16"),
-                ))
-            }
-        };
-        to_f32(ty, t.data(), shape.iter().product())
-            .ok_or_else(|| bad(path, format!("{n}: data does not match its shape")))
+        tensor_f32(&t, n, path)
     };
     let mut layers = Vec::with_capacity(found.len());
     for (k, (idx, w_name, b_name)) in found.iter().enumerate() {

@@ -4,7 +4,10 @@
 pub mod server;
 
 use ruvllm::engine::{Engine, EngineOptions};
+use ruvllm::request::{GenerationRequest, SeqEvent};
+use ruvllm::sampling::SamplingParams;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 /// The reference fixtures: `$RUVLLM_FIXTURES` or `../shared/fixtures`.
 pub fn fixtures() -> PathBuf {
@@ -77,4 +80,47 @@ pub fn perplexity_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> serde_json::Val
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub type Seen = (Vec<u32>, Vec<u32>, usize);
+
+/// Runs `reqs` together through one engine; each request's tokens, their
+/// logprobs' bits and its cached prompt tokens.
+pub fn run_together(e: &mut Engine, reqs: Vec<GenerationRequest>) -> Vec<Seen> {
+    let mut rxs = Vec::new();
+    for r in reqs {
+        let (tx, rx) = mpsc::channel();
+        let id = e.new_id();
+        e.add_request(id, r, None, Box::new(move |ev| tx.send(ev).is_ok()));
+        rxs.push(rx);
+    }
+    while e.step() {}
+    rxs.into_iter()
+        .map(|rx| {
+            let (mut toks, mut lps) = (Vec::new(), Vec::new());
+            loop {
+                match rx.recv().unwrap() {
+                    SeqEvent::Token(t) => {
+                        toks.push(t.id);
+                        lps.push(t.logprobs.unwrap().logprob.to_bits());
+                    }
+                    SeqEvent::Finished(s) => return (toks, lps, s.cached_tokens),
+                    SeqEvent::Failed(e) => panic!("{e}"),
+                    _ => {}
+                }
+            }
+        })
+        .collect()
+}
+
+/// Greedy decoding of `n` tokens past EOS, with log-probabilities.
+pub fn greedy_request(prompt: &[u32], n: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams::greedy(),
+        max_tokens: n,
+        ignore_eos: true,
+        logprobs: Some(0),
+        ..Default::default()
+    }
 }
