@@ -204,6 +204,9 @@ pub struct Engine {
     /// the pool always keeps room for one context of those.
     kv_tables: usize,
     max_batched_tokens: usize,
+    /// Compiles output constraints; made on first use (its token trie
+    /// takes a while for a large vocabulary).
+    grammars: Option<Arc<crate::constraint::Grammars>>,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
 }
@@ -381,6 +384,7 @@ impl Engine {
             charge_runtime_adapters: opts.kv_blocks.is_some() || opts.kv_cache_mb.is_some(),
             kv_tables,
             max_batched_tokens,
+            grammars: None,
             fault: None,
         };
         let sched = &mut engine.sched;
@@ -547,6 +551,14 @@ impl Engine {
                 return;
             }
         };
+        let matcher = match req.constraint.as_ref().map(|c| self.matcher(c)) {
+            None => None,
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                sink(SeqEvent::Failed(e));
+                return;
+            }
+        };
         let max_tokens = req.max_tokens.min(self.context - req.prompt.len());
         if max_tokens == 0 && !req.embed {
             // Nothing asked, nothing generated (not even a first token).
@@ -569,8 +581,25 @@ impl Engine {
             kv_tables: if mix.xlora.is_some() { 2 } else { 1 },
         };
         let prompt = std::mem::take(&mut req.prompt);
-        let state = RequestState::new(req, max_tokens, sink, mix);
+        let mut state = RequestState::new(req, max_tokens, sink, mix);
+        state.matcher = matcher;
         self.sched.add(id, prompt, opts, state);
+    }
+
+    /// A fresh matcher of the output constraint `c`.
+    fn matcher(&mut self, c: &crate::constraint::Constraint) -> Result<llguidance::Matcher> {
+        let g = match &self.grammars {
+            Some(g) => g.clone(),
+            None => {
+                let g = Arc::new(crate::constraint::Grammars::new(
+                    self.tokenizer.clone(),
+                    self.model().spec.vocab_size,
+                )?);
+                self.grammars = Some(g.clone());
+                g
+            }
+        };
+        g.matcher(c)
     }
 
     /// Quantizes the unquantized weight matrices to `ty` in place (see

@@ -26,6 +26,7 @@
 pub mod adapter_registry;
 pub mod backends;
 pub mod chat;
+pub mod constraint;
 pub mod engine;
 pub mod engine_loop;
 pub mod error;

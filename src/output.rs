@@ -42,6 +42,8 @@ pub struct RequestState {
     /// Every adapter applied to this sequence, with its weight (and its
     /// X-LoRA, if it runs under one).
     pub mix: AdapterMix,
+    /// The output constraint's state, when the request has one.
+    pub matcher: Option<llguidance::Matcher>,
 }
 
 impl RequestState {
@@ -50,7 +52,13 @@ impl RequestState {
     pub fn new(req: GenerationRequest, max_tokens: usize, sink: Sink, mix: AdapterMix) -> Self {
         RequestState {
             sampler: Sampler::new(req.sampling.clone()),
-            text: TextAssembler::new(&req.stop),
+            // A constrained output ends where its grammar does (or at
+            // max_tokens): a stop string must not cut it short of valid.
+            text: TextAssembler::new(if req.constraint.is_some() {
+                &[]
+            } else {
+                &req.stop
+            }),
             max_tokens,
             sink,
             arrival: Instant::now(),
@@ -58,6 +66,7 @@ impl RequestState {
             embed_sum: Vec::new(),
             prompt_lps: Vec::new(),
             mix,
+            matcher: None,
             req,
         }
     }
@@ -186,8 +195,22 @@ impl OutputProcessor {
         let a = &mut sched.get_mut(id).expect("active").data;
         Self::send_prompt_logprobs(a);
         let lp = a.req.logprobs.map(|k| log_softmax_top(logits, k));
+        if let Some(m) = a.matcher.as_mut() {
+            match m.compute_mask_or_eos() {
+                Ok(mask) => crate::constraint::apply_mask(&mask, logits),
+                Err(e) => return self.fail(sched, id, &format!("{e}")),
+            }
+        }
         let tok = a.sampler.sample(logits);
         a.sampler.observe(tok);
+        // The constraint follows the token (EOS included: it ends it).
+        let mut complete = false;
+        if let Some(m) = a.matcher.as_mut() {
+            if let Err(e) = m.consume_token(tok) {
+                return self.fail(sched, id, &format!("{e}"));
+            }
+            complete = m.is_stopped();
+        }
         sched.append(id, tok);
         self.counters.generation_tokens += 1;
         let seq = sched.get_mut(id).expect("active");
@@ -218,11 +241,27 @@ impl OutputProcessor {
         if !alive {
             return Some(FinishReason::Cancelled);
         }
-        if hit_stop {
+        if hit_stop || complete {
             return Some(FinishReason::Stop);
         }
         if out_of_room {
             return Some(FinishReason::Length);
+        }
+        None
+    }
+
+    /// Ends a request whose output constraint could not go on (its
+    /// grammar ran past the library's limits for one token).
+    fn fail(
+        &mut self,
+        sched: &mut Scheduler<RequestState>,
+        id: SeqId,
+        why: &str,
+    ) -> Option<FinishReason> {
+        if let Some(mut s) = sched.finish(id) {
+            (s.data.sink)(SeqEvent::Failed(crate::Error::InvalidRequest(format!(
+                "the output constraint could not go on: {why}"
+            ))));
         }
         None
     }

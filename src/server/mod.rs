@@ -852,6 +852,7 @@ async fn chat_completions(
     body: BodyResult,
 ) -> ApiResult<Response> {
     let mut req: ChatRequest = parse(&body_bytes(body)?)?;
+    req.check_unsupported()?;
     let adapter = st.check_model(&req.common.model)?;
     let mix = st.adapter_mix(&adapter, &req.common.adapters)?;
     let e = st.engine()?.clone();

@@ -1,6 +1,7 @@
 //! OpenAI request bodies, their validation into engine requests, and the
 //! JSON shapes of responses and errors.
 
+use crate::constraint::Constraint;
 use crate::request::{FinishReason, GenerationRequest, PromptTokenLogprob, TokenEvent};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -141,6 +142,108 @@ pub struct Common {
     /// Named LoRA adapters mixed with these weights (on top of the one
     /// `model` names, whose weight this may override).
     pub adapters: Option<HashMap<String, f32>>,
+    /// OpenAI's: `{"type": "text" | "json_object" | "json_schema",
+    /// "json_schema": {"name", "schema", "strict"}}`.
+    pub response_format: Option<Value>,
+    /// vLLM's output constraints (one at most, and not with
+    /// `response_format`): a JSON schema, a regex, a list of strings, a
+    /// Lark grammar; or the same under `structured_outputs` as `json`,
+    /// `regex`, `choice`, `grammar`.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub structured_outputs: Option<Value>,
+}
+
+/// The output constraint a request asks for, if any.
+pub fn constraint(c: &Common) -> Result<Option<Constraint>, ApiError> {
+    let bad = |m: &str, p: &'static str| ApiError::bad_request(m.to_string()).param(p);
+    let string = |v: &Value, p: &'static str| -> Result<String, ApiError> {
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| bad(&format!("{p} must be a string"), p))
+    };
+    let schema = |v: &Value, p: &'static str| -> Result<Value, ApiError> {
+        // A schema may come as JSON text (vLLM takes both).
+        let v = match v {
+            Value::String(s) => {
+                serde_json::from_str(s).map_err(|e| bad(&format!("{p} is not JSON: {e}"), p))?
+            }
+            v => v.clone(),
+        };
+        if !(v.is_object() || v.is_boolean()) {
+            return Err(bad(&format!("{p} must be a JSON schema (an object)"), p));
+        }
+        Ok(v)
+    };
+    let choice = |v: &Value, p: &'static str| -> Result<Vec<String>, ApiError> {
+        let a = v
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| bad(&format!("{p} must be a non-empty list of strings"), p))?;
+        a.iter().map(|s| string(s, p)).collect()
+    };
+    let mut found: Vec<(Constraint, &'static str)> = Vec::new();
+    if let Some(rf) = &c.response_format {
+        let p = "response_format";
+        match rf.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => {
+                found.push((Constraint::JsonSchema(json!({"type": "object"})), p))
+            }
+            Some("json_schema") => {
+                let s = rf
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .ok_or_else(|| bad("response_format.json_schema.schema is missing", p))?;
+                found.push((Constraint::JsonSchema(schema(s, p)?), p));
+            }
+            _ => {
+                return Err(bad(
+                    "response_format.type must be text, json_object or json_schema",
+                    p,
+                ))
+            }
+        }
+    }
+    let vllm = [
+        (&c.guided_json, "guided_json"),
+        (&c.guided_regex, "guided_regex"),
+        (&c.guided_choice, "guided_choice"),
+        (&c.guided_grammar, "guided_grammar"),
+    ];
+    let so = c.structured_outputs.as_ref();
+    if so.is_some_and(|v| !v.is_object()) {
+        return Err(bad(
+            "structured_outputs must be an object",
+            "structured_outputs",
+        ));
+    }
+    let so_field = |k: &str| so.and_then(|v| v.get(k)).filter(|v| !v.is_null());
+    for (i, (v, p)) in vllm.into_iter().enumerate() {
+        let key = ["json", "regex", "choice", "grammar"][i];
+        for (v, p) in [
+            (v.as_ref().filter(|v| !v.is_null()), p),
+            (so_field(key), "structured_outputs"),
+        ] {
+            let Some(v) = v else { continue };
+            let c = match i {
+                0 => Constraint::JsonSchema(schema(v, p)?),
+                1 => Constraint::Regex(string(v, p)?),
+                2 => Constraint::Choice(choice(v, p)?),
+                _ => Constraint::Lark(string(v, p)?),
+            };
+            found.push((c, p));
+        }
+    }
+    if found.len() > 1 {
+        return Err(bad(
+            "at most one output constraint (response_format, guided_*, structured_outputs)",
+            found[1].1,
+        ));
+    }
+    Ok(found.pop().map(|(c, _)| c))
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -183,6 +286,31 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    /// Tool calling is not implemented: a request that offers tools (and
+    /// does not turn them off with `tool_choice: "none"`) is refused
+    /// rather than answered as if it had none.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+}
+
+impl ChatRequest {
+    /// Refuses what this server cannot honour yet.
+    pub fn check_unsupported(&self) -> Result<(), ApiError> {
+        let offered = self
+            .tools
+            .as_ref()
+            .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()));
+        let off = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
+        if offered && !off {
+            return Err(ApiError::with(
+                StatusCode::NOT_IMPLEMENTED,
+                "not_implemented_error",
+                "tool calling is not implemented yet: send no tools, or tool_choice \"none\"",
+            )
+            .param("tools"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -429,6 +557,7 @@ pub fn plan(
             logprobs,
             prompt_logprobs,
             cache_salt: c.cache_salt.clone(),
+            constraint: constraint(c)?,
             ..Default::default()
         },
     })
