@@ -812,7 +812,7 @@ impl Engine {
         if slow {
             std::thread::sleep(SLOW_STEP);
         }
-        match self.run_chunks(&chunks) {
+        match self.run_chunks_masking(&chunks) {
             Ok(out) => {
                 self.sched.commit(&chunks);
                 self.output.process(&mut self.sched, &chunks, out);
@@ -888,6 +888,70 @@ impl Engine {
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe { libc::malloc_trim(0) };
         tracing::debug!(dropped, released = free.len(), "trimmed idle memory");
+    }
+
+    /// [`Self::run_chunks`], with the output constraints' masks of the
+    /// sequences about to sample computed on a thread of their own
+    /// meanwhile: the mask depends only on the tokens so far, and computing
+    /// it (a quarter of a millisecond on average, a few at most) then costs
+    /// the step nothing when the forward pass takes longer.
+    ///
+    /// Only when a core is left over beside the runner's threads: on a
+    /// machine whose every core runs the forward pass, the masking thread
+    /// takes its core from the pass's and slows it by more than the mask
+    /// costs (measured on 2 cores, BENCHMARKS.md), so the mask is then
+    /// computed before sampling instead.
+    fn run_chunks_masking(&mut self, chunks: &[Chunk]) -> Result<Output> {
+        if self.runner.pool().n_threads() >= default_threads() {
+            return self.run_chunks(chunks);
+        }
+        let work: Vec<(SeqId, llguidance::Matcher)> = chunks
+            .iter()
+            .filter(|c| c.completes)
+            .filter_map(|c| {
+                let s = self.sched.get_mut(c.id)?;
+                if s.data.mask.is_some() {
+                    return None;
+                }
+                Some((c.id, s.data.matcher.take()?))
+            })
+            .collect();
+        if work.is_empty() {
+            return self.run_chunks(chunks);
+        }
+        let ids: Vec<SeqId> = work.iter().map(|w| w.0).collect();
+        let (out, masked) = std::thread::scope(|scope| {
+            let masking = scope.spawn(move || {
+                work.into_iter()
+                    .map(|(id, mut m)| {
+                        let mask = m.compute_mask_or_eos().map_err(|e| e.to_string());
+                        (id, m, mask)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let out = self.run_chunks(chunks);
+            (out, masking.join())
+        });
+        match masked {
+            Ok(done) => {
+                for (id, m, mask) in done {
+                    if let Some(s) = self.sched.get_mut(id) {
+                        s.data.matcher = Some(m);
+                        s.data.mask = Some(mask);
+                    }
+                }
+            }
+            // The library panicked: those sequences' constraints are gone,
+            // and they fail when they come to sample.
+            Err(_) => {
+                for id in ids {
+                    if let Some(s) = self.sched.get_mut(id) {
+                        s.data.mask = Some(Err("the constraint library failed".into()));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Runs `chunks` through the model runner as one batch.

@@ -44,6 +44,9 @@ pub struct RequestState {
     pub mix: AdapterMix,
     /// The output constraint's state, when the request has one.
     pub matcher: Option<llguidance::Matcher>,
+    /// The constraint's mask for the next token, computed while the
+    /// forward pass ran (see [`crate::engine::Engine::step`]).
+    pub mask: Option<std::result::Result<llguidance::toktrie::SimpleVob, String>>,
 }
 
 impl RequestState {
@@ -67,6 +70,7 @@ impl RequestState {
             prompt_lps: Vec::new(),
             mix,
             matcher: None,
+            mask: None,
             req,
         }
     }
@@ -195,11 +199,15 @@ impl OutputProcessor {
         let a = &mut sched.get_mut(id).expect("active").data;
         Self::send_prompt_logprobs(a);
         let lp = a.req.logprobs.map(|k| log_softmax_top(logits, k));
-        if let Some(m) = a.matcher.as_mut() {
-            match m.compute_mask_or_eos() {
-                Ok(mask) => crate::constraint::apply_mask(&mask, logits),
-                Err(e) => return self.fail(sched, id, &format!("{e}")),
-            }
+        let mask = match (a.mask.take(), a.matcher.as_mut()) {
+            (Some(ready), _) => Some(ready),
+            (None, Some(m)) => Some(m.compute_mask_or_eos().map_err(|e| e.to_string())),
+            (None, None) => None,
+        };
+        match mask {
+            Some(Ok(mask)) => crate::constraint::apply_mask(&mask, logits),
+            Some(Err(e)) => return self.fail(sched, id, &e),
+            None => {}
         }
         let tok = a.sampler.sample(logits);
         a.sampler.observe(tok);
