@@ -30,6 +30,19 @@ pub enum Constraint {
 /// nested objects, not enough to pad without end.
 const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,40}";
 
+/// JSON schemas nesting deeper are refused: the library compiles them
+/// recursively, on the engine thread's stack.
+const MAX_SCHEMA_DEPTH: usize = 32;
+
+/// How deep a JSON value nests.
+fn depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Constraint sources bigger than this are refused before compiling.
 pub const MAX_CONSTRAINT_BYTES: usize = 256 << 10;
 
@@ -42,10 +55,18 @@ impl Constraint {
                 // grammars bound it): unbounded, a sampled model can pad
                 // forever and never close the object. A schema's own
                 // `x-guidance` options win.
+                if s == serde_json::Value::Bool(true) {
+                    s = serde_json::json!({});
+                }
                 if let Some(o) = s.as_object_mut() {
-                    o.entry("x-guidance").or_insert_with(
-                        || serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}),
-                    );
+                    let x = o
+                        .entry("x-guidance")
+                        .or_insert_with(|| serde_json::json!({}));
+                    if let Some(x) = x.as_object_mut() {
+                        if !x.keys().any(|k| k.starts_with("whitespace_")) {
+                            x.insert("whitespace_pattern".into(), JSON_WHITESPACE.into());
+                        }
+                    }
                 }
                 TopLevelGrammar::from_json_schema(s)
             }
@@ -135,8 +156,18 @@ impl Grammars {
             tok_unk: special.unk,
             tok_end_of_turn: None,
         };
+        // Every token that ends generation may end a constrained output
+        // (a chat model ends its turn with its own token, not EOS).
+        let mut ends = vec![eos];
+        ends.extend(
+            special
+                .stop
+                .iter()
+                .copied()
+                .filter(|&t| t != eos && (t as usize) < vocab),
+        );
         let env: TokEnv = Arc::new(Vocab {
-            trie: TokTrie::from(&info, &words),
+            trie: TokTrie::from(&info, &words).with_eos_tokens(&ends),
             tokenizer,
         });
         let mut factory = ParserFactory::new_simple(&env)
@@ -147,6 +178,11 @@ impl Grammars {
         // size is bounded here too.
         *factory.limits_mut() = ParserLimits {
             max_grammar_size: 200_000,
+            // A few tens of MB of lexer at most per sequence (the default
+            // allows hundreds).
+            max_lexer_states: 50_000,
+            // Errors go to clients: no grammar dumps or parser state.
+            verbose_errors: false,
             ..ParserLimits::default()
         };
         Ok(Grammars { factory, vocab })
@@ -168,13 +204,31 @@ impl Grammars {
                 ));
             }
         }
+        if let Constraint::JsonSchema(s) = c {
+            if depth(s) > MAX_SCHEMA_DEPTH {
+                return Err(Error::InvalidRequest(format!(
+                    "the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels"
+                )));
+            }
+        }
+        let short = |mut e: String| {
+            if e.len() > 1024 {
+                let mut cut = 1024;
+                while !e.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.truncate(cut);
+                e.push('…');
+            }
+            Error::InvalidRequest(format!("the output constraint: {e}"))
+        };
         let parser = self
             .factory
             .create_parser(c.grammar())
-            .map_err(|e| Error::InvalidRequest(format!("the output constraint: {e}")))?;
+            .map_err(|e| short(e.to_string()))?;
         let m = Matcher::new(Ok(parser));
         if let Some(e) = m.get_error() {
-            return Err(Error::InvalidRequest(format!("the output constraint: {e}")));
+            return Err(short(e));
         }
         Ok(m)
     }

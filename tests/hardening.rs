@@ -644,7 +644,11 @@ async fn prompt_logprobs_survive_chunking_and_preemption() {
         assert!(a.len() > 16, "prompts must span two blocks");
         for (x, y) in a.iter().zip(b).skip(1) {
             let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
-            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+            // The same tokens (in rank order, which a near-tie may swap).
+            let keys = |m: &serde_json::Map<String, Value>| {
+                m.keys().cloned().collect::<std::collections::BTreeSet<_>>()
+            };
+            assert_eq!(keys(x), keys(y));
             for (k, e) in x {
                 let d = (e["logprob"].as_f64().unwrap() - y[k]["logprob"].as_f64().unwrap()).abs();
                 assert!(d < 1e-4, "{k}: {e} vs {}", y[k]);

@@ -162,6 +162,13 @@ fn bad_constraints_are_refused() {
             "missing",
         ),
         (Constraint::Regex("a".repeat(300_000)), "bytes"),
+        (
+            Constraint::JsonSchema((0..40).fold(
+                json!({"type": "string"}),
+                |s, _| json!({"type": "array", "items": s}),
+            )),
+            "deeper",
+        ),
     ] {
         let out = run(&mut e, vec![sampled(&prompt, 1, c.clone(), 8)]);
         let err = out[0].as_ref().expect_err("a bad constraint ran");
