@@ -11,22 +11,14 @@ use ruvllm::engine::Engine;
 use ruvllm::request::{FinishReason, GenerationRequest, SeqEvent};
 use ruvllm::sampling::SamplingParams;
 use serde_json::{json, Value};
-use std::sync::mpsc;
 
 /// Runs `reqs` together; each one's text and finish reason (or error).
 fn run(
     e: &mut Engine,
     reqs: Vec<GenerationRequest>,
 ) -> Vec<Result<(String, FinishReason), String>> {
-    let mut rxs = Vec::new();
-    for r in reqs {
-        let (tx, rx) = mpsc::channel();
-        let id = e.new_id();
-        e.add_request(id, r, None, Box::new(move |ev| tx.send(ev).is_ok()));
-        rxs.push(rx);
-    }
-    while e.step() {}
-    rxs.into_iter()
+    run_all(e, reqs)
+        .into_iter()
         .map(|rx| {
             let mut text = String::new();
             loop {

@@ -84,9 +84,9 @@ pub fn perplexity_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> serde_json::Val
 
 pub type Seen = (Vec<u32>, Vec<u32>, usize);
 
-/// Runs `reqs` together through one engine; each request's tokens, their
-/// logprobs' bits and its cached prompt tokens.
-pub fn run_together(e: &mut Engine, reqs: Vec<GenerationRequest>) -> Vec<Seen> {
+/// Submits `reqs` to one engine, steps it until idle, and returns each
+/// request's events (in submission order).
+pub fn run_all(e: &mut Engine, reqs: Vec<GenerationRequest>) -> Vec<mpsc::Receiver<SeqEvent>> {
     let mut rxs = Vec::new();
     for r in reqs {
         let (tx, rx) = mpsc::channel();
@@ -95,7 +95,14 @@ pub fn run_together(e: &mut Engine, reqs: Vec<GenerationRequest>) -> Vec<Seen> {
         rxs.push(rx);
     }
     while e.step() {}
-    rxs.into_iter()
+    rxs
+}
+
+/// Runs `reqs` together through one engine; each request's tokens, their
+/// logprobs' bits and its cached prompt tokens.
+pub fn run_together(e: &mut Engine, reqs: Vec<GenerationRequest>) -> Vec<Seen> {
+    run_all(e, reqs)
+        .into_iter()
         .map(|rx| {
             let (mut toks, mut lps) = (Vec::new(), Vec::new());
             loop {
