@@ -6,9 +6,10 @@ MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 models:
 	@scripts/fetch-models.sh
 
-# The official OpenAI client, which tests/server.rs drives the server with.
+# The official OpenAI client, which the server tests drive the server with,
+# and jsonschema, which checks the arguments of tool calls.
 pydeps:
-	@python3 -c "import openai" 2>/dev/null || python3 -m pip install -q "openai>=1.50"
+	@python3 -c "import openai, jsonschema" 2>/dev/null || python3 -m pip install -q "openai>=1.50" "jsonschema>=4"
 
 build:
 	cargo build --release

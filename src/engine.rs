@@ -1202,11 +1202,15 @@ pub fn chat_prompt(
     template: &ChatTemplate,
     messages: &[ChatMessage],
 ) -> Result<Vec<u32>> {
-    let text = template.render(messages, true)?;
+    encode_chat(tokenizer, &template.render(messages, true)?)
+}
+
+/// Tokenizes a rendered chat prompt.
+pub fn encode_chat(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     // Templates that write the BOS text themselves must not get a second one.
     let bos_text = tokenizer.special.bos.and_then(|b| tokenizer.token_text(b));
     let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(b));
-    tokenizer.encode(&text, !has_bos)
+    tokenizer.encode(text, !has_bos)
 }
 
 fn hf_chat_template(dir: &Path) -> Result<Option<String>> {

@@ -8,7 +8,8 @@
 //! - [`kv`]: the paged KV cache and its block manager (prefix caching);
 //! - [`model`]: pure forward functions over a flat batch of tokens, reading
 //!   and appending to the KV cache, with LoRA adapters ([`model::lora`]);
-//! - [`tokenizer`], [`chat`], [`sampling`]: text in, tokens out;
+//! - [`tokenizer`], [`chat`], [`sampling`], [`tools`]: text in, tokens out
+//!   (and tool calls read back out of the text);
 //! - [`runner`]: the model with its KV cache and threads: a flat batch of
 //!   sequences in, logits or hidden states out, adapters applied there;
 //! - [`sequence`], [`scheduler`]: each request's one sequence state, and
@@ -48,5 +49,6 @@ pub mod simd;
 pub mod tensor;
 pub mod threadpool;
 pub mod tokenizer;
+pub mod tools;
 
 pub use error::{Error, Result, RuvLLMError};

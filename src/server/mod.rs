@@ -9,11 +9,14 @@
 
 pub mod conn;
 mod openai;
+mod tool_calls;
 
 use crate::chat::ChatMessage;
-use crate::engine::chat_prompt;
+use crate::chat::ChatTemplate;
+use crate::engine::{chat_prompt, encode_chat};
 use crate::engine_loop::{EngineHandle, RequestGuard};
 use crate::request::{FinishReason, GenerationRequest, PromptTokenLogprob, SeqEvent};
+use crate::tools::{choice_constraint, ToolFormat};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Extension, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -29,6 +32,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tool_calls::ChoiceOutput;
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -746,8 +750,10 @@ async fn completions(
                     if let Some(p) = plp {
                         c["prompt_logprobs"] = p;
                     }
-                    (!text.is_empty() || echo_lp || c.get("prompt_logprobs").is_some()).then_some(c)
+                    let any = !text.is_empty() || echo_lp || c.get("prompt_logprobs").is_some();
+                    any.then_some(c).into_iter().collect()
                 }
+                StreamItem::Token(_, t) if t.text.is_empty() && t.logprobs.is_none() => vec![],
                 StreamItem::Token(i, t) => {
                     let lp = t.logprobs.is_some().then(|| {
                         let mut l = CompletionLogprobs::default();
@@ -755,11 +761,11 @@ async fn completions(
                         l.to_json()
                     });
                     offsets[i] += t.text.len();
-                    Some(json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null}))
+                    vec![json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null})]
                 }
-                StreamItem::Finish(i, f) => Some(json!({
+                StreamItem::Finish(i, f) => vec![json!({
                     "index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(f)
-                })),
+                })],
             },
         );
         return Ok(stream);
@@ -841,9 +847,41 @@ fn chat_messages(msgs: &[Message]) -> ApiResult<Vec<ChatMessage>> {
         } else {
             m.role.as_str()
         };
-        messages.push(ChatMessage::new(role, m.text()?));
+        let mut cm = ChatMessage::new(role, m.text()?);
+        cm.tool_calls = m.template_tool_calls()?;
+        if role == "tool" {
+            cm.tool_call_id = m.tool_call_id.clone();
+            cm.name = m.name.clone();
+        }
+        messages.push(cm);
     }
     Ok(messages)
+}
+
+/// The prompt text of a conversation with the tools offered: given to a
+/// template that takes them, else described in a system message with the
+/// calls and results of the conversation written as text.
+fn render_chat(
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+    tools: &[crate::tools::Tool],
+) -> crate::Result<String> {
+    if template.supports_tools() {
+        let list = (!tools.is_empty()).then(|| crate::tools::template_tools(tools));
+        template.render_with_tools(messages, list.as_ref(), true)
+    } else {
+        let tools = (!tools.is_empty()).then_some(tools);
+        template.render(&crate::tools::fallback_messages(messages, tools), true)
+    }
+}
+
+/// The syntax the model writes tool calls in.
+fn tool_format(template: &ChatTemplate) -> ToolFormat {
+    if template.supports_tools() {
+        ToolFormat::detect(template.source())
+    } else {
+        ToolFormat::Hermes
+    }
 }
 
 async fn chat_completions(
@@ -852,7 +890,7 @@ async fn chat_completions(
     body: BodyResult,
 ) -> ApiResult<Response> {
     let mut req: ChatRequest = parse(&body_bytes(body)?)?;
-    req.check_unsupported()?;
+    let tools = req.tool_request()?;
     let adapter = st.check_model(&req.common.model)?;
     let mix = st.adapter_mix(&adapter, &req.common.adapters)?;
     let e = st.engine()?.clone();
@@ -872,13 +910,14 @@ async fn chat_completions(
     let prompt_lp = top_count(req.common.prompt_logprobs, "prompt_logprobs")?;
     req.common.cache_salt = st.cache_salt(tenant, req.common.cache_salt.take());
     let (tok, template) = (e.tokenizer.clone(), e.template.clone());
-
+    let format = tool_format(&template);
     let context = e.model.context;
+    let offered = tools.offered.clone();
     let prompt = st
         .prepare(move || {
-            let text = template.render(&messages, true)?;
+            let text = render_chat(&template, &messages, &offered)?;
             check_text_fits(&tok, &text, context)?;
-            Ok(chat_prompt(&tok, &template, &messages)?)
+            Ok(encode_chat(&tok, &text)?)
         })
         .await?;
     let mut p = plan(
@@ -889,12 +928,24 @@ async fn chat_completions(
         None,
         e.model.context,
     )?;
+    if let Some(c) = choice_constraint(&tools.choice, &tools.offered, tools.parallel) {
+        if p.base.constraint.is_some() {
+            return Err(ApiError::bad_request(
+                "tool_choice required or a named function constrains the output itself; it cannot be combined with response_format or guided_*",
+            )
+            .param("tool_choice"));
+        }
+        p.base.constraint = Some(c);
+    }
     p.base.adapters = mix;
     if let Some(k) = prompt_lp {
         check_prompt_logprobs_size(p.base.prompt.len() * p.n, k)?;
     }
     let prompt_tokens = p.base.prompt.len();
     let sub = submit(&e, vec![p.requests()])?;
+    let mut outputs: Vec<ChoiceOutput> = (0..sub.choices)
+        .map(|_| ChoiceOutput::new(&tools, format))
+        .collect();
     if req.common.stream {
         let usage_wanted = req.common.stream_options.is_some_and(|o| o.include_usage);
         let tok = e.tokenizer.clone();
@@ -919,24 +970,35 @@ async fn chat_completions(
                     if let Some(l) = lps.filter(|_| prompt_lp.is_some()) {
                         c["prompt_logprobs"] = prompt_logprobs_json(&tok, &l);
                     }
-                    Some(c)
+                    vec![c]
                 }
                 StreamItem::Token(i, t) => {
                     let lp = chat_logprob(&tok, &t).map(|l| json!({"content": [l]}));
-                    Some(
-                        json!({"index": i, "delta": {"content": t.text}, "logprobs": lp, "finish_reason": null}),
-                    )
+                    let delta = outputs[i].token_delta(&tok, &t);
+                    if delta.is_none() && lp.is_none() {
+                        return vec![];
+                    }
+                    let delta = delta.unwrap_or_else(|| json!({"content": ""}));
+                    vec![json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": null})]
                 }
-                StreamItem::Finish(i, f) => Some(json!({
-                    "index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(f)
-                })),
+                StreamItem::Finish(i, f) => {
+                    let (rest, reason) = outputs[i].finish_delta(f);
+                    let mut chunks: Vec<Value> = rest
+                        .map(|d| json!({"index": i, "delta": d, "logprobs": null, "finish_reason": null}))
+                        .into_iter()
+                        .collect();
+                    chunks.push(json!({
+                        "index": i, "delta": {}, "logprobs": null, "finish_reason": reason
+                    }));
+                    chunks
+                }
             },
         );
         return Ok(stream);
     }
     let c = collect(sub, st.opts.request_timeout).await?;
     let mut choices = Vec::new();
-    for i in 0..c.text.len() {
+    for (i, out) in outputs.iter_mut().enumerate() {
         let lp = logprobs.map(|_| {
             let content: Vec<Value> = c.events[i]
                 .iter()
@@ -944,11 +1006,12 @@ async fn chat_completions(
                 .collect();
             json!({ "content": content })
         });
+        let (message, finish) = out.message(&e.tokenizer, &c.events[i], c.finish[i]);
         choices.push(json!({
             "index": i,
-            "message": {"role": "assistant", "content": c.text[i]},
+            "message": message,
             "logprobs": lp,
-            "finish_reason": finish_reason(c.finish[i]),
+            "finish_reason": finish,
         }));
     }
     let completion = c.tokens.iter().sum();
@@ -1020,7 +1083,7 @@ fn sse<F>(
     render: F,
 ) -> Response
 where
-    F: FnMut(StreamItem) -> Option<Value> + Send + 'static,
+    F: FnMut(StreamItem) -> Vec<Value> + Send + 'static,
 {
     struct St<F> {
         sub: Submitted,
@@ -1037,9 +1100,9 @@ where
         out: std::collections::VecDeque<String>,
         ended: bool,
     }
-    impl<F: FnMut(StreamItem) -> Option<Value>> St<F> {
+    impl<F: FnMut(StreamItem) -> Vec<Value>> St<F> {
         fn emit(&mut self, item: StreamItem) {
-            if let Some(choice) = (self.render)(item) {
+            for choice in (self.render)(item) {
                 let v = self.envelope.wrap(json!([choice]), None);
                 self.out.push_back(format!("data: {v}\n\n"));
             }
@@ -1115,9 +1178,7 @@ where
                 Ok(Some((i, SeqEvent::Token(t)))) => {
                     st.start(i, None);
                     st.generated[i] += 1;
-                    if !t.text.is_empty() || t.logprobs.is_some() {
-                        st.emit(StreamItem::Token(i, t));
-                    }
+                    st.emit(StreamItem::Token(i, t));
                 }
                 Ok(Some((i, SeqEvent::Finished(s)))) => {
                     let cached = if i % per_prompt == 0 {

@@ -5,6 +5,7 @@ use crate::constraint::Constraint;
 use crate::request::{FinishReason, GenerationRequest, PromptTokenLogprob, TokenEvent};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
+use crate::tools::{parse_choice, parse_tools, Tool, ToolChoice};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -276,6 +277,12 @@ pub struct ContentPart {
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function":
+    /// {"name", "arguments"}}]`.
+    pub tool_calls: Option<Value>,
+    /// A tool result's call id and function name.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -286,30 +293,40 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
-    /// Tool calling is not implemented: a request that offers tools (and
-    /// does not turn them off with `tool_choice: "none"`) is refused
-    /// rather than answered as if it had none.
+    /// Functions the model may call, `tool_choice` (none, auto, required or
+    /// a named function) and whether it may call several at once.
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+}
+
+/// What a chat request's tools ask of the model.
+pub struct ToolRequest {
+    /// The tools offered (none with `tool_choice: "none"`).
+    pub offered: Vec<Tool>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
 }
 
 impl ChatRequest {
-    /// Refuses what this server cannot honour yet.
-    pub fn check_unsupported(&self) -> Result<(), ApiError> {
-        let offered = self
-            .tools
-            .as_ref()
-            .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()));
-        let off = self.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
-        if offered && !off {
-            return Err(ApiError::with(
-                StatusCode::NOT_IMPLEMENTED,
-                "not_implemented_error",
-                "tool calling is not implemented yet: send no tools, or tool_choice \"none\"",
-            )
-            .param("tools"));
-        }
-        Ok(())
+    /// Reads and checks `tools`, `tool_choice` and `parallel_tool_calls`.
+    pub fn tool_request(&self) -> Result<ToolRequest, ApiError> {
+        let tools = match &self.tools {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => parse_tools(v).map_err(|m| ApiError::bad_request(m).param("tools"))?,
+        };
+        let choice = parse_choice(self.tool_choice.as_ref(), &tools)
+            .map_err(|m| ApiError::bad_request(m).param("tool_choice"))?;
+        let offered = if choice == ToolChoice::None {
+            Vec::new()
+        } else {
+            tools
+        };
+        Ok(ToolRequest {
+            offered,
+            choice,
+            parallel: self.parallel_tool_calls.unwrap_or(true),
+        })
     }
 }
 
@@ -407,6 +424,56 @@ impl Message {
                 Ok(out)
             }
         }
+    }
+
+    /// An assistant turn's tool calls as templates read them: checked, with
+    /// each call's `arguments` text parsed into its JSON value (templates
+    /// write them with `tojson`), as vLLM passes them.
+    pub fn template_tool_calls(&self) -> Result<Option<Value>, ApiError> {
+        let bad = |m: String| ApiError::bad_request(m).param("messages");
+        let Some(v) = self.tool_calls.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        if self.role != "assistant" {
+            return Err(bad(format!(
+                "a '{}' message cannot carry tool_calls",
+                self.role
+            )));
+        }
+        let list = v
+            .as_array()
+            .ok_or_else(|| bad("tool_calls must be a list".into()))?;
+        let mut out = Vec::with_capacity(list.len());
+        for (i, c) in list.iter().enumerate() {
+            let f = c.get("function");
+            let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);
+            let (Some(f), Some(name)) = (f, name) else {
+                return Err(bad(format!(
+                    "tool_calls[{i}] must have function.name and function.arguments"
+                )));
+            };
+            let arguments = match f.get("arguments") {
+                Some(Value::String(s)) => {
+                    serde_json::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.clone()))
+                }
+                Some(a @ Value::Object(_)) => a.clone(),
+                None | Some(Value::Null) => json!({}),
+                Some(_) => {
+                    return Err(bad(format!(
+                        "tool_calls[{i}].function.arguments must be JSON text"
+                    )))
+                }
+            };
+            let mut call = json!({
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            });
+            if let Some(id) = c.get("id").filter(|id| id.is_string()) {
+                call["id"] = id.clone();
+            }
+            out.push(call);
+        }
+        Ok(Some(Value::Array(out)))
     }
 }
 
