@@ -205,23 +205,54 @@ pub fn choice_constraint(
             Some(Constraint::JsonSchema(t.parameters.clone()))
         }
         ToolChoice::Required => {
+            // Each tool's schema goes under `$defs` of the new root, its
+            // own references (`#/$defs/...`, `#`) rebased there.
+            let mut defs = serde_json::Map::new();
             let calls: Vec<Value> = tools
                 .iter()
-                .map(|t| {
+                .enumerate()
+                .map(|(i, t)| {
+                    let key = format!("tool{i}");
+                    let mut params = t.parameters.clone();
+                    rebase_refs(&mut params, &format!("#/$defs/{key}"));
+                    defs.insert(key.clone(), params);
                     json!({
                         "type": "object",
-                        "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                        "properties": {
+                            "name": {"const": t.name},
+                            "arguments": {"$ref": format!("#/$defs/{key}")},
+                        },
                         "required": ["name", "arguments"],
                         "additionalProperties": false,
                     })
                 })
                 .collect();
-            let mut s = json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}});
+            let mut s =
+                json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}, "$defs": defs});
             if !parallel {
                 s["maxItems"] = json!(1);
             }
             Some(Constraint::JsonSchema(s))
         }
+    }
+}
+
+/// Rewrites a schema's document-local references (`#...`) to point below
+/// `base`, where the schema now sits.
+fn rebase_refs(v: &mut Value, base: &str) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                match x {
+                    Value::String(r) if k == "$ref" && r.starts_with('#') => {
+                        *r = format!("{base}{}", &r[1..]);
+                    }
+                    _ => rebase_refs(x, base),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rebase_refs(x, base)),
+        _ => {}
     }
 }
 
@@ -261,7 +292,15 @@ pub fn fallback_messages(messages: &[ChatMessage], tools: Option<&[Tool]>) -> Ve
     for m in &messages[skip..] {
         match m.role.as_str() {
             "tool" => {
-                let block = format!("<tool_response>\n{}\n</tool_response>", m.content);
+                // The call's id and name, when given, pair results with
+                // calls made in parallel.
+                let body = match (&m.tool_call_id, &m.name) {
+                    (None, None) => m.content.clone(),
+                    (id, name) => {
+                        json!({"tool_call_id": id, "name": name, "content": m.content}).to_string()
+                    }
+                };
+                let block = format!("<tool_response>\n{body}\n</tool_response>");
                 match out.last_mut() {
                     Some(prev) if last_was_result => {
                         prev.content.push('\n');
@@ -284,6 +323,12 @@ pub fn fallback_messages(messages: &[ChatMessage], tools: Option<&[Tool]>) -> Ve
                 }
                 out.push(ChatMessage::new("assistant", text));
             }
+            // A user turn right after results joins them: turns alternate.
+            "user" if last_was_result => {
+                let prev = out.last_mut().expect("results came before");
+                prev.content.push_str("\n\n");
+                prev.content.push_str(&m.content);
+            }
             _ => out.push(ChatMessage::new(m.role.clone(), m.content.clone())),
         }
         last_was_result = false;
@@ -291,14 +336,40 @@ pub fn fallback_messages(messages: &[ChatMessage], tools: Option<&[Tool]>) -> Ve
     out
 }
 
-/// A call read from a JSON value `{"name", "arguments" | "parameters"}`.
+/// [`fallback_messages`] for templates that refuse a system turn: the
+/// tools' description opens the first user turn instead.
+pub fn fallback_messages_without_system(
+    messages: &[ChatMessage],
+    tools: Option<&[Tool]>,
+) -> Vec<ChatMessage> {
+    let mut out = fallback_messages(messages, tools);
+    if out.first().is_some_and(|m| m.role == "system") {
+        let sys = out.remove(0);
+        match out.iter_mut().find(|m| m.role == "user") {
+            Some(u) => u.content = format!("{}\n\n{}", sys.content, u.content),
+            None => out.insert(0, ChatMessage::new("user", sys.content)),
+        }
+    }
+    out
+}
+
+/// A call read from a JSON value `{"name", "arguments" | "parameters"}`
+/// (and perhaps `"type"` and `"id"`, nothing else: an answer that merely
+/// has a `name` is no call); string arguments must be JSON text.
 fn call_of(v: &Value) -> Option<ToolCall> {
-    let name = v.get("name")?.as_str()?.to_string();
-    let args = v.get("arguments").or_else(|| v.get("parameters"));
-    let arguments = match args {
-        None | Some(Value::Null) => "{}".to_string(),
-        Some(Value::String(s)) => s.clone(),
-        Some(a) => a.to_string(),
+    let o = v.as_object()?;
+    let known = ["name", "arguments", "parameters", "type", "id"];
+    if !o.keys().all(|k| known.contains(&k.as_str())) {
+        return None;
+    }
+    let name = o.get("name")?.as_str()?.to_string();
+    let arguments = match o.get("arguments").or_else(|| o.get("parameters"))? {
+        Value::String(s) => {
+            serde_json::from_str::<Value>(s).ok()?;
+            s.clone()
+        }
+        Value::Null => "{}".to_string(),
+        a => a.to_string(),
     };
     Some(ToolCall { name, arguments })
 }
@@ -361,12 +432,17 @@ pub struct ToolDelta {
 enum Phase {
     /// Ordinary text; what might begin a call is held back.
     Text,
-    /// The answer began like JSON: all of it is held until the end, when it
-    /// is either a call of an offered tool or text.
+    /// The answer began like JSON (Llama 3's bare calls, or the forced
+    /// list): all of it is held until the end, when it is either calls of
+    /// offered tools or text.
     Json,
-    /// A call's marker was seen: the rest is calls.
-    Calls,
+    /// A marker opened a call: a Hermes block until its closing tag; for
+    /// the other formats, the rest of the output.
+    Call,
 }
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
 
 /// Takes a model's tool calls out of its output as it is generated; the
 /// content around them streams on.
@@ -379,6 +455,10 @@ pub struct ToolStream {
     phase: Phase,
     /// Output not yet let out.
     held: String,
+    /// Bytes of `held` already searched for a Hermes block's end.
+    scanned: usize,
+    /// The call's marker was a control token (no text of the output).
+    control_marker: bool,
     /// Whether any content went out (a JSON answer must come first).
     said: bool,
     calls: usize,
@@ -393,53 +473,91 @@ impl ToolStream {
             parallel,
             phase: if forced { Phase::Json } else { Phase::Text },
             held: String::new(),
+            scanned: 0,
+            control_marker: false,
             said: false,
             calls: 0,
         }
     }
 
     /// Feeds a token's text; `control` is the text of a control token
-    /// (which adds nothing to the output text but may open a call).
+    /// (which adds nothing to the output's text, but may be the format's
+    /// syntax: a marker, Mistral's `[ARGS]`).
     pub fn push(&mut self, text: &str, control: Option<&str>) -> ToolDelta {
         let mut d = ToolDelta::default();
-        if let Some(c) = control {
-            if self.phase == Phase::Text && c == self.format.marker() {
-                d.content = std::mem::take(&mut self.held);
-                self.phase = Phase::Calls;
-                self.held.push_str(c);
-            } else if self.phase == Phase::Calls {
-                self.held.push_str(c);
-            }
-        }
-        self.held.push_str(text);
-        match self.phase {
-            Phase::Json => {}
-            Phase::Calls => d.calls = self.complete_calls(),
-            Phase::Text => {
-                let marker = self.format.marker();
-                let start = self.held.trim_start();
-                if let Some(p) = self.held.find(marker) {
-                    d.content.push_str(&self.held[..p]);
-                    self.held.drain(..p);
-                    self.phase = Phase::Calls;
-                    d.calls = self.complete_calls();
-                } else if !self.said && !start.is_empty() && marker.starts_with(start) {
-                    // The answer may open with the marker: wait for more.
-                } else if !self.said && (start.starts_with('{') || start.starts_with('[')) {
-                    self.phase = Phase::Json;
-                } else if !start.is_empty() || self.said {
-                    // Hold back an end that may begin a marker.
-                    let cut = self.held.len() - partial_marker(&self.held, marker);
-                    d.content.push_str(&self.held[..cut]);
-                    self.held.drain(..cut);
+        match control {
+            Some(c) if self.format.syntax().contains(&c) => {
+                if self.phase == Phase::Text && c == self.format.marker() {
+                    d.content = std::mem::take(&mut self.held);
+                    self.control_marker = true;
                 }
-                // Else only whitespace came, before any content: held, as
-                // a JSON answer may follow it.
+                self.held.push_str(c);
             }
+            // Other control tokens (end of turn...) are no text.
+            Some(_) => {}
+            None => self.held.push_str(text),
         }
+        self.advance(&mut d);
         self.said |= !d.content.is_empty();
         self.limit(&mut d.calls);
         d
+    }
+
+    /// Lets out what can go: content that cannot begin a call, and Hermes
+    /// blocks that closed.
+    fn advance(&mut self, d: &mut ToolDelta) {
+        let marker = self.format.marker();
+        loop {
+            match self.phase {
+                Phase::Json => return,
+                Phase::Text => {
+                    if let Some(p) = self.held.find(marker) {
+                        d.content.push_str(&self.held[..p]);
+                        self.held.drain(..p);
+                        self.phase = Phase::Call;
+                        self.scanned = 0;
+                        continue;
+                    }
+                    if !self.said && self.format == ToolFormat::Llama3 {
+                        let start = self.held.trim_start();
+                        if start.starts_with('{') || start.starts_with('[') {
+                            self.phase = Phase::Json;
+                            return;
+                        }
+                        if start.is_empty() {
+                            // Whitespace before a possible JSON answer.
+                            return;
+                        }
+                    }
+                    let cut = self.held.len() - partial_marker(&self.held, marker);
+                    d.content.push_str(&self.held[..cut]);
+                    self.held.drain(..cut);
+                    return;
+                }
+                Phase::Call => {
+                    if self.format != ToolFormat::Hermes {
+                        return; // read whole at the end
+                    }
+                    let mut from = self.scanned.saturating_sub(CLOSE.len() - 1);
+                    while !self.held.is_char_boundary(from) {
+                        from -= 1;
+                    }
+                    let Some(close) = self.held[from..].find(CLOSE).map(|c| from + c) else {
+                        self.scanned = self.held.len();
+                        return;
+                    };
+                    let end = close + CLOSE.len();
+                    let body = &self.held[OPEN.len().min(close)..close];
+                    match self.checked(calls_in_json_text(body)) {
+                        Some(c) => d.calls.extend(c),
+                        // A block that is no call stays text.
+                        None => d.content.push_str(&self.held[..end]),
+                    }
+                    self.held.drain(..end);
+                    self.phase = Phase::Text;
+                }
+            }
+        }
     }
 
     /// The end of the output: whatever is held goes out as calls if it
@@ -447,29 +565,32 @@ impl ToolStream {
     pub fn finish(&mut self) -> ToolDelta {
         let held = std::mem::take(&mut self.held);
         let mut d = ToolDelta::default();
-        match self.phase {
-            Phase::Text => d.content = held,
-            Phase::Json => match calls_in_json_text(&held) {
-                Some(c) if self.forced || c.iter().all(|c| self.names.contains(&c.name)) => {
-                    d.calls = c
-                }
-                // A forced list cut off by max_tokens: its complete calls.
-                _ if self.forced => d.calls = complete_items(&held),
-                _ => d.content = held,
-            },
-            Phase::Calls => {
-                self.held = held;
-                d.calls = self.complete_calls();
-                let rest = std::mem::take(&mut self.held);
-                match self.rest_calls(&rest) {
-                    Some(c) => d.calls.extend(c),
-                    None if rest.trim().is_empty() => {}
-                    None => d.content = rest,
-                }
+        let calls = match self.phase {
+            Phase::Text => None,
+            Phase::Json if self.forced => {
+                Some(calls_in_json_text(&held).unwrap_or_else(|| complete_items(&held)))
             }
+            Phase::Json => self.checked(calls_in_json_text(&held)),
+            Phase::Call => {
+                let body = &held[self.format.marker().len().min(held.len())..];
+                self.checked(self.format.calls_after_marker(body))
+            }
+        };
+        match calls {
+            Some(c) => d.calls = c,
+            // A marker that was a control token is no text.
+            None if self.phase == Phase::Call && self.control_marker => {
+                d.content = held[self.format.marker().len().min(held.len())..].to_string()
+            }
+            None => d.content = held,
         }
         self.limit(&mut d.calls);
         d
+    }
+
+    /// Calls only of offered tools.
+    fn checked(&self, calls: Option<Vec<ToolCall>>) -> Option<Vec<ToolCall>> {
+        calls.filter(|c| c.iter().all(|c| self.names.contains(&c.name)))
     }
 
     /// Keeps one call at most when parallel calls are off.
@@ -479,49 +600,34 @@ impl ToolStream {
         }
         self.calls += calls.len();
     }
+}
 
-    /// Takes the complete Hermes blocks out of what is held (the other
-    /// formats are read whole at the end).
-    fn complete_calls(&mut self) -> Vec<ToolCall> {
-        let mut calls = Vec::new();
-        if self.format != ToolFormat::Hermes {
-            return calls;
+impl ToolFormat {
+    /// Control tokens that are part of the format's syntax.
+    fn syntax(self) -> &'static [&'static str] {
+        match self {
+            ToolFormat::Hermes => &[OPEN, CLOSE],
+            ToolFormat::Llama3 => &["<|python_tag|>"],
+            ToolFormat::Mistral => &["[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"],
         }
-        const OPEN: &str = "<tool_call>";
-        const CLOSE: &str = "</tool_call>";
-        while let Some(open) = self.held.find(OPEN) {
-            let Some(close) = self.held[open..].find(CLOSE).map(|c| open + c) else {
-                break;
-            };
-            match calls_in_json_text(&self.held[open + OPEN.len()..close]) {
-                Some(c) => {
-                    calls.extend(c);
-                    self.held.drain(..close + CLOSE.len());
-                }
-                None => break,
-            }
-        }
-        calls
     }
 
-    /// Calls in what is left at the end, in the model's format.
-    fn rest_calls(&self, rest: &str) -> Option<Vec<ToolCall>> {
-        let body = rest.trim_start().strip_prefix(self.format.marker())?;
-        match self.format {
+    /// Calls in what follows the marker, up to the end of the output.
+    fn calls_after_marker(self, body: &str) -> Option<Vec<ToolCall>> {
+        match self {
             // A block the model ended without its closing tag.
-            ToolFormat::Hermes => {
-                calls_in_json_text(body.trim_end().trim_end_matches("</tool_call>"))
-            }
+            ToolFormat::Hermes => calls_in_json_text(body.trim_end().trim_end_matches(CLOSE)),
             ToolFormat::Llama3 => calls_in_json_text(body),
             ToolFormat::Mistral => {
                 if let Some(c) = calls_in_json_text(body) {
                     return Some(c);
                 }
-                // The newer syntax: name[ARGS]{...}, repeated after
-                // further markers.
+                // The newer syntax: name[ARGS]{...} (or
+                // name[CALL_ID]id[ARGS]{...}), repeated after markers.
                 let mut calls = Vec::new();
                 for part in body.split("[TOOL_CALLS]") {
-                    let (name, args) = part.split_once("[ARGS]")?;
+                    let (head, args) = part.split_once("[ARGS]")?;
+                    let name = head.split("[CALL_ID]").next().unwrap_or(head);
                     let args: Value = serde_json::from_str(args.trim()).ok()?;
                     calls.push(ToolCall {
                         name: name.trim().to_string(),
@@ -581,7 +687,7 @@ mod tests {
                 "\n<tool_call>{\"name\": \"add\", \"arguments\": {}}</tool_call>",
             ],
         );
-        assert_eq!(d.content, "Let me check. ");
+        assert_eq!(d.content, "Let me check. \n");
         assert_eq!(
             d.calls,
             vec![
@@ -664,6 +770,69 @@ mod tests {
     }
 
     #[test]
+    fn text_between_and_after_blocks_streams_and_bad_blocks_stay_text() {
+        let mut s = ToolStream::new(ToolFormat::Hermes, &tools(), false, true);
+        let d = run(
+            &mut s,
+            &[
+                "A <tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1}}</tool_call> then ",
+                "<tool_call>{\"name\": broken}</tool_call> and ",
+                "<tool_call>{\"name\": \"rm\", \"arguments\": {}}</tool_call>",
+                " <tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Ōsaka\"}}</tool_call> é<tool",
+            ],
+        );
+        assert_eq!(
+            d.content,
+            "A  then <tool_call>{\"name\": broken}</tool_call> and <tool_call>{\"name\": \"rm\", \"arguments\": {}}</tool_call>  é<tool"
+        );
+        let names: Vec<&str> = d.calls.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["add", "get_weather"]);
+    }
+
+    #[test]
+    fn plain_answers_in_brackets_stream_at_once() {
+        // Only Llama 3's format holds a JSON-looking answer back.
+        let mut s = ToolStream::new(ToolFormat::Hermes, &tools(), false, true);
+        assert_eq!(s.push("[1] The first", None).content, "[1] The first");
+        let mut s = ToolStream::new(ToolFormat::Llama3, &tools(), false, true);
+        assert_eq!(
+            s.push("{\"name\": \"add\", \"extra\": 1}", None).content,
+            ""
+        );
+        let d = s.finish();
+        assert!(d.calls.is_empty());
+        assert_eq!(d.content, "{\"name\": \"add\", \"extra\": 1}");
+    }
+
+    #[test]
+    fn other_control_tokens_are_no_text_and_markers_do_not_leak() {
+        let mut s = ToolStream::new(ToolFormat::Llama3, &tools(), false, true);
+        s.push("", Some("<|python_tag|>"));
+        let d = run(&mut s, &["brave_search.call(query=\"x\")"]);
+        assert!(d.calls.is_empty());
+        assert_eq!(d.content, "brave_search.call(query=\"x\")");
+        let mut s = ToolStream::new(ToolFormat::Hermes, &tools(), false, true);
+        assert_eq!(s.push("hi", Some("<|im_end|>")), ToolDelta::default());
+    }
+
+    #[test]
+    fn required_schemas_keep_their_references() {
+        let t = parse_tools(&json!([{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"],
+            "$defs": {"P": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}
+        }}}]))
+        .unwrap();
+        let Some(Constraint::JsonSchema(s)) = choice_constraint(&ToolChoice::Required, &t, true)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            s["$defs"]["tool0"]["properties"]["p"]["$ref"],
+            "#/$defs/tool0/$defs/P"
+        );
+    }
+
+    #[test]
     fn a_cut_off_forced_list_keeps_its_complete_calls() {
         let mut s = ToolStream::new(ToolFormat::Hermes, &tools(), true, true);
         let d = run(
@@ -683,8 +852,9 @@ mod tests {
     #[test]
     fn parallel_calls_off_keeps_the_first() {
         let mut s = ToolStream::new(ToolFormat::Hermes, &tools(), false, false);
-        let d = run(&mut s, &["<tool_call>{\"name\": \"add\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"add\", \"arguments\": {}}</tool_call>"]);
+        let d = run(&mut s, &["<tool_call>{\"name\": \"add\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"get_weather\", \"arguments\": {}}</tool_call>"]);
         assert_eq!(d.calls.len(), 1);
+        assert_eq!(d.calls[0].name, "add");
     }
 
     #[test]

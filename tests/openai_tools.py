@@ -78,6 +78,21 @@ assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
     (c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls
 ], (calls, m.tool_calls)
 
+# Schemas with references (as pydantic writes them) work when required.
+refs = [{"type": "function", "function": {"name": "book", "parameters": {
+    "type": "object", "properties": {"guest": {"$ref": "#/$defs/Guest"}, "nights": {"type": "integer", "minimum": 1, "maximum": 30}},
+    "required": ["guest", "nights"], "additionalProperties": False,
+    "$defs": {"Guest": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}}, "required": ["name"], "additionalProperties": False}},
+}}}]
+for choice in ("required", {"type": "function", "function": {"name": "book"}}):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Book two nights for Ann."}], tools=refs,
+        tool_choice=choice, parallel_tool_calls=False, max_tokens=100, temperature=0,
+    )
+    assert r.choices[0].finish_reason in ("tool_calls", "stop"), r
+    args = json.loads(r.choices[0].message.tool_calls[0].function.arguments)
+    jsonschema.validate(args, refs[0]["function"]["parameters"])
+
 # Without parallel calls, exactly one; sampled, with several choices.
 r = client.chat.completions.create(
     model=model, messages=question, tools=tools, tool_choice="required", parallel_tool_calls=False,
@@ -95,7 +110,8 @@ content, calls, finish = streamed(
     messages=[{"role": "user", "content": "How much is 20 euros in dollars?"}],
     tools=tools, tool_choice=named, max_tokens=100, temperature=0,
 )
-assert finish == "tool_calls" and len(calls) == 1 and content == "", (content, calls, finish)
+# A named function's call ends with "stop", as OpenAI reports it.
+assert finish == "stop" and len(calls) == 1 and content == "", (content, calls, finish)
 assert calls[0]["name"] == "convert_currency" and calls[0]["id"], calls
 check_call("convert_currency", calls[0]["arguments"])
 
@@ -129,6 +145,17 @@ for stream in (False, True):
     assert content == "Checking. ", (stream, content)
     assert len(calls) == 1 and calls[0]["name"] == "get_weather", calls
     check_call("get_weather", calls[0]["arguments"])
+
+# tool_choice "none": the tools stay out of the prompt and the output is
+# text, even when it is written in call syntax.
+plain = client.chat.completions.create(model=model, messages=question, max_tokens=1, temperature=0)
+r = client.chat.completions.create(
+    model=model, messages=question, tools=tools, tool_choice="none", max_tokens=80, temperature=0,
+    extra_body={"guided_regex": forced},
+)
+assert r.usage.prompt_tokens == plain.usage.prompt_tokens, (r.usage, plain.usage)
+assert r.choices[0].message.tool_calls is None and "<tool_call>" in r.choices[0].message.content, r
+assert r.choices[0].finish_reason == "stop", r
 
 # Mistakes are 400s naming the field.
 bad_requests = [

@@ -871,7 +871,16 @@ fn render_chat(
         template.render_with_tools(messages, list.as_ref(), true)
     } else {
         let tools = (!tools.is_empty()).then_some(tools);
-        template.render(&crate::tools::fallback_messages(messages, tools), true)
+        let msgs = crate::tools::fallback_messages(messages, tools);
+        match template.render(&msgs, true) {
+            // Some templates refuse a system turn: the description then
+            // opens the first user turn.
+            Err(_) if tools.is_some() && messages.first().is_none_or(|m| m.role != "system") => {
+                let msgs = crate::tools::fallback_messages_without_system(messages, tools);
+                template.render(&msgs, true)
+            }
+            r => r,
+        }
     }
 }
 

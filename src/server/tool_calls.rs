@@ -174,12 +174,13 @@ impl ChoiceOutput {
         Some(v)
     }
 
-    /// "tool_calls" when the model ended by calling; a cut-off output keeps
-    /// "length".
+    /// "tool_calls" when the model ended by calling a tool it chose (a
+    /// named function's call ends with "stop", as OpenAI reports it); a
+    /// cut-off output keeps "length".
     fn finish_reason(&self, f: FinishReason) -> &'static str {
-        match f {
-            FinishReason::Stop if self.calls > 0 => "tool_calls",
-            f => super::openai::finish_reason(f),
+        match (f, &self.mode) {
+            (FinishReason::Stop, ToolOutput::Parsed(_)) if self.calls > 0 => "tool_calls",
+            (f, _) => super::openai::finish_reason(f),
         }
     }
 }
