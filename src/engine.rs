@@ -76,6 +76,9 @@ pub struct EngineOptions {
     /// block under the importance of its columns (activation-aware
     /// quantization, llama.cpp's importance matrix).
     pub calibration: Option<Calibration>,
+    /// Speculative decoding by prompt lookup (`None`: off). Greedy and
+    /// sampled outputs are the same with it as without.
+    pub speculative: Option<crate::speculative::SpecConfig>,
 }
 
 /// Text to calibrate in-situ quantization on (see
@@ -112,6 +115,7 @@ impl Default for EngineOptions {
             progress: false,
             max_loras: None,
             calibration: None,
+            speculative: Some(crate::speculative::SpecConfig::default()),
         }
     }
 }
@@ -207,6 +211,8 @@ pub struct Engine {
     /// Compiles output constraints; made on first use (its token trie
     /// takes a while for a large vocabulary).
     grammars: Option<Arc<crate::constraint::Grammars>>,
+    /// Speculative decoding by prompt lookup, when on.
+    speculative: Option<crate::speculative::SpecConfig>,
     /// Deliberate failures (tests of fault handling); none in normal use.
     pub fault: Option<FaultPlan>,
 }
@@ -385,6 +391,7 @@ impl Engine {
             kv_tables,
             max_batched_tokens,
             grammars: None,
+            speculative: opts.speculative,
             fault: None,
         };
         let sched = &mut engine.sched;
@@ -502,6 +509,11 @@ impl Engine {
 
     /// The scheduler's figures; `blocks_used` counts blocks held by
     /// sequences, not those adapters' memory takes ([`Engine::adapter_blocks`]).
+    /// Turns speculative decoding on (with its settings) or off.
+    pub fn set_speculative(&mut self, cfg: Option<crate::speculative::SpecConfig>) {
+        self.speculative = cfg;
+    }
+
     pub fn stats(&self) -> SchedulerStats {
         let mut s = self.sched.stats();
         s.blocks_used = s.blocks_used.saturating_sub(self.adapters.blocks_held());
@@ -796,6 +808,7 @@ impl Engine {
     /// Runs one batch. Returns false when there was nothing to run.
     pub fn step(&mut self) -> bool {
         self.reap_adapters();
+        self.draft();
         let chunks = self.sched.schedule();
         if chunks.is_empty() {
             return false;
@@ -848,6 +861,39 @@ impl Engine {
         // Requests that ended may have let go of a removed adapter.
         self.reap_adapters();
         true
+    }
+
+    /// Proposes draft tokens for the sequences about to decode (prompt
+    /// lookup), when few enough decode that checking drafts pays: with
+    /// nobody waiting to be admitted and at most
+    /// [`SpecConfig::max_seqs`](crate::speculative::SpecConfig) running.
+    /// Constrained, X-LoRA and embedding sequences are not drafted for.
+    fn draft(&mut self) {
+        let Some(cfg) = self.speculative else { return };
+        let stats = self.sched.stats();
+        if stats.waiting > 0 || stats.running > cfg.max_seqs {
+            return;
+        }
+        let context = self.context;
+        let ids: Vec<SeqId> = self.sched.decoding().collect();
+        for id in ids {
+            let s = self.sched.get(id).expect("running");
+            let a = &s.data;
+            if a.matcher.is_some() || a.req.embed || a.mix.xlora.is_some() {
+                continue;
+            }
+            // Room for the drafts and the token after them, within
+            // max_tokens and the context.
+            let left = a
+                .max_tokens
+                .saturating_sub(s.output().len())
+                .min(context.saturating_sub(s.tokens().len()));
+            let k = cfg.tokens.min(left.saturating_sub(1));
+            let d = crate::speculative::propose(s.tokens(), k, cfg.min_ngram, cfg.max_ngram);
+            if !d.is_empty() {
+                self.sched.set_drafts(id, &d);
+            }
+        }
     }
 
     /// Ends a request with an internal error (our fault, not the client's).

@@ -538,4 +538,7 @@ fn publish(engine: &Engine, m: &Metrics) {
         .store(c.generation_tokens, Relaxed);
     m.prefix_cache_hit_tokens_total
         .store(c.prefix_cache_hit_tokens, Relaxed);
+    m.spec_draft_tokens_total.store(c.draft_tokens, Relaxed);
+    m.spec_accepted_tokens_total
+        .store(c.accepted_draft_tokens, Relaxed);
 }

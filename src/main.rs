@@ -75,6 +75,13 @@ struct ModelArgs {
     /// Weight of each --lora, in the same order (default 1.0).
     #[arg(long = "lora-scale", value_name = "W", allow_negative_numbers = true)]
     lora_scale: Vec<f32>,
+    /// Speculative decoding by prompt lookup: draft tokens per step, at
+    /// most (0 turns it off). The output is the same either way.
+    #[arg(long, value_name = "N", default_value_t = ruvllm::speculative::SpecConfig::default().tokens)]
+    spec_tokens: usize,
+    /// Drafting stops when more sequences than this decode at once.
+    #[arg(long, value_name = "N", default_value_t = ruvllm::speculative::SpecConfig::default().max_seqs)]
+    spec_max_seqs: usize,
 }
 
 impl ModelArgs {
@@ -482,6 +489,11 @@ fn engine_options(m: &ModelArgs, serving: bool) -> ruvllm::Result<EngineOptions>
         }),
         progress: true,
         max_loras: m.max_loras,
+        speculative: (m.spec_tokens > 0).then(|| ruvllm::speculative::SpecConfig {
+            tokens: m.spec_tokens.min(64),
+            max_seqs: m.spec_max_seqs,
+            ..Default::default()
+        }),
         kv_dtype: match m.kv_dtype.as_deref() {
             Some(name) => KvDtype::from_name(name)
                 .ok_or_else(|| ruvllm::Error::Config(format!("unknown KV type {name}")))?,
@@ -607,6 +619,13 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
                     s.tokens.len() as f64 / s.decode_secs.max(1e-9),
                     s.finish.as_str()
                 );
+                let c = e.counters();
+                if c.draft_tokens > 0 {
+                    eprintln!(
+                        "speculative decoding: {} of {} draft tokens accepted",
+                        c.accepted_draft_tokens, c.draft_tokens
+                    );
+                }
             }
             Ok(())
         }

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub prefix_cache_hit_tokens_total: AtomicU64,
     pub prompt_tokens_total: AtomicU64,
     pub generation_tokens_total: AtomicU64,
+    /// Draft tokens checked by speculative decoding, and those accepted.
+    pub spec_draft_tokens_total: AtomicU64,
+    pub spec_accepted_tokens_total: AtomicU64,
     pub requests_rejected_total: AtomicU64,
     /// Requests accepted whose sink the engine still holds.
     pub requests_in_flight: AtomicU64,
@@ -88,6 +91,8 @@ impl Default for Metrics {
             prefix_cache_hit_tokens_total: z(),
             prompt_tokens_total: z(),
             generation_tokens_total: z(),
+            spec_draft_tokens_total: z(),
+            spec_accepted_tokens_total: z(),
             requests_rejected_total: z(),
             requests_in_flight: z(),
             requests_aborted_total: z(),
@@ -168,6 +173,18 @@ impl Metrics {
             "counter",
             "Tokens generated.",
             &self.generation_tokens_total,
+        );
+        put(
+            "ruvllm_spec_draft_tokens_total",
+            "counter",
+            "Draft tokens checked by speculative decoding (prompt lookup).",
+            &self.spec_draft_tokens_total,
+        );
+        put(
+            "ruvllm_spec_accepted_tokens_total",
+            "counter",
+            "Draft tokens accepted: each saved a forward pass.",
+            &self.spec_accepted_tokens_total,
         );
         put(
             "ruvllm_requests_rejected_total",

@@ -22,6 +22,9 @@ pub struct Counters {
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
+    /// Draft tokens checked (speculative decoding), and those accepted.
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
 }
 
 /// The engine's state of one request, kept with its sequence in the
@@ -81,7 +84,7 @@ pub fn rows(seq: &Sequence<RequestState>, c: &Chunk) -> Rows {
     let req = &seq.data.req;
     if req.embed {
         Rows::AllHidden
-    } else if req.prompt_logprobs.is_some() && c.start + 1 < seq.prompt().len() {
+    } else if c.drafts > 0 || req.prompt_logprobs.is_some() && c.start + 1 < seq.prompt().len() {
         Rows::AllLogits
     } else if c.completes {
         Rows::Last
@@ -144,6 +147,11 @@ impl OutputProcessor {
                 }
                 continue;
             }
+            if c.drafts > 0 {
+                let rows: Vec<&mut [f32]> = logit_rows.by_ref().take(c.drafts + 1).collect();
+                self.verify(sched, c.id, rows);
+                continue;
+            }
             if plan == Rows::AllLogits {
                 let k = a.req.prompt_logprobs.unwrap_or(0);
                 let n = seq.prompt_len;
@@ -171,6 +179,30 @@ impl OutputProcessor {
             if let Some(reason) = self.sample(sched, c.id, logits) {
                 self.finish(sched, c.id, reason);
             }
+        }
+    }
+
+    /// Samples a token from each row of a chunk that ended with draft
+    /// tokens, as plain decoding would, while the sampled tokens equal the
+    /// drafts: row j follows the last sampled token and the first j
+    /// drafts. The first token that differs (or the one after every
+    /// draft) ends the step, and the rest of the drafts' keys and values
+    /// are left to be overwritten.
+    fn verify(&mut self, sched: &mut Scheduler<RequestState>, id: SeqId, rows: Vec<&mut [f32]>) {
+        let drafts = sched.take_drafts(id);
+        self.counters.draft_tokens += drafts.len() as u64;
+        for (j, row) in rows.into_iter().enumerate() {
+            if let Some(reason) = self.sample(sched, id, row) {
+                self.finish(sched, id, reason);
+                return;
+            }
+            let Some(seq) = sched.get(id) else { return };
+            let last = *seq.tokens().last().expect("a token was appended");
+            if drafts.get(j) != Some(&last) {
+                return;
+            }
+            self.counters.accepted_draft_tokens += 1;
+            sched.keep_computed(id);
         }
     }
 

@@ -59,6 +59,9 @@ pub struct Chunk {
     /// The chunk reaches the end of the sequence's tokens: its last row's
     /// logits choose the next token.
     pub completes: bool,
+    /// Draft tokens that end the chunk: every row's logits are wanted, to
+    /// check them (then it `completes`).
+    pub drafts: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -133,6 +136,7 @@ impl<T> Scheduler<T> {
             after,
             cached_tokens: None,
             width,
+            drafts: 0,
         };
         s.hash_full_blocks(self.block_size);
         self.seqs.insert(id, s);
@@ -197,13 +201,25 @@ impl<T> Scheduler<T> {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            let s = &self.seqs[&id];
-            let n = s.chunk_len(s.computed, budget, rows);
-            let need = (s.computed + n).div_ceil(self.block_size) * s.width;
+            let s = self.seqs.get_mut(&id).expect("running");
+            if s.drafts > 0 && s.tokens.len() - s.computed > budget {
+                // Drafts run whole or not at all.
+                s.drop_drafts();
+            }
+            let mut n = s.chunk_len(s.computed, budget, rows);
+            let mut need = (s.computed + n).div_ceil(self.block_size) * s.width;
             let mut fits = true;
             while self.seqs[&id].blocks.len() < need {
                 if let Some(b) = self.blocks.allocate() {
                     self.seqs.get_mut(&id).expect("running").blocks.push(b);
+                    continue;
+                }
+                let s = self.seqs.get_mut(&id).expect("running");
+                if s.drafts > 0 {
+                    // Drafts never cost anyone their blocks.
+                    s.drop_drafts();
+                    n = s.chunk_len(s.computed, budget, rows);
+                    need = (s.computed + n).div_ceil(self.block_size) * s.width;
                     continue;
                 }
                 // The newest sequence sits at or after `i`, so nothing
@@ -226,6 +242,7 @@ impl<T> Scheduler<T> {
                     start: s.computed,
                     len: n,
                     completes: s.computed + n == s.tokens.len(),
+                    drafts: s.drafts,
                 });
                 budget -= n;
                 if s.computed < s.full_logits_until {
@@ -289,6 +306,7 @@ impl<T> Scheduler<T> {
                 start: computed,
                 len: n,
                 completes: computed + n == s.tokens.len(),
+                drafts: 0,
             });
             budget -= n;
             if computed < s.full_logits_until {
@@ -318,8 +336,9 @@ impl<T> Scheduler<T> {
             s.registered = s.registered.max(full);
             // The next position attends back to computed + 1 - window at
             // the earliest; blocks wholly before that are never read again.
+            // (Drafts not counted: they may be rolled back.)
             if let Some(w) = self.cfg.window {
-                let needed_from = (s.computed + 1).saturating_sub(w);
+                let needed_from = (s.computed - s.drafts.min(s.computed) + 1).saturating_sub(w);
                 for b in s.blocks.iter_mut().take(needed_from / bs * s.width) {
                     if *b != RELEASED {
                         self.blocks.release(&[*b]);
@@ -337,6 +356,49 @@ impl<T> Scheduler<T> {
             s.tokens.push(token);
             s.hash_full_blocks(bs);
         }
+    }
+
+    /// Puts draft tokens after a decoding sequence's last token, for the
+    /// next step to check (see [`crate::speculative`]); ignored unless it
+    /// is decoding and has none.
+    pub fn set_drafts(&mut self, id: SeqId, drafts: &[u32]) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            if s.is_decoding() && s.drafts == 0 && self.running.contains(&id) {
+                s.tokens.extend_from_slice(drafts);
+                s.drafts = drafts.len();
+            }
+        }
+    }
+
+    /// Takes a sequence's drafts back out after the step that checked
+    /// them: its tokens end with its last sampled token again, whose keys
+    /// and values are computed. Each draft then accepted is appended
+    /// and [`Scheduler::keep_computed`].
+    pub fn take_drafts(&mut self, id: SeqId) -> Vec<u32> {
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return Vec::new();
+        };
+        let d = s.tokens.split_off(s.tokens.len() - s.drafts);
+        s.drafts = 0;
+        s.computed = s.computed.min(s.tokens.len());
+        d
+    }
+
+    /// The token just appended was a checked draft: its keys and values
+    /// were computed with it.
+    pub fn keep_computed(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            debug_assert!(s.computed < s.tokens.len());
+            s.computed += 1;
+        }
+    }
+
+    /// Running sequences whose next step computes one token, oldest first.
+    pub fn decoding(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.running
+            .iter()
+            .copied()
+            .filter(|id| self.seqs[id].is_decoding())
     }
 
     /// Removes a sequence wherever it is, releases its blocks and returns
@@ -407,6 +469,7 @@ impl<T> Scheduler<T> {
         let s = self.seqs.remove(&id).expect("preempting a live sequence");
         self.release_seq(&s);
         let s = self.seqs.entry(id).or_insert(s);
+        s.drop_drafts();
         s.blocks.clear();
         s.registered = 0;
         s.computed = 0;
@@ -490,7 +553,8 @@ mod tests {
                 id: 1,
                 start: 0,
                 len: 3,
-                completes: true
+                completes: true,
+                drafts: 0
             }]
         );
         s.commit(&c);
@@ -504,7 +568,8 @@ mod tests {
                 id: 1,
                 start: 3,
                 len: 1,
-                completes: true
+                completes: true,
+                drafts: 0
             }
         );
         assert_eq!(
@@ -513,7 +578,8 @@ mod tests {
                 id: 2,
                 start: 0,
                 len: 7,
-                completes: false
+                completes: false,
+                drafts: 0
             }
         );
         assert_eq!(c.iter().map(|c| c.len).sum::<usize>(), 8);
@@ -575,7 +641,8 @@ mod tests {
                 id: 2,
                 start: 16,
                 len: 4,
-                completes: true
+                completes: true,
+                drafts: 0
             }
         );
         assert_eq!(s.cached_tokens(2), 16);

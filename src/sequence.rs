@@ -33,6 +33,10 @@ pub struct Sequence<T> {
     pub(crate) full_logits_until: usize,
     /// Pool blocks per logical block (KV caches the sequence keeps).
     pub(crate) width: usize,
+    /// Draft tokens at the end of `tokens`, guessed rather than sampled:
+    /// the next step checks them (see [`crate::speculative`]). They are
+    /// never hashed for the prefix cache.
+    pub(crate) drafts: usize,
     /// The owner's state of this sequence (the engine's: sampler, sink...).
     pub data: T,
 }
@@ -47,9 +51,21 @@ impl<T> Sequence<T> {
         &self.tokens[..self.prompt_len]
     }
 
-    /// The tokens generated so far.
+    /// The tokens generated so far (drafts not included).
     pub fn output(&self) -> &[u32] {
-        &self.tokens[self.prompt_len..]
+        &self.tokens[self.prompt_len..self.tokens.len() - self.drafts]
+    }
+
+    /// Whether its next step computes one token: the last one sampled.
+    pub fn is_decoding(&self) -> bool {
+        !self.blocks.is_empty() && self.computed + 1 == self.tokens.len()
+    }
+
+    /// Drops its draft tokens.
+    pub(crate) fn drop_drafts(&mut self) {
+        let keep = self.tokens.len() - self.drafts;
+        self.tokens.truncate(keep);
+        self.drafts = 0;
     }
 
     /// Its pool blocks: with several KV caches, each logical block's
