@@ -7,9 +7,10 @@ models:
 	@scripts/fetch-models.sh
 
 # The official OpenAI client, which the server tests drive the server with,
-# and jsonschema, which checks the arguments of tool calls.
+# and jsonschema (with its format checkers), which checks structured
+# outputs and the arguments of tool calls.
 pydeps:
-	@python3 -c "import openai, jsonschema" 2>/dev/null || python3 -m pip install -q "openai>=1.50" "jsonschema>=4"
+	@python3 -c "import openai, jsonschema, fqdn, rfc3987, rfc3339_validator" 2>/dev/null || python3 -m pip install -q "openai>=1.50" "jsonschema[format]>=4"
 
 build:
 	cargo build --release

@@ -375,3 +375,26 @@ user:Weather in Oslo?\nassistant:<tool_call>get_weather(Oslo)\ntool:5 degrees#c1
     let plain = t.render(&msgs[..1], true).unwrap();
     assert_eq!(plain, "user:Weather in Oslo?\n");
 }
+
+/// The schema suite (`tests/fixtures/schemas/suite.json`, 53 schemas)
+/// through `response_format`, sampled: every output parses and validates
+/// with `jsonschema`, formats included (`tests/openai_schemas.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_schema_of_the_suite_gets_valid_output() {
+    let s = start(&[]).await;
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_schemas.py"
+        ))
+        .env("OPENAI_BASE_URL", format!("{}/v1", s.url))
+        .env("OPENAI_API_KEY", "unused")
+        .output()
+        .expect("python3 runs (make pydeps installs openai and jsonschema)");
+    assert!(
+        out.status.success(),
+        "schema suite failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
