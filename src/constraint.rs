@@ -236,6 +236,35 @@ impl Grammars {
     pub fn vocab(&self) -> usize {
         self.vocab
     }
+
+    /// [`Self::matcher`], to hand to a request ([`crate::request::GenerationRequest::compiled`]).
+    pub fn compile(&self, c: &Constraint) -> Result<Compiled> {
+        self.matcher(c).map(Compiled)
+    }
+}
+
+/// A constraint compiled for one model's vocabulary, not yet started:
+/// each clone is a sequence's own state (the parser and its lexer caches
+/// copied), so one compilation serves every choice of a request.
+pub struct Compiled(Matcher);
+
+impl Compiled {
+    /// The matcher, for the sequence that takes this copy.
+    pub fn into_matcher(self) -> Matcher {
+        self.0
+    }
+}
+
+impl Clone for Compiled {
+    fn clone(&self) -> Self {
+        Compiled(self.0.deep_clone())
+    }
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Compiled(..)")
+    }
 }
 
 /// Sets every logit `mask` does not allow to -inf.

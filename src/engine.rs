@@ -507,13 +507,13 @@ impl Engine {
         self.runner.block_size()
     }
 
-    /// The scheduler's figures; `blocks_used` counts blocks held by
-    /// sequences, not those adapters' memory takes ([`Engine::adapter_blocks`]).
     /// Turns speculative decoding on (with its settings) or off.
     pub fn set_speculative(&mut self, cfg: Option<crate::speculative::SpecConfig>) {
         self.speculative = cfg;
     }
 
+    /// The scheduler's figures; `blocks_used` counts blocks held by
+    /// sequences, not those adapters' memory takes ([`Engine::adapter_blocks`]).
     pub fn stats(&self) -> SchedulerStats {
         let mut s = self.sched.stats();
         s.blocks_used = s.blocks_used.saturating_sub(self.adapters.blocks_held());
@@ -563,7 +563,8 @@ impl Engine {
                 return;
             }
         };
-        let matcher = match req.constraint.as_ref().map(|c| self.matcher(c)) {
+        let compiled = req.compiled.take().map(|c| Ok(c.into_matcher()));
+        let matcher = match compiled.or_else(|| req.constraint.as_ref().map(|c| self.matcher(c))) {
             None => None,
             Some(Ok(m)) => Some(m),
             Some(Err(e)) => {
@@ -877,11 +878,18 @@ impl Engine {
         let context = self.context;
         let ids: Vec<SeqId> = self.sched.decoding().collect();
         for id in ids {
-            let s = self.sched.get(id).expect("running");
-            let a = &s.data;
+            let s = self.sched.get_mut(id).expect("running");
+            let a = &mut s.data;
             if a.matcher.is_some() || a.req.embed || a.mix.xlora.is_some() {
                 continue;
             }
+            if a.draft_wait > 0 {
+                // Backing off after drafts that were all rejected.
+                a.draft_wait -= 1;
+                continue;
+            }
+            let s = self.sched.get(id).expect("running");
+            let a = &s.data;
             // Room for the drafts and the token after them, within
             // max_tokens and the context.
             let left = a
@@ -1007,7 +1015,7 @@ impl Engine {
             .map(|c| {
                 let s = self.sched.get(c.id).expect("scheduled requests are active");
                 SeqInput {
-                    tokens: &s.tokens()[c.start..c.start + c.len],
+                    tokens: &s.scheduled_tokens()[c.start..c.start + c.len],
                     start: c.start,
                     block_table: s.block_table(),
                     adapters: &s.data.mix.adapters,

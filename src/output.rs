@@ -50,6 +50,10 @@ pub struct RequestState {
     /// The constraint's mask for the next token, computed while the
     /// forward pass ran (see [`crate::engine::Engine::step`]).
     pub mask: Option<std::result::Result<llguidance::toktrie::SimpleVob, String>>,
+    /// Drafts rejected whole, in a row; and steps to go before drafting
+    /// again (it backs off while its drafts keep failing).
+    pub draft_misses: u32,
+    pub draft_wait: u32,
 }
 
 impl RequestState {
@@ -74,6 +78,8 @@ impl RequestState {
             mix,
             matcher: None,
             mask: None,
+            draft_misses: 0,
+            draft_wait: 0,
             req,
         }
     }
@@ -191,6 +197,7 @@ impl OutputProcessor {
     fn verify(&mut self, sched: &mut Scheduler<RequestState>, id: SeqId, rows: Vec<&mut [f32]>) {
         let drafts = sched.take_drafts(id);
         self.counters.draft_tokens += drafts.len() as u64;
+        let mut accepted = 0;
         for (j, row) in rows.into_iter().enumerate() {
             if let Some(reason) = self.sample(sched, id, row) {
                 self.finish(sched, id, reason);
@@ -199,10 +206,22 @@ impl OutputProcessor {
             let Some(seq) = sched.get(id) else { return };
             let last = *seq.tokens().last().expect("a token was appended");
             if drafts.get(j) != Some(&last) {
-                return;
+                break;
             }
-            self.counters.accepted_draft_tokens += 1;
+            accepted += 1;
             sched.keep_computed(id);
+        }
+        self.counters.accepted_draft_tokens += accepted as u64;
+        sched.trim_surplus(id);
+        if let Some(s) = sched.get_mut(id) {
+            let a = &mut s.data;
+            if accepted == 0 {
+                // 1, 3, 7, 15 steps without drafts after failures in a row.
+                a.draft_misses = (a.draft_misses + 1).min(4);
+                a.draft_wait = (1 << a.draft_misses) - 1;
+            } else {
+                a.draft_misses = 0;
+            }
         }
     }
 

@@ -50,6 +50,10 @@ pub struct GenerationRequest {
     /// grammar): tokens that would break it are never sampled, and the
     /// request ends when it is complete.
     pub constraint: Option<crate::constraint::Constraint>,
+    /// `constraint` already compiled for the engine's vocabulary (the
+    /// server compiles it on its blocking pool, not on the engine's
+    /// thread); without it the engine compiles `constraint` itself.
+    pub compiled: Option<crate::constraint::Compiled>,
 }
 
 /// Alternatives reported per token at most.

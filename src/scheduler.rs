@@ -161,8 +161,9 @@ impl<T> Scheduler<T> {
         self.seqs.iter().map(|(&id, s)| (id, s))
     }
 
+    /// Prompt and output so far (drafts not included).
     pub fn tokens(&self, id: SeqId) -> &[u32] {
-        &self.seqs[&id].tokens
+        self.seqs[&id].tokens()
     }
 
     pub fn block_table(&self, id: SeqId) -> &[u32] {
@@ -202,9 +203,19 @@ impl<T> Scheduler<T> {
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let s = self.seqs.get_mut(&id).expect("running");
-            if s.drafts > 0 && s.tokens.len() - s.computed > budget {
-                // Drafts run whole or not at all.
-                s.drop_drafts();
+            if s.drafts > 0 {
+                // Drafts run whole or not at all, and only with what is
+                // spare: budget, full-logit rows, and blocks that are free,
+                // hold no cached prefix and are left over once every later
+                // running sequence has one to grow into.
+                let total = s.tokens.len() - s.computed;
+                let new_blocks = ((s.computed + total).div_ceil(self.block_size) * s.width)
+                    .saturating_sub(s.blocks.len());
+                let spare = self.blocks.n_available() - self.blocks.n_cached_idle();
+                let later = self.running.len() - i - 1;
+                if total > budget || total > rows || new_blocks + later > spare {
+                    s.drop_drafts();
+                }
             }
             let mut n = s.chunk_len(s.computed, budget, rows);
             let mut need = (s.computed + n).div_ceil(self.block_size) * s.width;
@@ -246,6 +257,10 @@ impl<T> Scheduler<T> {
                 });
                 budget -= n;
                 if s.computed < s.full_logits_until {
+                    rows -= n;
+                }
+                if s.drafts > 0 {
+                    // Every row of a drafted chunk is a vocabulary of logits.
                     rows -= n;
                 }
             }
@@ -382,6 +397,21 @@ impl<T> Scheduler<T> {
         s.drafts = 0;
         s.computed = s.computed.min(s.tokens.len());
         d
+    }
+
+    /// Releases blocks a sequence holds beyond its tokens (taken for
+    /// drafts that were rejected; they hold nothing cached).
+    pub fn trim_surplus(&mut self, id: SeqId) {
+        let bs = self.block_size;
+        if let Some(s) = self.seqs.get_mut(&id) {
+            let keep = s.tokens.len().div_ceil(bs) * s.width;
+            while s.blocks.len() > keep {
+                let b = s.blocks.pop().expect("more blocks than kept");
+                if b != RELEASED {
+                    self.blocks.release(&[b]);
+                }
+            }
+        }
     }
 
     /// The token just appended was a checked draft: its keys and values
@@ -540,6 +570,63 @@ mod tests {
             assert!(steps < 10_000);
         }
         steps
+    }
+
+    #[test]
+    fn drafts_run_whole_with_spare_blocks_and_roll_back() {
+        let mut s = sched(8, 16, 4);
+        s.add(1, vec![1; 4], opts(), ());
+        let c = s.schedule();
+        s.commit(&c);
+        s.append(1, 9);
+        // Decoding at position 4 (block 1 of blocks of 4): three drafts
+        // fit in that block.
+        s.set_drafts(1, &[5, 6, 7]);
+        assert_eq!(s.tokens(1), [1, 1, 1, 1, 9]);
+        let c = s.schedule();
+        assert_eq!(
+            (c[0].start, c[0].len, c[0].drafts, c[0].completes),
+            (4, 4, 3, true)
+        );
+        s.commit(&c);
+        // The first draft is accepted, the second not: 9 5 then 8.
+        assert_eq!(s.take_drafts(1), [5, 6, 7]);
+        s.append(1, 5);
+        s.keep_computed(1);
+        s.append(1, 8);
+        s.trim_surplus(1);
+        let seq = s.get(1).unwrap();
+        assert_eq!(
+            (seq.computed, seq.tokens.len(), seq.blocks.len()),
+            (6, 7, 2)
+        );
+        assert!(seq.is_decoding());
+        // Drafts beyond the budget are dropped, not cut.
+        s.set_drafts(1, &[1; 20]);
+        let c = s.schedule();
+        assert_eq!((c[0].len, c[0].drafts), (1, 0));
+        assert_eq!(s.tokens(1).len(), 7);
+    }
+
+    #[test]
+    fn drafts_never_take_the_block_another_sequence_needs() {
+        // Two sequences of 4 tokens in a pool of 4 blocks (of 4 tokens):
+        // after their prompts, 2 blocks are left, one for each next token;
+        // the first sequence's drafts, which reach a third block, must not
+        // take the second sequence's.
+        let mut s = sched(4, 16, 4);
+        s.add(1, vec![1; 4], opts(), ());
+        s.add(2, vec![2; 4], opts(), ());
+        let c = s.schedule();
+        assert_eq!(c.len(), 2);
+        s.commit(&c);
+        s.append(1, 9);
+        s.append(2, 9);
+        s.set_drafts(1, &[3, 3, 3, 3]);
+        let c = s.schedule();
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c[0].drafts, 0);
+        assert_eq!(s.stats().preemptions, 0);
     }
 
     #[test]

@@ -42,8 +42,13 @@ pub struct Sequence<T> {
 }
 
 impl<T> Sequence<T> {
-    /// Prompt and output so far.
+    /// Prompt and output so far (drafts not included).
     pub fn tokens(&self) -> &[u32] {
+        &self.tokens[..self.tokens.len() - self.drafts]
+    }
+
+    /// Its tokens with the drafts after them: what a step runs.
+    pub(crate) fn scheduled_tokens(&self) -> &[u32] {
         &self.tokens
     }
 

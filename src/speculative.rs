@@ -35,9 +35,10 @@ impl Default for SpecConfig {
 /// Context searched back from its end, at most (the search is linear).
 const MAX_LOOKBACK: usize = 8192;
 
-/// Up to `k` tokens that followed the most recent earlier occurrence of the
-/// context's last n tokens, for the longest n in `max_n..=min_n` that
-/// occurs; empty when none does.
+/// Up to `k` tokens that followed an earlier occurrence of the context's
+/// last n tokens, for the longest n in `max_n..=min_n` that occurs: the
+/// most recent occurrence with `k` tokens after it (else the one with the
+/// most); empty when none occurs.
 pub fn propose(context: &[u32], k: usize, min_n: usize, max_n: usize) -> Vec<u32> {
     let min_n = min_n.max(1);
     if k == 0 || context.len() <= min_n {
@@ -46,15 +47,23 @@ pub fn propose(context: &[u32], k: usize, min_n: usize, max_n: usize) -> Vec<u32
     let lo = context.len().saturating_sub(MAX_LOOKBACK);
     for n in (min_n..=max_n.min(context.len() - 1)).rev() {
         let tail = &context[context.len() - n..];
-        // Occurrences ending before the tail itself begins to overlap
-        // its own end, most recent first.
-        let last_start = context.len() - n - 1;
-        for start in (lo..=last_start).rev() {
+        // Occurrences before the tail itself, most recent first; a recent
+        // one overlapping the tail (periodic text) has few tokens after it.
+        let mut best: Option<(usize, usize)> = None;
+        for start in (lo..context.len() - n).rev() {
             if &context[start..start + n] == tail {
                 let from = start + n;
-                let to = (from + k).min(context.len());
-                return context[from..to].to_vec();
+                let len = (context.len() - from).min(k);
+                if best.is_none_or(|(_, l)| len > l) {
+                    best = Some((from, len));
+                }
+                if len == k {
+                    break;
+                }
             }
+        }
+        if let Some((from, len)) = best {
+            return context[from..from + len].to_vec();
         }
     }
     Vec::new()
@@ -86,5 +95,8 @@ mod tests {
     fn a_draft_stops_at_the_end_of_the_context() {
         // "7 7 7": the tail "7 7" occurs at 0, followed by one 7.
         assert_eq!(propose(&[7, 7, 7], 4, 2, 2), vec![7]);
+        // Periodic text: an older occurrence gives a whole draft.
+        let c = [1, 2, 1, 2, 1, 2, 1, 2];
+        assert_eq!(propose(&c, 4, 2, 2), vec![1, 2, 1, 2]);
     }
 }

@@ -113,18 +113,90 @@ fn greedy_and_seeded_outputs_are_the_same_with_drafting_on() {
     }
 }
 
-/// Every max_tokens cut, including those that fall inside a draft.
+/// Drafts never run past max_tokens (they are capped so that the token
+/// after them still fits): every cut gives the same tokens and
+/// log-probabilities, and drafts are made on the way.
 #[test]
-fn max_tokens_cuts_inside_drafts_the_same() {
+fn max_tokens_caps_drafts() {
     let mut e = load(MODELS[0], None);
     let p = copy_prompt(&e);
     let full = off_and_on(&mut e, &[request(&p, 16, SamplingParams::greedy())], 1);
+    assert!(full.3 > 0, "no draft accepted in 16 tokens");
     for n in [1, 2, 3, 5, 6, 9] {
         let (off, on, _, _) = off_and_on(&mut e, &[request(&p, n, SamplingParams::greedy())], 1);
         assert_eq!(off[0].0, on[0].0, "max_tokens {n}");
+        assert_eq!(off[0].1, on[0].1, "max_tokens {n}");
         assert_eq!(on[0].0.len(), n);
         assert_eq!(on[0].0, full.1[0].0[..n]);
     }
+}
+
+/// A stop string or EOS that ends the output in the middle of checking
+/// drafts ends it where plain decoding does, with the same text.
+#[test]
+fn a_stop_inside_drafts_ends_the_same() {
+    let mut e = load(MODELS[0], None);
+    let p = copy_prompt(&e);
+    let text = |e: &mut Engine, stop: &[&str], spec: bool| {
+        e.set_speculative(spec.then(SpecConfig::default));
+        let mut r = request(&p, 120, SamplingParams::greedy());
+        r.stop = stop.iter().map(|s| s.to_string()).collect();
+        let mut toks = Vec::new();
+        let s = e
+            .generate(&r, &mut |t| {
+                toks.push(t.id);
+                true
+            })
+            .unwrap();
+        (toks, s.text, s.finish)
+    };
+    let (_, full, _) = text(&mut e, &[], false);
+    // A word the copy reaches after drafts have been accepted.
+    let stop = ["beam", "logbook", "rocks"]
+        .into_iter()
+        .find(|w| full.find(w).is_some_and(|i| i > 60))
+        .unwrap_or_else(|| panic!("no stop word in {full:?}"));
+    for stops in [vec![stop], vec![]] {
+        assert_eq!(
+            text(&mut e, &stops, false),
+            text(&mut e, &stops, true),
+            "stop {stops:?}"
+        );
+    }
+}
+
+/// A request after a drafting run reuses that run's output blocks from
+/// the prefix cache: rejected drafts' keys and values must not be in them.
+#[test]
+fn output_blocks_cached_after_drafting_hold_no_rejected_drafts() {
+    let follow = |spec: bool| {
+        let mut e = load(MODELS[0], None);
+        e.set_speculative(spec.then(SpecConfig::default));
+        let p = copy_prompt(&e);
+        let first = run_together(&mut e, vec![request(&p, 64, SamplingParams::greedy())]).remove(0);
+        let mut again = p.clone();
+        again.extend(&first.0);
+        again.extend(e.tokenizer.encode(" And again:", false).unwrap());
+        e.set_speculative(None);
+        let second =
+            run_together(&mut e, vec![request(&again, 24, SamplingParams::greedy())]).remove(0);
+        assert!(
+            second.2 > p.len(),
+            "the output's blocks were not reused ({} cached)",
+            second.2
+        );
+        (first, second)
+    };
+    let (a, b) = (follow(false), follow(true));
+    assert_eq!(a.0 .0, b.0 .0);
+    assert_eq!(
+        a.1 .0, b.1 .0,
+        "tokens after reusing the cached output differ"
+    );
+    assert_eq!(
+        a.1 .1, b.1 .1,
+        "log-probabilities after reusing the cached output differ"
+    );
 }
 
 /// Several drafting sequences in one batch beside prompts being computed,
@@ -135,10 +207,16 @@ fn batches_and_preemption_change_nothing() {
     for kv_blocks in [None, Some(18)] {
         let mut e = load(MODELS[0], kv_blocks);
         let p = copy_prompt(&e);
-        let mut reqs: Vec<GenerationRequest> = (0..3)
-            .map(|i| request(&p, 60 + 10 * i, sampled(i as u64)))
+        let mut reqs: Vec<GenerationRequest> = (0..2)
+            .map(|i| request(&p, 40 + 10 * i, sampled(i as u64)))
             .collect();
-        reqs.push(request(&p, 70, SamplingParams::greedy()));
+        reqs.push(request(&p, 50, SamplingParams::greedy()));
+        // One computes its prompt's log-probabilities beside the drafts.
+        let mut other = p.clone();
+        other.extend(e.tokenizer.encode(" Then say it twice.", false).unwrap());
+        let mut lp = request(&other, 30, SamplingParams::greedy());
+        lp.prompt_logprobs = Some(2);
+        reqs.push(lp);
         for r in &mut reqs {
             r.ignore_eos = true;
         }
@@ -148,6 +226,7 @@ fn batches_and_preemption_change_nothing() {
                 .map(|r| run_together(&mut e, vec![r.clone()]).remove(0))
                 .collect()
         };
+        let preempted = e.stats().preemptions;
         let (_, on, drafted, accepted) = off_and_on(&mut e, &reqs, 8);
         for (i, (a, b)) in alone.iter().zip(&on).enumerate() {
             assert_eq!(a.0, b.0, "request {i} (kv_blocks {kv_blocks:?})");
@@ -155,7 +234,10 @@ fn batches_and_preemption_change_nothing() {
         }
         assert!(accepted > 0, "{accepted} of {drafted} accepted");
         if kv_blocks.is_some() {
-            assert!(e.stats().preemptions > 0, "the small pool preempted nobody");
+            assert!(
+                e.stats().preemptions > preempted,
+                "the small pool preempted nobody"
+            );
         }
     }
 }

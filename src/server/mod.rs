@@ -101,6 +101,9 @@ pub struct AppState {
     key_digests: Vec<[u8; 32]>,
     /// Room on the blocking pool for tokenizing and rendering.
     preparing: Arc<Semaphore>,
+    /// Compiles output constraints on the blocking pool; made on first use
+    /// (its token trie takes a while for a large vocabulary).
+    grammars: Arc<std::sync::Mutex<Option<Arc<crate::constraint::Grammars>>>>,
 }
 
 /// Lowers the calling thread's scheduling priority, once: preparing
@@ -135,8 +138,43 @@ impl AppState {
             model_id,
             key_digests: opts.api_keys.iter().map(|k| sha256(k.as_bytes())).collect(),
             preparing: Arc::new(Semaphore::new(opts.max_preparing.max(1))),
+            grammars: Arc::default(),
             opts,
         })
+    }
+
+    /// Compiles a request's output constraint, if it has one, on the
+    /// blocking pool: a constraint that takes long to compile (within the
+    /// library's limits) holds up its own request, not every stream the
+    /// engine thread serves.
+    async fn compile(&self, req: &mut GenerationRequest) -> ApiResult<()> {
+        let Some(c) = req.constraint.clone() else {
+            return Ok(());
+        };
+        let e = self.engine()?;
+        let (tok, vocab, cell) = (
+            e.tokenizer.clone(),
+            e.model.spec.vocab_size,
+            self.grammars.clone(),
+        );
+        let compiled = self
+            .prepare(move || {
+                let g = {
+                    let mut g = cell.lock().unwrap_or_else(|p| p.into_inner());
+                    match &*g {
+                        Some(g) => g.clone(),
+                        None => {
+                            let made = Arc::new(crate::constraint::Grammars::new(tok, vocab)?);
+                            *g = Some(made.clone());
+                            made
+                        }
+                    }
+                };
+                Ok(g.compile(&c)?)
+            })
+            .await?;
+        req.compiled = Some(compiled);
+        Ok(())
     }
 
     fn engine(&self) -> ApiResult<&EngineHandle> {
@@ -697,6 +735,12 @@ async fn completions(
         plans.push(p);
     }
     check_choices(&plans)?;
+    // Every prompt has the same constraint: compiled once, copied.
+    st.compile(&mut plans[0].base).await?;
+    let compiled = plans[0].base.compiled.clone();
+    for p in &mut plans[1..] {
+        p.base.compiled = compiled.clone();
+    }
     let n = plans[0].n;
     let prompt_ids: Vec<Vec<u32>> = plans.iter().map(|p| p.base.prompt.clone()).collect();
     let prompt_tokens: usize = prompt_ids.iter().map(Vec::len).sum();
@@ -951,6 +995,7 @@ async fn chat_completions(
         check_prompt_logprobs_size(p.base.prompt.len() * p.n, k)?;
     }
     let prompt_tokens = p.base.prompt.len();
+    st.compile(&mut p.base).await?;
     let sub = submit(&e, vec![p.requests()])?;
     let mut outputs: Vec<ChoiceOutput> = (0..sub.choices)
         .map(|_| ChoiceOutput::new(&tools, format))
