@@ -294,6 +294,10 @@ async fn the_server_constrains_outputs() {
             Some("guided_choice"),
         ),
         (json!({"guided_json": "{not json"}), Some("guided_json")),
+        (
+            json!({"guided_grammar": "root ::= \"yes\" | \"no\""}),
+            Some("guided_grammar"),
+        ),
     ] {
         let mut body = json!({"prompt": "x", "max_tokens": 4});
         body.as_object_mut()

@@ -233,7 +233,16 @@ pub fn constraint(c: &Common) -> Result<Option<Constraint>, ApiError> {
                 0 => Constraint::JsonSchema(schema(v, p)?),
                 1 => Constraint::Regex(string(v, p)?),
                 2 => Constraint::Choice(choice(v, p)?),
-                _ => Constraint::Lark(string(v, p)?),
+                _ => {
+                    let g = string(v, p)?;
+                    if g.contains("::=") {
+                        return Err(bad(
+                            &format!("{p} takes llguidance's Lark dialect (`start: ...`); GBNF grammars (`root ::= ...`) are not supported"),
+                            p,
+                        ));
+                    }
+                    Constraint::Lark(g)
+                }
             };
             found.push((c, p));
         }
