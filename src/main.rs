@@ -937,6 +937,9 @@ fn bench(
     json: bool,
 ) -> ruvllm::Result<()> {
     let mut e = load(m)?;
+    // Throughput of the model itself, as llama-bench measures it: no
+    // drafting in the batched decode.
+    e.set_speculative(None);
     let vocab = e.model().spec.vocab_size as u32;
     // Deterministic pseudo-random tokens, as llama-bench uses random ones.
     let mut rng = ruvllm::sampling::Rng::new(1234);
