@@ -5,7 +5,6 @@ mod common;
 use common::server::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The greedy output of each prompt run alone, one after another.
@@ -65,21 +64,7 @@ fn prompts(n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_client_works_against_the_server() {
     let s = start(&[]).await;
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/openai_client.py"
-        ))
-        .env("OPENAI_BASE_URL", format!("{}/v1", s.url))
-        .env("OPENAI_API_KEY", "unused")
-        .output()
-        .expect("python3 runs (install the client with: pip install openai)");
-    assert!(
-        out.status.success(),
-        "openai client checks failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python_check(&s, "openai_client.py");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 //! constraint is a 400 naming the problem; the server keeps serving.
 
 mod common;
-use common::server::{post, start};
+use common::server::{post, run_python_check, start};
 use common::*;
 use ruvllm::constraint::Constraint;
 use ruvllm::engine::Engine;
@@ -326,21 +326,7 @@ async fn the_server_constrains_outputs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_through_the_openai_client() {
     let s = start(&[]).await;
-    let out = std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/openai_tools.py"
-        ))
-        .env("OPENAI_BASE_URL", format!("{}/v1", s.url))
-        .env("OPENAI_API_KEY", "unused")
-        .output()
-        .expect("python3 runs (make pydeps installs openai and jsonschema)");
-    assert!(
-        out.status.success(),
-        "tool calling checks failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python_check(&s, "openai_tools.py");
 }
 
 /// A template that takes tools gets them, and the calls and results of the
@@ -386,19 +372,5 @@ user:Weather in Oslo?\nassistant:<tool_call>get_weather(Oslo)\ntool:5 degrees#c1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_schema_of_the_suite_gets_valid_output() {
     let s = start(&[]).await;
-    let out = std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/openai_schemas.py"
-        ))
-        .env("OPENAI_BASE_URL", format!("{}/v1", s.url))
-        .env("OPENAI_API_KEY", "unused")
-        .output()
-        .expect("python3 runs (make pydeps installs openai and jsonschema)");
-    assert!(
-        out.status.success(),
-        "schema suite failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python_check(&s, "openai_schemas.py");
 }

@@ -107,3 +107,20 @@ pub async fn wait_for(s: &Server, metric_name: &str, ok: impl Fn(f64) -> bool, w
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Runs `tests/SCRIPT` (a Python check that drives the server with the
+/// official `openai` client) against `s`; it must exit 0.
+pub fn run_python_check(s: &Server, script: &str) {
+    let out = Command::new("python3")
+        .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
+        .env("OPENAI_BASE_URL", format!("{}/v1", s.url))
+        .env("OPENAI_API_KEY", "unused")
+        .output()
+        .expect("python3 runs (make pydeps installs openai and jsonschema)");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
