@@ -879,20 +879,18 @@ impl Engine {
         let ids: Vec<SeqId> = self.sched.decoding().collect();
         for id in ids {
             let s = self.sched.get_mut(id).expect("running");
-            let a = &mut s.data;
-            if a.matcher.is_some() || a.req.embed || a.mix.xlora.is_some() {
+            if s.data.matcher.is_some() || s.data.req.embed || s.data.mix.xlora.is_some() {
                 continue;
             }
-            if a.draft_wait > 0 {
+            if s.data.draft_wait > 0 {
                 // Backing off after drafts that were all rejected.
-                a.draft_wait -= 1;
+                s.data.draft_wait -= 1;
                 continue;
             }
-            let s = self.sched.get(id).expect("running");
-            let a = &s.data;
             // Room for the drafts and the token after them, within
             // max_tokens and the context.
-            let left = a
+            let left = s
+                .data
                 .max_tokens
                 .saturating_sub(s.output().len())
                 .min(context.saturating_sub(s.tokens().len()));

@@ -217,22 +217,16 @@ impl<T> Scheduler<T> {
                     s.drop_drafts();
                 }
             }
-            let mut n = s.chunk_len(s.computed, budget, rows);
-            let mut need = (s.computed + n).div_ceil(self.block_size) * s.width;
+            let n = s.chunk_len(s.computed, budget, rows);
+            let need = (s.computed + n).div_ceil(self.block_size) * s.width;
             let mut fits = true;
             while self.seqs[&id].blocks.len() < need {
                 if let Some(b) = self.blocks.allocate() {
                     self.seqs.get_mut(&id).expect("running").blocks.push(b);
                     continue;
                 }
-                let s = self.seqs.get_mut(&id).expect("running");
-                if s.drafts > 0 {
-                    // Drafts never cost anyone their blocks.
-                    s.drop_drafts();
-                    n = s.chunk_len(s.computed, budget, rows);
-                    need = (s.computed + n).div_ceil(self.block_size) * s.width;
-                    continue;
-                }
+                // Drafts were checked against the free blocks above.
+                debug_assert_eq!(self.seqs[&id].drafts, 0, "drafts ran out of blocks");
                 // The newest sequence sits at or after `i`, so nothing
                 // already scheduled this step is taken away.
                 let victim = *self.running.last().expect("running is not empty");

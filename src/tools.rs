@@ -10,7 +10,7 @@
 //! output is constrained (as vLLM does it): a JSON list of
 //! `{"name", "arguments"}` objects, or the named function's arguments.
 
-use crate::chat::ChatMessage;
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::constraint::Constraint;
 use serde_json::{json, Value};
 
@@ -65,6 +65,16 @@ impl ToolFormat {
             ToolFormat::Hermes
         } else if template.contains("<|python_tag|>") || template.contains("<|start_header_id|>") {
             ToolFormat::Llama3
+        } else {
+            ToolFormat::Hermes
+        }
+    }
+
+    /// The syntax a model writes calls in, from its chat template: the
+    /// fallback prompt of templates without tool support asks for Hermes.
+    pub fn of_template(template: &ChatTemplate) -> ToolFormat {
+        if template.supports_tools() {
+            ToolFormat::detect(template.source())
         } else {
             ToolFormat::Hermes
         }
@@ -351,6 +361,28 @@ pub fn fallback_messages_without_system(
         }
     }
     out
+}
+
+/// The prompt text of a conversation with `tools` offered: given to a
+/// template that takes them, else described in a system message (or the
+/// first user turn, for templates that refuse a system turn) with the
+/// conversation's calls and results written as text.
+pub fn render_prompt(
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+    tools: &[Tool],
+) -> crate::Result<String> {
+    if template.supports_tools() {
+        let list = (!tools.is_empty()).then(|| template_tools(tools));
+        return template.render_with_tools(messages, list.as_ref(), true);
+    }
+    let tools = (!tools.is_empty()).then_some(tools);
+    match template.render(&fallback_messages(messages, tools), true) {
+        Err(_) if tools.is_some() && messages.first().is_none_or(|m| m.role != "system") => {
+            template.render(&fallback_messages_without_system(messages, tools), true)
+        }
+        r => r,
+    }
 }
 
 /// A call read from a JSON value `{"name", "arguments" | "parameters"}`

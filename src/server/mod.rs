@@ -12,7 +12,6 @@ mod openai;
 mod tool_calls;
 
 use crate::chat::ChatMessage;
-use crate::chat::ChatTemplate;
 use crate::engine::{chat_prompt, encode_chat};
 use crate::engine_loop::{EngineHandle, RequestGuard};
 use crate::request::{FinishReason, GenerationRequest, PromptTokenLogprob, SeqEvent};
@@ -902,41 +901,6 @@ fn chat_messages(msgs: &[Message]) -> ApiResult<Vec<ChatMessage>> {
     Ok(messages)
 }
 
-/// The prompt text of a conversation with the tools offered: given to a
-/// template that takes them, else described in a system message with the
-/// calls and results of the conversation written as text.
-fn render_chat(
-    template: &ChatTemplate,
-    messages: &[ChatMessage],
-    tools: &[crate::tools::Tool],
-) -> crate::Result<String> {
-    if template.supports_tools() {
-        let list = (!tools.is_empty()).then(|| crate::tools::template_tools(tools));
-        template.render_with_tools(messages, list.as_ref(), true)
-    } else {
-        let tools = (!tools.is_empty()).then_some(tools);
-        let msgs = crate::tools::fallback_messages(messages, tools);
-        match template.render(&msgs, true) {
-            // Some templates refuse a system turn: the description then
-            // opens the first user turn.
-            Err(_) if tools.is_some() && messages.first().is_none_or(|m| m.role != "system") => {
-                let msgs = crate::tools::fallback_messages_without_system(messages, tools);
-                template.render(&msgs, true)
-            }
-            r => r,
-        }
-    }
-}
-
-/// The syntax the model writes tool calls in.
-fn tool_format(template: &ChatTemplate) -> ToolFormat {
-    if template.supports_tools() {
-        ToolFormat::detect(template.source())
-    } else {
-        ToolFormat::Hermes
-    }
-}
-
 async fn chat_completions(
     State(st): State<Arc<AppState>>,
     Extension(tenant): Extension<Tenant>,
@@ -963,12 +927,12 @@ async fn chat_completions(
     let prompt_lp = top_count(req.common.prompt_logprobs, "prompt_logprobs")?;
     req.common.cache_salt = st.cache_salt(tenant, req.common.cache_salt.take());
     let (tok, template) = (e.tokenizer.clone(), e.template.clone());
-    let format = tool_format(&template);
+    let format = ToolFormat::of_template(&template);
     let context = e.model.context;
     let offered = tools.offered.clone();
     let prompt = st
         .prepare(move || {
-            let text = render_chat(&template, &messages, &offered)?;
+            let text = crate::tools::render_prompt(&template, &messages, &offered)?;
             check_text_fits(&tok, &text, context)?;
             Ok(encode_chat(&tok, &text)?)
         })

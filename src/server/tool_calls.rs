@@ -55,8 +55,7 @@ impl ChoiceOutput {
         match &mut self.mode {
             ToolOutput::Text => (!t.text.is_empty()).then(|| json!({"content": t.text})),
             ToolOutput::Parsed(s) => {
-                let control = tok.is_control(t.id).then(|| tok.token_text(t.id)).flatten();
-                let d = s.push(&t.text, control);
+                let d = s.push(&t.text, control_text(tok, t));
                 self.delta(d)
             }
             ToolOutput::Named { name, id } => {
@@ -109,44 +108,45 @@ impl ChoiceOutput {
         f: FinishReason,
     ) -> (Value, &'static str) {
         let mut content = String::new();
-        let mut calls: Vec<Value> = Vec::new();
-        let mut take = |d: Option<Value>| {
-            let Some(d) = d else { return };
-            if let Some(c) = d.get("content").and_then(Value::as_str) {
-                content.push_str(c);
-            }
-            for c in d
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let i = c["index"].as_u64().unwrap_or(0) as usize;
-                if i < calls.len() {
-                    // A later piece of a call's arguments.
-                    let piece = c["function"]["arguments"].as_str().unwrap_or("");
-                    let a = &mut calls[i]["function"]["arguments"];
-                    *a = json!(format!("{}{piece}", a.as_str().unwrap_or("")));
-                } else {
-                    let mut c = c.clone();
-                    c.as_object_mut().map(|o| o.remove("index"));
-                    calls.push(c);
+        let mut calls: Vec<ToolCall> = Vec::new();
+        match &mut self.mode {
+            ToolOutput::Text => events.iter().for_each(|t| content.push_str(&t.text)),
+            ToolOutput::Named { name, .. } => calls.push(ToolCall {
+                name: name.clone(),
+                arguments: events.iter().map(|t| t.text.as_str()).collect(),
+            }),
+            ToolOutput::Parsed(s) => {
+                let mut take = |d: crate::tools::ToolDelta| {
+                    content.push_str(&d.content);
+                    calls.extend(d.calls);
+                };
+                for t in events {
+                    take(s.push(&t.text, control_text(tok, t)));
                 }
+                take(s.finish());
             }
-        };
-        for t in events {
-            take(self.token_delta(tok, t));
         }
-        let (rest, finish) = self.finish_delta(f);
-        take(rest);
         let mut m = json!({"role": "assistant", "content": content});
         if !calls.is_empty() {
             if content.trim().is_empty() {
                 m["content"] = Value::Null;
             }
+            let calls: Vec<Value> = calls.into_iter().map(|c| self.call_json(None, c)).collect();
             m["tool_calls"] = Value::Array(calls);
         }
-        (m, finish)
+        (m, self.finish_reason(f))
+    }
+
+    /// A call in OpenAI's shape, with a fresh id (and its index in the
+    /// message, for a streamed delta); counts it.
+    fn call_json(&mut self, index: Option<usize>, ToolCall { name, arguments }: ToolCall) -> Value {
+        self.calls += 1;
+        let mut v = json!({"id": call_id(self.format), "type": "function",
+                           "function": {"name": name, "arguments": arguments}});
+        if let Some(i) = index {
+            v["index"] = json!(i);
+        }
+        v
     }
 
     /// A delta of content and completed calls.
@@ -162,12 +162,7 @@ impl ChoiceOutput {
             let calls: Vec<Value> = d
                 .calls
                 .into_iter()
-                .map(|ToolCall { name, arguments }| {
-                    let i = self.calls;
-                    self.calls += 1;
-                    json!({"index": i, "id": call_id(self.format), "type": "function",
-                           "function": {"name": name, "arguments": arguments}})
-                })
+                .map(|c| self.call_json(Some(self.calls), c))
                 .collect();
             v["tool_calls"] = Value::Array(calls);
         }
@@ -185,6 +180,12 @@ impl ChoiceOutput {
     }
 }
 
+/// The text of a control token (which adds nothing to the output's text
+/// but may be tool-call syntax).
+fn control_text<'a>(tok: &'a Tokenizer, t: &TokenEvent) -> Option<&'a str> {
+    tok.is_control(t.id).then(|| tok.token_text(t.id)).flatten()
+}
+
 /// A fresh call id: `call_` and 24 letters and digits, or 9 for Mistral
 /// models (whose templates refuse other ids when the call comes back).
 fn call_id(format: ToolFormat) -> String {
@@ -195,26 +196,17 @@ fn call_id(format: ToolFormat) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    // splitmix64 over a counter and the clock: unique and unguessable
-    // enough for ids that only pair calls with their results.
-    let mut x = NEXT
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ nanos;
-    let mut next = || {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    // The sampler's generator over a counter and the clock: unique and
+    // unguessable enough for ids that only pair calls with their results.
+    let mut rng =
+        crate::sampling::Rng::new(NEXT.fetch_add(1, Ordering::Relaxed) ^ nanos.rotate_left(17));
     let (prefix, len) = match format {
         ToolFormat::Mistral => ("", 9),
         _ => ("call_", 24),
     };
     let mut id = String::from(prefix);
     for _ in 0..len {
-        id.push(ALPHABET[(next() % ALPHABET.len() as u64) as usize] as char);
+        id.push(ALPHABET[(rng.next_u64() % ALPHABET.len() as u64) as usize] as char);
     }
     id
 }
