@@ -51,5 +51,6 @@ pub mod tensor;
 pub mod threadpool;
 pub mod tokenizer;
 pub mod tools;
+pub mod train;
 
 pub use error::{Error, Result, RuvLLMError};

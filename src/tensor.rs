@@ -231,3 +231,90 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPoo
         }
     });
 }
+
+/// `dx[i][k] += Σ_j dy[i][j] · w[j][k]`: the product with the transposed
+/// weights, which carries a gradient back through a projection. `dy` is
+/// `n × w.rows`, `dx` is `n × w.cols`. Each thread dequantizes its own
+/// range of weight rows once and sums into a buffer of its own; the
+/// buffers are added in a fixed order, so the result does not depend on
+/// timing.
+pub fn matmul_t(w: &Matrix, dy: &[f32], n: usize, dx: &mut [f32], pool: &ThreadPool) {
+    let (m, k) = (w.rows, w.cols);
+    assert_eq!(
+        Some(dy.len()),
+        n.checked_mul(m),
+        "matmul_t: dy is not n × rows"
+    );
+    assert_eq!(
+        Some(dx.len()),
+        n.checked_mul(k),
+        "matmul_t: dx is not n × cols"
+    );
+    if n == 0 || m == 0 {
+        return;
+    }
+    let parts = pool.n_threads().min(m.div_ceil(MIN_ROW_CHUNK)).max(1);
+    let per = m.div_ceil(parts);
+    let mut sums = vec![0f32; parts * n * k];
+    pool.par_chunks_mut(&mut sums, n * k, &|off, acc| {
+        let part = off / (n * k);
+        let mut row = vec![0f32; k];
+        for j in part * per..((part + 1) * per).min(m) {
+            w.dequantize_row(j, &mut row);
+            for (i, acc) in acc.chunks_exact_mut(k).enumerate() {
+                let g = dy[i * m + j];
+                if g != 0.0 {
+                    acc.iter_mut().zip(&row).for_each(|(a, r)| *a += g * r);
+                }
+            }
+        }
+    });
+    for part in sums.chunks_exact(n * k) {
+        dx.iter_mut().zip(part).for_each(|(d, s)| *d += s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposed_product_equals_the_dequantized_sum_for_every_type() {
+        let pool = ThreadPool::new(2);
+        let (rows, cols, n) = (70, 256, 5);
+        let mut rng = crate::sampling::Rng::new(11);
+        let mut rand =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next_f32() * 2.0 - 1.0).collect() };
+        let base = rand(rows * cols);
+        let dy = rand(n * rows);
+        for ty in [
+            GgmlType::F32,
+            GgmlType::Q8_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+        ] {
+            let mut w = Matrix::from_f32(rows, cols, base.clone());
+            if ty != GgmlType::F32 {
+                assert!(w.quantize_to(ty, None, &pool), "{ty:?}");
+            }
+            let deq = w.to_f32();
+            let mut got = vec![1f32; n * cols];
+            matmul_t(&w, &dy, n, &mut got, &pool);
+            for i in 0..n {
+                for k in 0..cols {
+                    let want: f64 = (0..rows)
+                        .map(|j| dy[i * rows + j] as f64 * deq[j * cols + k] as f64)
+                        .sum::<f64>()
+                        + 1.0;
+                    let g = got[i * cols + k] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-4,
+                        "{ty:?} [{i}][{k}]: {g} against {want}"
+                    );
+                }
+            }
+        }
+    }
+}

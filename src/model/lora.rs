@@ -35,7 +35,19 @@ pub enum Target {
 
 const TARGETS: usize = 7;
 
+/// Every target, in the order of their indices.
+pub const ALL_TARGETS: [Target; TARGETS] = [
+    Target::Q,
+    Target::K,
+    Target::V,
+    Target::O,
+    Target::Gate,
+    Target::Up,
+    Target::Down,
+];
+
 /// One adapted projection: `s · B (A x)`.
+#[derive(Clone)]
 pub struct LoraPair {
     pub rank: usize,
     /// Input width of the projection.
@@ -47,6 +59,10 @@ pub struct LoraPair {
     /// `rows × rank`, row-major.
     pub b: Vec<f32>,
     pub scale: f32,
+    /// Set when this pair is one output slice of a fused module (phi3's
+    /// `qkv_proj`, `gate_up_proj`) whose `A` it shares with the pair of
+    /// this target: training keeps the copies equal.
+    pub shares_a_with: Option<Target>,
 }
 
 /// A loaded adapter. `id` is unique in the process, so two loads of the
@@ -107,6 +123,88 @@ impl LoraAdapter {
 
     pub fn pair(&self, layer: usize, target: Target) -> Option<&LoraPair> {
         self.layers.get(layer)?[target as usize].as_ref()
+    }
+
+    pub fn pair_mut(&mut self, layer: usize, target: Target) -> Option<&mut LoraPair> {
+        self.layers.get_mut(layer)?[target as usize].as_mut()
+    }
+
+    /// Every adapted projection as `(layer, target, pair)`.
+    pub fn pairs(&self) -> impl Iterator<Item = (usize, Target, &LoraPair)> {
+        self.layers.iter().enumerate().flat_map(|(l, ts)| {
+            ALL_TARGETS
+                .iter()
+                .zip(ts)
+                .filter_map(move |(&t, p)| Some((l, t, p.as_ref()?)))
+        })
+    }
+
+    /// A fresh adapter to train, initialised as PEFT does: `A` uniform in
+    /// ±1/√cols (Kaiming-uniform with a = √5), `B` zero, so it starts as
+    /// the base model. `scale` is α/r (or α/√r for rsLoRA) as the caller
+    /// chooses. Every layer gets a pair on each of `targets` the model has
+    /// (a model without a gate projection skips `Gate`).
+    pub fn new_trainable(
+        name: &str,
+        spec: &ModelSpec,
+        has_gate: bool,
+        rank: usize,
+        scale: f32,
+        targets: &[Target],
+        seed: u64,
+    ) -> Result<Self> {
+        if rank == 0 || targets.is_empty() || !scale.is_finite() {
+            return Err(Error::Adapter(format!(
+                "{name}: a trainable adapter needs a positive rank, a target and a finite scale"
+            )));
+        }
+        let mut rng = crate::sampling::Rng::new(seed);
+        let layers = (0..spec.n_layers)
+            .map(|_| {
+                let mut ts: [Option<LoraPair>; TARGETS] = Default::default();
+                for &t in targets {
+                    if t == Target::Gate && !has_gate {
+                        continue;
+                    }
+                    let (cols, rows) = (target_cols(spec, t), target_rows(spec, t));
+                    let bound = 1.0 / (cols as f32).sqrt();
+                    let a = (0..rank * cols)
+                        .map(|_| (rng.next_f32() * 2.0 - 1.0) * bound)
+                        .collect();
+                    ts[t as usize] = Some(LoraPair {
+                        rank,
+                        cols,
+                        rows,
+                        a,
+                        b: vec![0.0; rows * rank],
+                        scale,
+                        shares_a_with: None,
+                    });
+                }
+                ts
+            })
+            .collect();
+        Ok(LoraAdapter {
+            name: name.to_string(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            rank,
+            layers,
+        })
+    }
+
+    /// A copy under a new id: what a trained version is published as, so
+    /// that cached prefixes of the old weights are never reused for it.
+    pub fn new_version(&self) -> Self {
+        LoraAdapter {
+            name: self.name.clone(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            rank: self.rank,
+            layers: self
+                .layers
+                .iter()
+                .map(|ts| ts.each_ref().map(|p| p.clone()))
+                .collect(),
+        }
     }
 
     /// Memory the adapter's tensors take.
@@ -372,7 +470,11 @@ fn dot<S: Simd>(s: S, a: &[f32], b: &[f32]) -> f32 {
 
 /// The (projection, row range) pieces one module of `family` feeds: a fused
 /// module (phi3's `qkv_proj`, `gate_up_proj`) is split along its outputs.
-fn module_targets(family: Family, module: &str, spec: &ModelSpec) -> Option<Vec<(Target, usize)>> {
+pub fn module_targets(
+    family: Family,
+    module: &str,
+    spec: &ModelSpec,
+) -> Option<Vec<(Target, usize)>> {
     let (qd, kd, f) = (spec.q_dim(), spec.kv_dim(), spec.ffn);
     let phi2 = family == Family::Phi2;
     let phi3 = family == Family::Phi3;
@@ -391,6 +493,16 @@ fn module_targets(family: Family, module: &str, spec: &ModelSpec) -> Option<Vec<
         "mlp.fc2" if phi2 => vec![(Target::Down, spec.hidden)],
         _ => return None,
     })
+}
+
+/// Output width of a projection.
+fn target_rows(spec: &ModelSpec, t: Target) -> usize {
+    match t {
+        Target::Q => spec.q_dim(),
+        Target::K | Target::V => spec.kv_dim(),
+        Target::O | Target::Down => spec.hidden,
+        Target::Gate | Target::Up => spec.ffn,
+    }
 }
 
 /// Input width of a projection.
@@ -487,6 +599,7 @@ fn place(
             a: a.clone(),
             b: piece,
             scale,
+            shares_a_with: (t != pieces[0].0).then_some(pieces[0].0),
         });
     }
     Ok(())

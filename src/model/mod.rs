@@ -110,7 +110,7 @@ impl Linear {
         s.lock().unwrap_or_else(|e| e.into_inner()).importance()
     }
 
-    fn forward(&self, x: &[f32], n: usize, pool: &ThreadPool) -> Vec<f32> {
+    pub(crate) fn forward(&self, x: &[f32], n: usize, pool: &ThreadPool) -> Vec<f32> {
         if let Some(s) = &self.stats {
             s.lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -222,6 +222,14 @@ impl Model {
             .rope_local
             .as_ref()
             .map(|r| r.frequencies(s.rope_dim, context));
+    }
+
+    /// RoPE frequencies of layer `layer` (sliding layers may have their own).
+    pub(crate) fn rope_freqs(&self, layer: usize) -> &RopeFreqs {
+        match (&self.rope_local, self.spec.sliding_layers[layer]) {
+            (Some(r), true) => r,
+            _ => &self.rope,
+        }
     }
 
     /// Runs the batch through the model, appending its keys/values to `kv`,

@@ -29,6 +29,39 @@ impl Norm {
     pub fn apply_in_place(&self, x: &mut [f32]) {
         dispatch(NormRows { norm: self, x })
     }
+
+    /// The gradient of the loss with respect to the norm's input rows `x`,
+    /// given its gradient `dy` with respect to the output; `dx += ` it.
+    /// The weights and bias are frozen (no gradient of their own).
+    pub fn backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let w = &self.weight;
+        let n = w.len() as f32;
+        let rows = x.chunks_exact(w.len()).zip(dy.chunks_exact(w.len()));
+        let mut g = vec![0f32; w.len()];
+        for ((x, dy), dx) in rows.zip(dx.chunks_exact_mut(w.len())) {
+            let shift = if self.layer_norm {
+                x.iter().sum::<f32>() / n
+            } else {
+                0.0
+            };
+            let var = x.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>() / n;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            // With x̂ = (x - shift)·inv and g = dy ⊙ w:
+            // dx = inv · (g - x̂·mean(g ⊙ x̂) [- mean(g) for LayerNorm]).
+            let mut dot = 0f32;
+            let mut sum = 0f32;
+            for i in 0..w.len() {
+                g[i] = dy[i] * w[i];
+                dot += g[i] * (x[i] - shift) * inv;
+                sum += g[i];
+            }
+            let (dot, mean) = (dot / n, if self.layer_norm { sum / n } else { 0.0 });
+            for i in 0..w.len() {
+                let xh = (x[i] - shift) * inv;
+                dx[i] += inv * (g[i] - mean - xh * dot);
+            }
+        }
+    }
 }
 
 struct NormRows<'a> {
@@ -87,6 +120,28 @@ pub fn gelu_tanh(x: f32) -> f32 {
     // tanh(y) = 1 - 2 / (e^{2y} + 1)
     let t = 1.0 - 2.0 / (exp(2.0 * y) + 1.0);
     0.5 * x * (1.0 + t)
+}
+
+/// d gelu_tanh(x) / dx.
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6;
+    let y = C * (x + 0.044715 * x * x * x);
+    let t = 1.0 - 2.0 / (exp(2.0 * y) + 1.0);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+/// d silu(x) / dx = σ(x)·(1 + x·(1 - σ(x))).
+pub fn silu_grad(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp(-x));
+    s * (1.0 + x * (1.0 - s))
+}
+
+/// d act(x) / dx.
+pub fn activate_grad(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Silu => silu_grad(x),
+        Activation::GeluTanh => gelu_tanh_grad(x),
+    }
 }
 
 #[inline(always)]

@@ -296,6 +296,16 @@ impl Rope {
         Rope { cos, sin, half }
     }
 
+    /// The transposed rotation (the same tables with the sines negated):
+    /// what carries a gradient back through [`Rope::apply`].
+    pub fn transposed(&self) -> Rope {
+        Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.iter().map(|s| -s).collect(),
+            half: self.half,
+        }
+    }
+
     /// Rotates the first `2·half` dims of every `head_dim`-wide head in `x`,
     /// which holds one `width`-wide row of heads per table row (token).
     pub fn apply(&self, style: RopeStyle, x: &mut [f32], width: usize, head_dim: usize) {

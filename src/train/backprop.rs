@@ -1,0 +1,788 @@
+//! The gradient of an [`Example`]'s loss with respect to one adapter's
+//! LoRA weights, by hand.
+//!
+//! The forward pass runs over the one sequence with dense causal attention
+//! (no KV cache) and keeps only each layer's input; the backward pass
+//! recomputes a layer's activations from that input before carrying the
+//! gradient through it (activation checkpointing: a second forward costs
+//! less than holding every activation of a long sequence). The math is
+//! that of [`Model::forward`], family differences included: norms before
+//! and after blocks, parallel blocks, soft-capping, sliding windows, QK
+//! norms, partial rotary, biases. Base weights stay frozen and as loaded;
+//! gradients pass through them by products with their transposes.
+
+use super::Example;
+use crate::error::{Error, Result};
+use crate::model::lora::{LoraAdapter, LoraPair, Target, WeightedAdapter, ALL_TARGETS};
+use crate::model::ops::{activate, activate_grad, exp};
+use crate::model::rope::Rope;
+use crate::model::{Layer, Linear, Model, ModelSpec};
+use crate::tensor::matmul_t;
+use crate::threadpool::ThreadPool;
+
+/// The gradient of one pair's `A` (`rank × cols`) and `B` (`rows × rank`).
+#[derive(Debug, Clone)]
+pub struct PairGrad {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// Gradients shaped like the trained adapter's pairs.
+pub struct LoraGrads {
+    layers: Vec<[Option<PairGrad>; 7]>,
+}
+
+impl LoraGrads {
+    fn zeros_like(adapter: &LoraAdapter, n_layers: usize) -> Self {
+        let mut layers: Vec<[Option<PairGrad>; 7]> =
+            (0..n_layers).map(|_| Default::default()).collect();
+        for (l, t, p) in adapter.pairs() {
+            layers[l][t as usize] = Some(PairGrad {
+                a: vec![0.0; p.a.len()],
+                b: vec![0.0; p.b.len()],
+            });
+        }
+        LoraGrads { layers }
+    }
+
+    pub fn pair(&self, layer: usize, target: Target) -> Option<&PairGrad> {
+        self.layers.get(layer)?[target as usize].as_ref()
+    }
+
+    /// Every gradient as `(layer, target, gradient)`.
+    pub fn pairs(&self) -> impl Iterator<Item = (usize, Target, &PairGrad)> {
+        self.layers.iter().enumerate().flat_map(|(l, ts)| {
+            ALL_TARGETS
+                .iter()
+                .zip(ts)
+                .filter_map(move |(&t, g)| Some((l, t, g.as_ref()?)))
+        })
+    }
+
+    /// Adds `other` (of the same adapter) times `k`: how the gradients of
+    /// several examples are averaged.
+    pub fn add_scaled(&mut self, other: &LoraGrads, k: f32) {
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                if let (Some(m), Some(t)) = (m, t) {
+                    m.a.iter_mut().zip(&t.a).for_each(|(x, y)| *x += k * y);
+                    m.b.iter_mut().zip(&t.b).for_each(|(x, y)| *x += k * y);
+                }
+            }
+        }
+    }
+
+    /// The largest absolute value of any gradient element.
+    pub fn max_abs(&self) -> f32 {
+        self.pairs()
+            .flat_map(|(_, _, g)| g.a.iter().chain(&g.b))
+            .fold(0.0, |m, v| m.max(v.abs()))
+    }
+
+    /// Pairs that share one `A` (slices of a fused module) get the sum of
+    /// their `A` gradients, as the shared tensor's gradient is.
+    fn tie(&mut self, adapter: &LoraAdapter) {
+        for (l, t, p) in adapter.pairs() {
+            let Some(owner) = p.shares_a_with else {
+                continue;
+            };
+            let ts = &mut self.layers[l];
+            let mine = ts[t as usize].as_ref().map(|g| g.a.clone());
+            if let (Some(mine), Some(o)) = (mine, ts[owner as usize].as_mut()) {
+                o.a.iter_mut().zip(&mine).for_each(|(x, y)| *x += y);
+            }
+        }
+        for (l, t, p) in adapter.pairs() {
+            if let Some(owner) = p.shares_a_with {
+                let ts = &mut self.layers[l];
+                if let Some(total) = ts[owner as usize].as_ref().map(|g| g.a.clone()) {
+                    if let Some(g) = ts[t as usize].as_mut() {
+                        g.a = total;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adapters a pass applies: the trained one (weight 1) and any frozen
+/// ones under it, with their weights.
+struct Adapters<'a> {
+    trained: &'a LoraAdapter,
+    frozen: &'a [WeightedAdapter],
+}
+
+impl<'a> Adapters<'a> {
+    /// `(pair, weight × scale, trained)` of every adapter at a projection.
+    fn at(&self, layer: usize, t: Target) -> Vec<(&'a LoraPair, f32, bool)> {
+        let mut v: Vec<_> = self
+            .frozen
+            .iter()
+            .filter_map(|w| Some((w.adapter.pair(layer, t)?, w.weight, false)))
+            .collect();
+        v.extend(self.trained.pair(layer, t).map(|p| (p, 1.0, true)));
+        v.into_iter()
+            .map(|(p, w, tr)| (p, w * p.scale, tr))
+            .collect()
+    }
+}
+
+/// A projection's output with its adapters, and their shrunk inputs `A x`
+/// (`n × rank` each, in the order of [`Adapters::at`]).
+fn project(
+    lin: &Linear,
+    x: &[f32],
+    n: usize,
+    pairs: &[(&LoraPair, f32, bool)],
+    pool: &ThreadPool,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut y = lin.forward(x, n, pool);
+    let out = lin.w.rows;
+    let mut shrunk = Vec::with_capacity(pairs.len());
+    for &(p, k, _) in pairs {
+        let mut u = vec![0f32; n * p.rank];
+        for t in 0..n {
+            let xr = &x[t * p.cols..(t + 1) * p.cols];
+            for (q, a) in p.a.chunks_exact(p.cols).enumerate() {
+                u[t * p.rank + q] = dot(a, xr);
+            }
+            let ur = &u[t * p.rank..(t + 1) * p.rank];
+            for (yv, b) in y[t * out..(t + 1) * out]
+                .iter_mut()
+                .zip(p.b.chunks_exact(p.rank))
+            {
+                *yv += k * dot(b, ur);
+            }
+        }
+        shrunk.push(u);
+    }
+    (y, shrunk)
+}
+
+/// Carries `dy` back through [`project`]: adds the input's gradient to
+/// `dx` and the trained pair's gradients to `grads`.
+#[allow(clippy::too_many_arguments)]
+fn project_back(
+    lin: &Linear,
+    x: &[f32],
+    shrunk: &[Vec<f32>],
+    dy: &[f32],
+    n: usize,
+    pairs: &[(&LoraPair, f32, bool)],
+    grad: Option<&mut PairGrad>,
+    dx: &mut [f32],
+    pool: &ThreadPool,
+) {
+    matmul_t(&lin.w, dy, n, dx, pool);
+    let out = lin.w.rows;
+    let mut grad = grad;
+    for (&(p, k, trained), u) in pairs.iter().zip(shrunk) {
+        let r = p.rank;
+        // gu = k · dy B  (n × rank)
+        let mut gu = vec![0f32; n * r];
+        for t in 0..n {
+            let dyr = &dy[t * out..(t + 1) * out];
+            let g = &mut gu[t * r..(t + 1) * r];
+            for (d, b) in dyr.iter().zip(p.b.chunks_exact(r)) {
+                if *d != 0.0 {
+                    g.iter_mut().zip(b).for_each(|(g, b)| *g += d * b);
+                }
+            }
+            g.iter_mut().for_each(|g| *g *= k);
+        }
+        if trained {
+            if let Some(gr) = grad.as_deref_mut() {
+                // dB = k · dyᵀ u,  dA = guᵀ x
+                for t in 0..n {
+                    let ur = &u[t * r..(t + 1) * r];
+                    for (db, d) in gr.b.chunks_exact_mut(r).zip(&dy[t * out..(t + 1) * out]) {
+                        if *d != 0.0 {
+                            let kd = k * d;
+                            db.iter_mut().zip(ur).for_each(|(g, u)| *g += kd * u);
+                        }
+                    }
+                    let xr = &x[t * p.cols..(t + 1) * p.cols];
+                    for (da, g) in gr.a.chunks_exact_mut(p.cols).zip(&gu[t * r..(t + 1) * r]) {
+                        da.iter_mut().zip(xr).for_each(|(a, x)| *a += g * x);
+                    }
+                }
+            }
+        }
+        // dx += gu A
+        for t in 0..n {
+            let dxr = &mut dx[t * p.cols..(t + 1) * p.cols];
+            for (g, a) in gu[t * r..(t + 1) * r].iter().zip(p.a.chunks_exact(p.cols)) {
+                dxr.iter_mut().zip(a).for_each(|(d, a)| *d += g * a);
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// What the backward pass of one layer needs, recomputed from its input.
+struct Tape {
+    normed: Vec<f32>,
+    sq: Vec<Vec<f32>>,
+    sk: Vec<Vec<f32>>,
+    sv: Vec<Vec<f32>>,
+    /// Q and K before their norms (only kept when the layer has them).
+    q_raw: Option<Vec<f32>>,
+    k_raw: Option<Vec<f32>>,
+    /// Q and K after norms and RoPE, and V: what attention read.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    so: Vec<Vec<f32>>,
+    /// The output projection before the post-attention norm.
+    o_raw: Vec<f32>,
+    /// The residual stream after attention (sequential blocks).
+    mid: Vec<f32>,
+    /// The MLP's input: the FFN norm's output, or `normed` (parallel).
+    ffn_in: Vec<f32>,
+    up: Vec<f32>,
+    su: Vec<Vec<f32>>,
+    gate: Option<Vec<f32>>,
+    sg: Vec<Vec<f32>>,
+    act: Vec<f32>,
+    sd: Vec<Vec<f32>>,
+    down_raw: Vec<f32>,
+}
+
+/// Everything one pass over a sequence shares.
+struct Pass<'a> {
+    model: &'a Model,
+    adapters: Adapters<'a>,
+    n: usize,
+    pool: &'a ThreadPool,
+}
+
+impl Pass<'_> {
+    fn spec(&self) -> &ModelSpec {
+        &self.model.spec
+    }
+
+    fn rope(&self, li: usize) -> Rope {
+        let positions: Vec<usize> = (0..self.n).collect();
+        Rope::new(&positions, self.model.rope_freqs(li))
+    }
+
+    fn window(&self, li: usize) -> Option<usize> {
+        let s = self.spec();
+        if s.sliding_layers[li] {
+            s.sliding_window
+        } else {
+            None
+        }
+    }
+
+    /// One layer: its output, and what its backward pass needs.
+    fn layer(&self, li: usize, x: &[f32]) -> (Vec<f32>, Tape) {
+        let (s, n, pool) = (self.spec(), self.n, self.pool);
+        let layer: &Layer = &self.model.layers[li];
+        let at = |t| self.adapters.at(li, t);
+        let mut normed = vec![0f32; x.len()];
+        layer.attn_norm.apply(x, &mut normed);
+        let (mut q, sq) = project(&layer.q, &normed, n, &at(Target::Q), pool);
+        let (mut k, sk) = project(&layer.k, &normed, n, &at(Target::K), pool);
+        let (v, sv) = project(&layer.v, &normed, n, &at(Target::V), pool);
+        let q_raw = layer.q_norm.as_ref().map(|qn| {
+            let raw = q.clone();
+            qn.apply_in_place(&mut q);
+            raw
+        });
+        let k_raw = layer.k_norm.as_ref().map(|kn| {
+            let raw = k.clone();
+            kn.apply_in_place(&mut k);
+            raw
+        });
+        let rope = self.rope(li);
+        rope.apply(s.rope_style, &mut q, s.q_dim(), s.head_dim);
+        rope.apply(s.rope_style, &mut k, s.kv_dim(), s.head_dim);
+        let attn = attention(s, &q, &k, &v, n, self.window(li));
+        let (o_raw, so) = project(&layer.o, &attn, n, &at(Target::O), pool);
+        let mut o = o_raw.clone();
+        if let Some(pn) = &layer.post_attn_norm {
+            pn.apply_in_place(&mut o);
+        }
+        let (mid, ffn_in) = match &layer.ffn_norm {
+            Some(fnorm) => {
+                let mid: Vec<f32> = x.iter().zip(&o).map(|(x, o)| x + o).collect();
+                let mut f = vec![0f32; mid.len()];
+                fnorm.apply(&mid, &mut f);
+                (mid, f)
+            }
+            None => (Vec::new(), normed.clone()),
+        };
+        let act_fn = s.activation;
+        let (up, su) = project(&layer.up, &ffn_in, n, &at(Target::Up), pool);
+        let (gate, sg) = match &layer.gate {
+            Some(g) => {
+                let (g, sg) = project(g, &ffn_in, n, &at(Target::Gate), pool);
+                (Some(g), sg)
+            }
+            None => (None, Vec::new()),
+        };
+        let act: Vec<f32> = match &gate {
+            Some(g) => up
+                .iter()
+                .zip(g)
+                .map(|(u, g)| activate(act_fn, *g) * u)
+                .collect(),
+            None => up.iter().map(|u| activate(act_fn, *u)).collect(),
+        };
+        let (down_raw, sd) = project(&layer.down, &act, n, &at(Target::Down), pool);
+        let mut f = down_raw.clone();
+        if let Some(pn) = &layer.post_ffn_norm {
+            pn.apply_in_place(&mut f);
+        }
+        let out = match layer.ffn_norm {
+            Some(_) => mid.iter().zip(&f).map(|(m, f)| m + f).collect(),
+            None => (0..x.len()).map(|i| x[i] + o[i] + f[i]).collect(),
+        };
+        let tape = Tape {
+            normed,
+            sq,
+            sk,
+            sv,
+            q_raw,
+            k_raw,
+            q,
+            k,
+            v,
+            attn,
+            so,
+            o_raw,
+            mid,
+            ffn_in,
+            up,
+            su,
+            gate,
+            sg,
+            act,
+            sd,
+            down_raw,
+        };
+        (out, tape)
+    }
+
+    /// Carries `dout` (the gradient of the layer's output) back to its
+    /// input, adding the trained adapter's gradients to `grads`.
+    fn layer_back(&self, li: usize, x: &[f32], dout: &[f32], grads: &mut LoraGrads) -> Vec<f32> {
+        let (s, n, pool) = (self.spec(), self.n, self.pool);
+        let layer = &self.model.layers[li];
+        let (_, tp) = self.layer(li, x);
+        let at = |t| self.adapters.at(li, t);
+        let h = s.hidden;
+        let f_dim = layer.up.w.rows;
+
+        // The MLP, from the gradient of its (post-normed) output.
+        let mut d_down = vec![0f32; n * h];
+        match &layer.post_ffn_norm {
+            Some(pn) => pn.backward(&tp.down_raw, dout, &mut d_down),
+            None => d_down.copy_from_slice(dout),
+        }
+        let mut d_act = vec![0f32; n * f_dim];
+        project_back(
+            &layer.down,
+            &tp.act,
+            &tp.sd,
+            &d_down,
+            n,
+            &at(Target::Down),
+            grads.layers[li][Target::Down as usize].as_mut(),
+            &mut d_act,
+            pool,
+        );
+        let act_fn = s.activation;
+        let mut d_up = vec![0f32; n * f_dim];
+        let mut d_gate = vec![0f32; if tp.gate.is_some() { n * f_dim } else { 0 }];
+        match &tp.gate {
+            Some(gv) => {
+                for i in 0..d_up.len() {
+                    d_up[i] = d_act[i] * activate(act_fn, gv[i]);
+                    d_gate[i] = d_act[i] * tp.up[i] * activate_grad(act_fn, gv[i]);
+                }
+            }
+            None => {
+                for i in 0..d_up.len() {
+                    d_up[i] = d_act[i] * activate_grad(act_fn, tp.up[i]);
+                }
+            }
+        }
+        let mut d_ffn_in = vec![0f32; n * h];
+        project_back(
+            &layer.up,
+            &tp.ffn_in,
+            &tp.su,
+            &d_up,
+            n,
+            &at(Target::Up),
+            grads.layers[li][Target::Up as usize].as_mut(),
+            &mut d_ffn_in,
+            pool,
+        );
+        if let Some(gate) = &layer.gate {
+            project_back(
+                gate,
+                &tp.ffn_in,
+                &tp.sg,
+                &d_gate,
+                n,
+                &at(Target::Gate),
+                grads.layers[li][Target::Gate as usize].as_mut(),
+                &mut d_ffn_in,
+                pool,
+            );
+        }
+
+        // The gradient reaching the attention block's output, and the
+        // gradient of the attention norm's output so far.
+        let mut d_normed = vec![0f32; n * h];
+        let d_mid = match &layer.ffn_norm {
+            Some(fnorm) => {
+                let mut d_mid = dout.to_vec();
+                fnorm.backward(&tp.mid, &d_ffn_in, &mut d_mid);
+                d_mid
+            }
+            None => {
+                // Parallel block: the MLP read the attention norm's output.
+                d_normed.copy_from_slice(&d_ffn_in);
+                dout.to_vec()
+            }
+        };
+
+        // Attention.
+        let mut d_oraw = vec![0f32; n * h];
+        match &layer.post_attn_norm {
+            Some(pn) => pn.backward(&tp.o_raw, &d_mid, &mut d_oraw),
+            None => d_oraw.copy_from_slice(&d_mid),
+        }
+        let mut d_attn = vec![0f32; n * s.q_dim()];
+        project_back(
+            &layer.o,
+            &tp.attn,
+            &tp.so,
+            &d_oraw,
+            n,
+            &at(Target::O),
+            grads.layers[li][Target::O as usize].as_mut(),
+            &mut d_attn,
+            pool,
+        );
+        let (mut dq, mut dk, dv) =
+            attention_back(s, &tp.q, &tp.k, &tp.v, &d_attn, n, self.window(li));
+        let rope_t = self.rope(li).transposed();
+        rope_t.apply(s.rope_style, &mut dq, s.q_dim(), s.head_dim);
+        rope_t.apply(s.rope_style, &mut dk, s.kv_dim(), s.head_dim);
+        if let (Some(qn), Some(raw)) = (&layer.q_norm, &tp.q_raw) {
+            let mut d = vec![0f32; dq.len()];
+            qn.backward(raw, &dq, &mut d);
+            dq = d;
+        }
+        if let (Some(kn), Some(raw)) = (&layer.k_norm, &tp.k_raw) {
+            let mut d = vec![0f32; dk.len()];
+            kn.backward(raw, &dk, &mut d);
+            dk = d;
+        }
+        for (lin, shrunk, dy, t) in [
+            (&layer.q, &tp.sq, &dq, Target::Q),
+            (&layer.k, &tp.sk, &dk, Target::K),
+            (&layer.v, &tp.sv, &dv, Target::V),
+        ] {
+            project_back(
+                lin,
+                &tp.normed,
+                shrunk,
+                dy,
+                n,
+                &at(t),
+                grads.layers[li][t as usize].as_mut(),
+                &mut d_normed,
+                pool,
+            );
+        }
+        let mut dx = d_mid;
+        layer.attn_norm.backward(x, &d_normed, &mut dx);
+        dx
+    }
+}
+
+/// Softmax probabilities of query `i` of head `h` over keys `lo..=i`
+/// (scaled, soft-capped scores), written to `p`; also returns the capped
+/// scores' `tanh` when the model soft-caps (for the backward pass).
+#[allow(clippy::too_many_arguments)]
+fn probs(
+    s: &ModelSpec,
+    q: &[f32],
+    k: &[f32],
+    i: usize,
+    h: usize,
+    lo: usize,
+    p: &mut Vec<f32>,
+    tanh: &mut Vec<f32>,
+) {
+    let (hd, qd, kd) = (s.head_dim, s.q_dim(), s.kv_dim());
+    let kvh = h / (s.n_heads / s.n_kv_heads);
+    let qi = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
+    p.clear();
+    tanh.clear();
+    for j in lo..=i {
+        let kj = &k[j * kd + kvh * hd..j * kd + (kvh + 1) * hd];
+        let mut v = dot(qi, kj) * s.attn_scale;
+        if let Some(cap) = s.attn_softcap {
+            let t = 1.0 - 2.0 / (exp(2.0 * v / cap) + 1.0);
+            tanh.push(t);
+            v = t * cap;
+        }
+        p.push(v);
+    }
+    let max = p.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    p.iter_mut().for_each(|v| *v = exp(*v - max));
+    let sum: f32 = p.iter().sum();
+    p.iter_mut().for_each(|v| *v /= sum);
+}
+
+fn window_start(i: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (i + 1).saturating_sub(w))
+}
+
+/// Dense causal attention of `n` queries over the same `n` keys.
+fn attention(
+    s: &ModelSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    window: Option<usize>,
+) -> Vec<f32> {
+    let (hd, qd, kd) = (s.head_dim, s.q_dim(), s.kv_dim());
+    let group = s.n_heads / s.n_kv_heads;
+    let mut out = vec![0f32; n * qd];
+    let (mut p, mut tanh) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let lo = window_start(i, window);
+        for h in 0..s.n_heads {
+            probs(s, q, k, i, h, lo, &mut p, &mut tanh);
+            let kvh = h / group;
+            let o = &mut out[i * qd + h * hd..i * qd + (h + 1) * hd];
+            for (j, pj) in (lo..=i).zip(&p) {
+                let vj = &v[j * kd + kvh * hd..j * kd + (kvh + 1) * hd];
+                o.iter_mut().zip(vj).for_each(|(o, v)| *o += pj * v);
+            }
+        }
+    }
+    out
+}
+
+/// Gradients of [`attention`]'s Q, K and V given that of its output.
+fn attention_back(
+    s: &ModelSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d_out: &[f32],
+    n: usize,
+    window: Option<usize>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (hd, qd, kd) = (s.head_dim, s.q_dim(), s.kv_dim());
+    let group = s.n_heads / s.n_kv_heads;
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n * qd], vec![0f32; n * kd], vec![0f32; n * kd]);
+    let (mut p, mut tanh, mut ds) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let lo = window_start(i, window);
+        for h in 0..s.n_heads {
+            probs(s, q, k, i, h, lo, &mut p, &mut tanh);
+            let kvh = h / group;
+            let (qo, ko) = (i * qd + h * hd, kvh * hd);
+            let doi = &d_out[qo..qo + hd];
+            // dp_j = do·v_j, dv_j += p_j·do; ds_j = p_j (dp_j - Σ p dp).
+            ds.clear();
+            let mut sum = 0f32;
+            for (j, pj) in (lo..=i).zip(&p) {
+                let vj = &v[j * kd + ko..j * kd + ko + hd];
+                let dp = dot(doi, vj);
+                ds.push(dp);
+                sum += pj * dp;
+                dv[j * kd + ko..j * kd + ko + hd]
+                    .iter_mut()
+                    .zip(doi)
+                    .for_each(|(d, o)| *d += pj * o);
+            }
+            for (jj, j) in (lo..=i).enumerate() {
+                let mut g = p[jj] * (ds[jj] - sum);
+                if !tanh.is_empty() {
+                    g *= 1.0 - tanh[jj] * tanh[jj];
+                }
+                g *= s.attn_scale;
+                let kj = &k[j * kd + ko..j * kd + ko + hd];
+                dq[qo..qo + hd]
+                    .iter_mut()
+                    .zip(kj)
+                    .for_each(|(d, k)| *d += g * k);
+                let qi = &q[qo..qo + hd];
+                dk[j * kd + ko..j * kd + ko + hd]
+                    .iter_mut()
+                    .zip(qi)
+                    .for_each(|(d, q)| *d += g * q);
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// Rows of the final hidden states whose logits one step of the loss takes
+/// at once (a bound on the `rows × vocab` buffer).
+const LOSS_ROWS: usize = 32;
+
+/// The example's loss under `trained` (over any `frozen` adapters, which
+/// are applied but not trained) and its gradient with respect to every
+/// pair of `trained`. Pairs that share an `A` (a fused module) get the
+/// shared tensor's gradient.
+pub fn loss_and_grads(
+    model: &Model,
+    trained: &LoraAdapter,
+    frozen: &[WeightedAdapter],
+    ex: &Example,
+    pool: &ThreadPool,
+) -> Result<(f32, LoraGrads)> {
+    let s = &model.spec;
+    ex.validate(s.vocab_size, s.context_length)?;
+    for a in std::iter::once(trained).chain(frozen.iter().map(|w| &*w.adapter)) {
+        for (l, t, p) in a.pairs() {
+            let lin = projection(&model.layers, l, t)?;
+            if p.cols != lin.w.cols || p.rows != lin.w.rows || p.rank == 0 {
+                return Err(Error::Adapter(format!(
+                    "{}: layer {l} {t:?} is {}×{} (rank {}), the model's projection {}×{}",
+                    a.name, p.rows, p.cols, p.rank, lin.w.rows, lin.w.cols
+                )));
+            }
+        }
+    }
+    let n = ex.tokens.len();
+    let h = s.hidden;
+    let pass = Pass {
+        model,
+        adapters: Adapters { trained, frozen },
+        n,
+        pool,
+    };
+
+    // Forward, keeping each layer's input.
+    let mut x = vec![0f32; n * h];
+    for (t, row) in x.chunks_exact_mut(h).enumerate() {
+        model.embed.dequantize_row(ex.tokens[t] as usize, row);
+        if let Some(sc) = s.embed_scale {
+            row.iter_mut().for_each(|v| *v *= sc);
+        }
+    }
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    for li in 0..model.layers.len() {
+        let (out, _) = pass.layer(li, &x);
+        inputs.push(std::mem::replace(&mut x, out));
+    }
+
+    // The loss and the gradient of the final hidden states.
+    let total: f32 = ex.weights.iter().map(|w| w.abs()).sum();
+    let rows: Vec<usize> = (1..n)
+        .filter(|&i| ex.weights[i] != 0.0)
+        .map(|i| i - 1)
+        .collect();
+    let mut dx = vec![0f32; n * h];
+    let mut loss = 0f64;
+    let vocab = model.output.w.rows;
+    for chunk in rows.chunks(LOSS_ROWS) {
+        let m = chunk.len();
+        let mut xs = vec![0f32; m * h];
+        for (i, &r) in chunk.iter().enumerate() {
+            xs[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut normed = vec![0f32; m * h];
+        model.final_norm.apply(&xs, &mut normed);
+        let mut logits = model.output.forward(&normed, m, pool);
+        let mut dz = vec![0f32; m * vocab];
+        for (i, &r) in chunk.iter().enumerate() {
+            let z = &mut logits[i * vocab..(i + 1) * vocab];
+            let dzr = &mut dz[i * vocab..(i + 1) * vocab];
+            if let Some(cap) = s.final_softcap {
+                z.iter_mut().for_each(|v| {
+                    *v = cap * (1.0 - 2.0 / (exp(2.0 * *v / cap) + 1.0));
+                });
+            }
+            let target = ex.tokens[r + 1] as usize;
+            let w = ex.weights[r + 1];
+            let k = w.abs() / total;
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            let log_p = (z[target] - max) as f64 - sum.ln();
+            let pt = log_p.exp();
+            for (d, &v) in dzr.iter_mut().zip(z.iter()) {
+                *d = (((v - max) as f64).exp() / sum) as f32;
+            }
+            if w > 0.0 {
+                // Cross-entropy: dz = p - onehot.
+                loss += k as f64 * -log_p;
+                dzr[target] -= 1.0;
+                dzr.iter_mut().for_each(|d| *d *= k);
+            } else {
+                // Unlikelihood, -log(1 - p_t): dz_j = p_t (δ_jt - p_j) / (1 - p_t).
+                let rest = (1.0 - pt).max(1e-6);
+                loss += k as f64 * -rest.ln();
+                let c = (k as f64 * pt / rest) as f32;
+                dzr.iter_mut().for_each(|d| *d *= -c);
+                dzr[target] += c;
+            }
+            if let Some(cap) = s.final_softcap {
+                // d(cap·tanh(u/cap))/du = 1 - (z/cap)².
+                dzr.iter_mut()
+                    .zip(z.iter())
+                    .for_each(|(d, v)| *d *= 1.0 - (v / cap) * (v / cap));
+            }
+        }
+        let mut dn = vec![0f32; m * h];
+        matmul_t(&model.output.w, &dz, m, &mut dn, pool);
+        let mut dxs = vec![0f32; m * h];
+        model.final_norm.backward(&xs, &dn, &mut dxs);
+        for (i, &r) in chunk.iter().enumerate() {
+            dx[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(&dxs[i * h..(i + 1) * h])
+                .for_each(|(d, v)| *d += v);
+        }
+    }
+
+    // Backward through the layers.
+    let mut grads = LoraGrads::zeros_like(trained, model.layers.len());
+    for li in (0..model.layers.len()).rev() {
+        dx = pass.layer_back(li, &inputs[li], &dx, &mut grads);
+    }
+    grads.tie(trained);
+    if !loss.is_finite() || !grads.max_abs().is_finite() {
+        return Err(Error::Internal(
+            "training produced a non-finite loss or gradient".into(),
+        ));
+    }
+    Ok((loss as f32, grads))
+}
+
+/// The base projection an adapter pair applies to.
+fn projection(layers: &[Layer], l: usize, t: Target) -> Result<&Linear> {
+    let layer = layers
+        .get(l)
+        .ok_or_else(|| Error::Adapter(format!("layer {l} is past the model's {}", layers.len())))?;
+    Ok(match t {
+        Target::Q => &layer.q,
+        Target::K => &layer.k,
+        Target::V => &layer.v,
+        Target::O => &layer.o,
+        Target::Gate => layer
+            .gate
+            .as_ref()
+            .ok_or_else(|| Error::Adapter("a gate adapter on a model without a gate".into()))?,
+        Target::Up => &layer.up,
+        Target::Down => &layer.down,
+    })
+}
