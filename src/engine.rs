@@ -486,6 +486,11 @@ impl Engine {
         self.runner.model()
     }
 
+    /// The threads the model's products run on.
+    pub fn pool(&self) -> &crate::threadpool::ThreadPool {
+        self.runner.pool()
+    }
+
     pub fn family(&self) -> Family {
         self.model().spec.family
     }

@@ -247,6 +247,17 @@ enum Command {
         #[arg(long)]
         decode: bool,
     },
+    /// Train a LoRA adapter over the frozen model (and any --lora adapters,
+    /// kept frozen under it) on a JSON Lines file, one example per line:
+    /// {"text"}, {"prompt", "completion"} or {"messages"} ending with an
+    /// assistant turn (the loss is on the completion or that turn). The
+    /// adapter is written as a PEFT folder for --lora.
+    Train {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        args: cli::train::TrainArgs,
+    },
     /// Perplexity of a text file, scored as llama-perplexity does: the text is
     /// cut into windows of --ctx-size tokens (default 512) and the second
     /// half of each window is scored, the first half being its context.
@@ -663,6 +674,7 @@ fn run(cli: Cli) -> ruvllm::Result<()> {
             chunks,
             json,
         } => perplexity(&model, &file, chunks, json),
+        Command::Train { model, args } => cli::train::run(&load(&model)?, &args),
         Command::Bench {
             model,
             n_prompt,

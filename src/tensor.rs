@@ -4,6 +4,7 @@
 use crate::quant::kernels::{act_kind, dot_rows, Acts, MAX_ROWS};
 use crate::quant::quantize::{fallback_type, quantize_row, quantize_row_weighted, ISQ_TYPES};
 use crate::quant::{dequantize, GgmlType};
+use crate::simd::{dispatch, Kernel, Simd};
 use crate::threadpool::{SyncPtr, ThreadPool};
 use memmap2::Mmap;
 use std::sync::Arc;
@@ -232,6 +233,45 @@ pub fn matmul(w: &Matrix, x: &[f32], n: usize, out: &mut [f32], pool: &ThreadPoo
     });
 }
 
+/// Weight rows [`matmul_t`] adds per pass over a token's sums: each sum
+/// is loaded and stored once per this many rows.
+const T_ROWS: usize = 8;
+
+/// `acc[i] += Σ_b dy[i][j0 + b] · block[b]` for every token `i`, over the
+/// `rows` (≤ [`T_ROWS`]) dequantized weight rows of `block` (rows past
+/// `rows` are zero).
+struct TransposedBlock<'a> {
+    block: &'a [f32],
+    dy: &'a [f32],
+    m: usize,
+    j0: usize,
+    rows: usize,
+    acc: &'a mut [f32],
+}
+
+impl Kernel for TransposedBlock<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let k = self.block.len() / T_ROWS;
+        let w: [&[f32]; T_ROWS] = std::array::from_fn(|b| &self.block[b * k..(b + 1) * k]);
+        for (i, acc) in self.acc.chunks_exact_mut(k).enumerate() {
+            let d = &self.dy[i * self.m + self.j0..i * self.m + self.j0 + self.rows];
+            let g: [f32; T_ROWS] = std::array::from_fn(|b| d.get(b).copied().unwrap_or(0.0));
+            if g.iter().all(|&v| v == 0.0) {
+                continue;
+            }
+            for (c, a) in acc.iter_mut().enumerate() {
+                let mut v = *a;
+                for b in 0..T_ROWS {
+                    v = s.mul_add(g[b], w[b][c], v);
+                }
+                *a = v;
+            }
+        }
+    }
+}
+
 /// `dx[i][k] += Σ_j dy[i][j] · w[j][k]`: the product with the transposed
 /// weights, which carries a gradient back through a projection. `dy` is
 /// `n × w.rows`, `dx` is `n × w.cols`. Each thread dequantizes its own
@@ -254,19 +294,31 @@ pub fn matmul_t(w: &Matrix, dy: &[f32], n: usize, dx: &mut [f32], pool: &ThreadP
         return;
     }
     let parts = pool.n_threads().min(m.div_ceil(MIN_ROW_CHUNK)).max(1);
-    let per = m.div_ceil(parts);
+    let per = m.div_ceil(parts).next_multiple_of(T_ROWS);
     let mut sums = vec![0f32; parts * n * k];
     pool.par_chunks_mut(&mut sums, n * k, &|off, acc| {
         let part = off / (n * k);
-        let mut row = vec![0f32; k];
-        for j in part * per..((part + 1) * per).min(m) {
-            w.dequantize_row(j, &mut row);
-            for (i, acc) in acc.chunks_exact_mut(k).enumerate() {
-                let g = dy[i * m + j];
-                if g != 0.0 {
-                    acc.iter_mut().zip(&row).for_each(|(a, r)| *a += g * r);
+        let mut block = vec![0f32; T_ROWS * k];
+        let mut j0 = part * per;
+        let end = ((part + 1) * per).min(m);
+        while j0 < end {
+            let rows = (end - j0).min(T_ROWS);
+            for (b, row) in block.chunks_exact_mut(k).enumerate() {
+                if b < rows {
+                    w.dequantize_row(j0 + b, row);
+                } else {
+                    row.fill(0.0);
                 }
             }
+            dispatch(TransposedBlock {
+                block: &block,
+                dy,
+                m,
+                j0,
+                rows,
+                acc,
+            });
+            j0 += rows;
         }
     });
     for part in sums.chunks_exact(n * k) {

@@ -292,3 +292,94 @@ fn lora_flags_and_perplexity_agree_with_transformers() {
         );
     }
 }
+
+#[test]
+fn train_writes_an_adapter_that_changes_what_the_model_says() {
+    // Teach the tiny llama a fixed answer in all three data formats, then
+    // ask it through `run --lora`: greedy decoding must give the answer the
+    // base model does not.
+    let dir = std::env::temp_dir().join(format!("ruvllm-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("data.jsonl");
+    let answer = " the license";
+    let lines = [
+        serde_json::json!({"prompt": "Read", "completion": answer}),
+        serde_json::json!({"text": format!("Read{answer}")}),
+        serde_json::json!({"messages": [
+            {"role": "user", "content": "Read"},
+            {"role": "assistant", "content": answer.trim()}
+        ]}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&data, text.join("\n") + "\n").unwrap();
+    let model = fixture("llama");
+    let out_dir = dir.join("adapter");
+    let (data_s, out_s) = (data.to_string_lossy(), out_dir.to_string_lossy());
+    let out = ruvllm(&[
+        "train", "--model", &model, "--data", &data_s, "-o", &out_s, "--epochs", "30", "--lr",
+        "1e-2", "--batch", "3", "--rank", "4", "--json", "-t", "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (before, after) = (
+        r["loss_before"].as_f64().unwrap(),
+        r["loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before / 10.0, "loss {before} -> {after}");
+    assert_eq!(r["examples"], 3);
+    assert_eq!(r["steps"], 30);
+    let say = |lora: bool| {
+        let mut args = vec!["run", "--model", &model, "--prompt", "Read", "-n", "3"];
+        args.extend(["--temperature", "0"]);
+        if lora {
+            args.extend(["--lora", &out_s]);
+        }
+        let out = ruvllm(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (base, tuned) = (say(false), say(true));
+    assert!(tuned.starts_with(answer), "with the adapter: {tuned:?}");
+    assert!(
+        !base.starts_with(answer),
+        "the base model already says {base:?}"
+    );
+
+    // Mistakes are clear errors.
+    std::fs::write(&data, "{\"prompt\": \"x\"}\n").unwrap();
+    let out = ruvllm(&["train", "--model", &model, "--data", &data_s, "-o", &out_s]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 1") && err.contains("completion"),
+        "{err}"
+    );
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
+    )
+    .unwrap();
+    let out = ruvllm(&["train", "--model", &model, "--data", &data_s, "-o", &out_s]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("assistant turn"));
+    let out = ruvllm(&[
+        "train",
+        "--model",
+        &model,
+        "--data",
+        &data_s,
+        "-o",
+        &out_s,
+        "--targets",
+        "q,bogus",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown LoRA target"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -330,3 +330,54 @@ fn gradients_over_quantized_weights_are_those_of_the_dequantized_model() {
     );
     assert!(cos >= 0.99, "gradient directions differ: cosine {cos}");
 }
+
+#[test]
+fn adapters_written_as_peft_hold_the_same_tensors_and_load_back() {
+    let tmp = std::env::temp_dir().join(format!("ruvllm-peft-save-{}", std::process::id()));
+    for arch in ARCHS {
+        let dir = train_dir(arch);
+        let original = read_tensors(&dir.join("adapter_model.safetensors"));
+        // The llama GGUF base holds llama.cpp's permuted q/k rows: what is
+        // written must be back in Hugging Face's order.
+        let mut bases = vec![fixtures().join(arch)];
+        if arch == "llama" {
+            bases.push(fixtures().join("llama/model-f32.gguf"));
+        }
+        for base in bases {
+            let spec = if base.is_dir() {
+                load_hf_folder(&base).unwrap().model.spec
+            } else {
+                ruvllm::model::load_gguf(&base).unwrap().model.spec
+            };
+            let a = LoraAdapter::load(&dir, "a", &spec).unwrap();
+            let out = tmp.join(arch);
+            a.save_peft(&out, &spec).unwrap();
+            assert_eq!(
+                read_tensors(&out.join("adapter_model.safetensors")),
+                original,
+                "{arch} on {}",
+                base.display()
+            );
+            let b = LoraAdapter::load(&out, "b", &spec).unwrap();
+            assert_eq!(a.pairs().count(), b.pairs().count());
+            for ((l, t, p), (_, _, q)) in a.pairs().zip(b.pairs()) {
+                assert!(
+                    p.a == q.a
+                        && p.b == q.b
+                        && p.rank == q.rank
+                        && (p.scale - q.scale).abs() < 1e-6,
+                    "{arch} layer {l} {t:?}"
+                );
+            }
+        }
+    }
+    // An adapter PEFT cannot express is refused, and nothing is written.
+    let spec = load_hf_folder(&fixtures().join("phi3")).unwrap().model.spec;
+    let mut a = LoraAdapter::load(&train_dir("phi3"), "a", &spec).unwrap();
+    a.pair_mut(0, Target::K).unwrap().a[0] += 1.0;
+    let out = tmp.join("refused");
+    let err = a.save_peft(&out, &spec).unwrap_err().to_string();
+    assert!(err.contains("share one A"), "{err}");
+    assert!(!out.join("adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&tmp).ok();
+}

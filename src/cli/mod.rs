@@ -4,3 +4,4 @@ pub mod bench_hostile;
 pub mod bench_serve;
 pub mod quantize;
 pub mod serve;
+pub mod train;

@@ -181,6 +181,23 @@ impl LoraAdapter {
                         shares_a_with: None,
                     });
                 }
+                // Slices of a module the base fuses (phi3) share one A, as
+                // they would in PEFT.
+                for module in PEFT_MODULES {
+                    let Some(pieces) = module_targets(spec.family, module, spec) else {
+                        continue;
+                    };
+                    let owner = pieces[0].0;
+                    let Some(a) = ts[owner as usize].as_ref().map(|p| p.a.clone()) else {
+                        continue;
+                    };
+                    for &(t, _) in &pieces[1..] {
+                        if let Some(p) = ts[t as usize].as_mut() {
+                            p.a.clone_from(&a);
+                            p.shares_a_with = Some(owner);
+                        }
+                    }
+                }
                 ts
             })
             .collect();
@@ -468,6 +485,23 @@ fn dot<S: Simd>(s: S, a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// Every PEFT module name a decoder layer may have; a family keeps those
+/// [`module_targets`] knows for it.
+pub(super) const PEFT_MODULES: [&str; 12] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.qkv_proj",
+    "self_attn.o_proj",
+    "self_attn.dense",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.gate_up_proj",
+    "mlp.down_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+];
+
 /// The (projection, row range) pieces one module of `family` feeds: a fused
 /// module (phi3's `qkv_proj`, `gate_up_proj`) is split along its outputs.
 pub fn module_targets(
@@ -518,7 +552,7 @@ fn target_cols(spec: &ModelSpec, t: Target) -> usize {
 /// adjacent pairs; a `B` must be in the row order of the base it applies
 /// to. `to_interleaved` moves row `c·(d/2) + i` of each head to `2i + c`
 /// (Hugging Face order to llama.cpp's); otherwise the reverse.
-fn permute_rows(b: &[f32], rank: usize, heads: usize, to_interleaved: bool) -> Vec<f32> {
+pub(super) fn permute_rows(b: &[f32], rank: usize, heads: usize, to_interleaved: bool) -> Vec<f32> {
     let rows = b.len() / rank;
     let d = rows / heads;
     let mut out = vec![0f32; b.len()];

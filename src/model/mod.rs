@@ -7,6 +7,7 @@
 
 mod load;
 pub mod lora;
+mod lora_save;
 pub mod ops;
 pub mod rope;
 pub mod spec;

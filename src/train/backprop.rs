@@ -17,7 +17,7 @@ use crate::model::lora::{LoraAdapter, LoraPair, Target, WeightedAdapter, ALL_TAR
 use crate::model::ops::{activate, activate_grad, exp};
 use crate::model::rope::Rope;
 use crate::model::{Layer, Linear, Model, ModelSpec};
-use crate::tensor::matmul_t;
+use crate::tensor::{matmul, matmul_t, Matrix};
 use crate::threadpool::ThreadPool;
 
 /// The gradient of one pair's `A` (`rank × cols`) and `B` (`rows × rank`).
@@ -69,6 +69,13 @@ impl LoraGrads {
                     m.b.iter_mut().zip(&t.b).for_each(|(x, y)| *x += k * y);
                 }
             }
+        }
+    }
+
+    /// Multiplies every gradient by `k`.
+    pub fn scale(&mut self, k: f32) {
+        for g in self.layers.iter_mut().flatten().flatten() {
+            g.a.iter_mut().chain(&mut g.b).for_each(|v| *v *= k);
         }
     }
 
@@ -127,6 +134,23 @@ impl<'a> Adapters<'a> {
     }
 }
 
+/// `data` (`rows × cols`) as an f32 matrix, so the pool's SIMD products
+/// apply to adapter tensors and activations alike.
+fn f32_matrix(rows: usize, cols: usize, data: &[f32]) -> Matrix {
+    Matrix::from_f32(rows, cols, data.to_vec())
+}
+
+/// The `cols × rows` transpose of a `rows × cols` array.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
 /// A projection's output with its adapters, and their shrunk inputs `A x`
 /// (`n × rank` each, in the order of [`Adapters::at`]).
 fn project(
@@ -137,30 +161,20 @@ fn project(
     pool: &ThreadPool,
 ) -> (Vec<f32>, Vec<Vec<f32>>) {
     let mut y = lin.forward(x, n, pool);
-    let out = lin.w.rows;
     let mut shrunk = Vec::with_capacity(pairs.len());
     for &(p, k, _) in pairs {
         let mut u = vec![0f32; n * p.rank];
-        for t in 0..n {
-            let xr = &x[t * p.cols..(t + 1) * p.cols];
-            for (q, a) in p.a.chunks_exact(p.cols).enumerate() {
-                u[t * p.rank + q] = dot(a, xr);
-            }
-            let ur = &u[t * p.rank..(t + 1) * p.rank];
-            for (yv, b) in y[t * out..(t + 1) * out]
-                .iter_mut()
-                .zip(p.b.chunks_exact(p.rank))
-            {
-                *yv += k * dot(b, ur);
-            }
-        }
+        matmul(&f32_matrix(p.rank, p.cols, &p.a), x, n, &mut u, pool);
+        let mut bu = vec![0f32; n * p.rows];
+        matmul(&f32_matrix(p.rows, p.rank, &p.b), &u, n, &mut bu, pool);
+        y.iter_mut().zip(&bu).for_each(|(y, v)| *y += k * v);
         shrunk.push(u);
     }
     (y, shrunk)
 }
 
 /// Carries `dy` back through [`project`]: adds the input's gradient to
-/// `dx` and the trained pair's gradients to `grads`.
+/// `dx` and the trained pair's gradients to `grad`.
 #[allow(clippy::too_many_arguments)]
 fn project_back(
     lin: &Linear,
@@ -174,47 +188,29 @@ fn project_back(
     pool: &ThreadPool,
 ) {
     matmul_t(&lin.w, dy, n, dx, pool);
-    let out = lin.w.rows;
     let mut grad = grad;
     for (&(p, k, trained), u) in pairs.iter().zip(shrunk) {
         let r = p.rank;
         // gu = k · dy B  (n × rank)
         let mut gu = vec![0f32; n * r];
-        for t in 0..n {
-            let dyr = &dy[t * out..(t + 1) * out];
-            let g = &mut gu[t * r..(t + 1) * r];
-            for (d, b) in dyr.iter().zip(p.b.chunks_exact(r)) {
-                if *d != 0.0 {
-                    g.iter_mut().zip(b).for_each(|(g, b)| *g += d * b);
-                }
-            }
-            g.iter_mut().for_each(|g| *g *= k);
-        }
+        matmul_t(&f32_matrix(p.rows, r, &p.b), dy, n, &mut gu, pool);
+        gu.iter_mut().for_each(|g| *g *= k);
         if trained {
             if let Some(gr) = grad.as_deref_mut() {
-                // dB = k · dyᵀ u,  dA = guᵀ x
-                for t in 0..n {
-                    let ur = &u[t * r..(t + 1) * r];
-                    for (db, d) in gr.b.chunks_exact_mut(r).zip(&dy[t * out..(t + 1) * out]) {
-                        if *d != 0.0 {
-                            let kd = k * d;
-                            db.iter_mut().zip(ur).for_each(|(g, u)| *g += kd * u);
-                        }
-                    }
-                    let xr = &x[t * p.cols..(t + 1) * p.cols];
-                    for (da, g) in gr.a.chunks_exact_mut(p.cols).zip(&gu[t * r..(t + 1) * r]) {
-                        da.iter_mut().zip(xr).for_each(|(a, x)| *a += g * x);
-                    }
-                }
+                // dB = k · dyᵀ u  (rows × rank): rows of dyᵀ against rows of uᵀ.
+                let mut db = vec![0f32; p.rows * r];
+                let ut = f32_matrix(r, n, &transpose(u, n, r));
+                matmul(&ut, &transpose(dy, n, p.rows), p.rows, &mut db, pool);
+                gr.b.iter_mut().zip(&db).for_each(|(g, v)| *g += k * v);
+                // dA = guᵀ x  (rank × cols): rows of guᵀ against rows of xᵀ.
+                let mut da = vec![0f32; r * p.cols];
+                let xt = f32_matrix(p.cols, n, &transpose(x, n, p.cols));
+                matmul(&xt, &transpose(&gu, n, r), r, &mut da, pool);
+                gr.a.iter_mut().zip(&da).for_each(|(g, v)| *g += v);
             }
         }
         // dx += gu A
-        for t in 0..n {
-            let dxr = &mut dx[t * p.cols..(t + 1) * p.cols];
-            for (g, a) in gu[t * r..(t + 1) * r].iter().zip(p.a.chunks_exact(p.cols)) {
-                dxr.iter_mut().zip(a).for_each(|(d, a)| *d += g * a);
-            }
-        }
+        matmul_t(&f32_matrix(r, p.cols, &p.a), &gu, n, dx, pool);
     }
 }
 
@@ -371,10 +367,17 @@ impl Pass<'_> {
 
     /// Carries `dout` (the gradient of the layer's output) back to its
     /// input, adding the trained adapter's gradients to `grads`.
-    fn layer_back(&self, li: usize, x: &[f32], dout: &[f32], grads: &mut LoraGrads) -> Vec<f32> {
+    fn layer_back(
+        &self,
+        li: usize,
+        x: &[f32],
+        tape: Option<Tape>,
+        dout: &[f32],
+        grads: &mut LoraGrads,
+    ) -> Vec<f32> {
         let (s, n, pool) = (self.spec(), self.n, self.pool);
         let layer = &self.model.layers[li];
-        let (_, tp) = self.layer(li, x);
+        let tp = tape.unwrap_or_else(|| self.layer(li, x).1);
         let at = |t| self.adapters.at(li, t);
         let h = s.hidden;
         let f_dim = layer.up.w.rows;
@@ -634,6 +637,11 @@ fn attention_back(
     (dq, dk, dv)
 }
 
+/// Bytes of activations a pass keeps for its backward pass rather than
+/// recomputing them (a sequence whose activations need more recomputes
+/// each layer's).
+const TAPE_BUDGET: usize = 256 << 20;
+
 /// Rows of the final hidden states whose logits one step of the loss takes
 /// at once (a bound on the `rows × vocab` buffer).
 const LOSS_ROWS: usize = 32;
@@ -649,6 +657,30 @@ pub fn loss_and_grads(
     ex: &Example,
     pool: &ThreadPool,
 ) -> Result<(f32, LoraGrads)> {
+    let (loss, grads) = run(model, trained, frozen, ex, true, TAPE_BUDGET, pool)?;
+    Ok((loss, grads.expect("asked for")))
+}
+
+/// The example's loss alone (a forward pass, no gradients).
+pub fn loss(
+    model: &Model,
+    trained: &LoraAdapter,
+    frozen: &[WeightedAdapter],
+    ex: &Example,
+    pool: &ThreadPool,
+) -> Result<f32> {
+    Ok(run(model, trained, frozen, ex, false, 0, pool)?.0)
+}
+
+fn run(
+    model: &Model,
+    trained: &LoraAdapter,
+    frozen: &[WeightedAdapter],
+    ex: &Example,
+    want_grads: bool,
+    tape_budget: usize,
+    pool: &ThreadPool,
+) -> Result<(f32, Option<LoraGrads>)> {
     let s = &model.spec;
     ex.validate(s.vocab_size, s.context_length)?;
     for a in std::iter::once(trained).chain(frozen.iter().map(|w| &*w.adapter)) {
@@ -679,10 +711,21 @@ pub fn loss_and_grads(
             row.iter_mut().for_each(|v| *v *= sc);
         }
     }
+    // Activations are kept for the backward pass when they fit the
+    // budget, recomputed layer by layer otherwise.
+    let per_token = 4 * (6 * h + 3 * s.q_dim() + 3 * s.kv_dim() + 4 * s.ffn);
+    let keep = want_grads && n * per_token * model.layers.len() <= tape_budget;
     let mut inputs = Vec::with_capacity(model.layers.len());
+    let mut tapes = Vec::new();
     for li in 0..model.layers.len() {
-        let (out, _) = pass.layer(li, &x);
-        inputs.push(std::mem::replace(&mut x, out));
+        let (out, tape) = pass.layer(li, &x);
+        let input = std::mem::replace(&mut x, out);
+        if want_grads {
+            inputs.push(input);
+        }
+        if keep {
+            tapes.push(tape);
+        }
     }
 
     // The loss and the gradient of the final hidden states.
@@ -742,6 +785,9 @@ pub fn loss_and_grads(
                     .for_each(|(d, v)| *d *= 1.0 - (v / cap) * (v / cap));
             }
         }
+        if !want_grads {
+            continue;
+        }
         let mut dn = vec![0f32; m * h];
         matmul_t(&model.output.w, &dz, m, &mut dn, pool);
         let mut dxs = vec![0f32; m * h];
@@ -754,10 +800,18 @@ pub fn loss_and_grads(
         }
     }
 
+    if !want_grads {
+        return if loss.is_finite() {
+            Ok((loss as f32, None))
+        } else {
+            Err(Error::Internal("the loss is not finite".into()))
+        };
+    }
     // Backward through the layers.
     let mut grads = LoraGrads::zeros_like(trained, model.layers.len());
     for li in (0..model.layers.len()).rev() {
-        dx = pass.layer_back(li, &inputs[li], &dx, &mut grads);
+        let tape = tapes.pop();
+        dx = pass.layer_back(li, &inputs[li], tape, &dx, &mut grads);
     }
     grads.tie(trained);
     if !loss.is_finite() || !grads.max_abs().is_finite() {
@@ -765,7 +819,7 @@ pub fn loss_and_grads(
             "training produced a non-finite loss or gradient".into(),
         ));
     }
-    Ok((loss as f32, grads))
+    Ok((loss as f32, Some(grads)))
 }
 
 /// The base projection an adapter pair applies to.
@@ -785,4 +839,41 @@ fn projection(layers: &[Layer], l: usize, t: Target) -> Result<&Linear> {
         Target::Up => &layer.up,
         Target::Down => &layer.down,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lora::ALL_TARGETS;
+
+    #[test]
+    fn recomputing_activations_gives_the_same_gradients_as_keeping_them() {
+        let pool = ThreadPool::new(2);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+        for arch in ["llama", "gemma2", "phi"] {
+            let model = crate::model::load_hf_folder(&dir.join(arch)).unwrap().model;
+            let has_gate = model.layers[0].gate.is_some();
+            let mut a =
+                LoraAdapter::new_trainable("t", &model.spec, has_gate, 2, 1.0, &ALL_TARGETS, 1)
+                    .unwrap();
+            for l in 0..model.spec.n_layers {
+                for t in ALL_TARGETS {
+                    if let Some(p) = a.pair_mut(l, t) {
+                        p.b.iter_mut()
+                            .enumerate()
+                            .for_each(|(i, b)| *b = (i % 7) as f32 * 0.01);
+                    }
+                }
+            }
+            let ex = Example::completion((0..20).map(|i| (i * 37 % 500) as u32).collect(), 5);
+            let (l1, g1) = run(&model, &a, &[], &ex, true, usize::MAX, &pool).unwrap();
+            let (l2, g2) = run(&model, &a, &[], &ex, true, 0, &pool).unwrap();
+            assert_eq!(l1, l2, "{arch}");
+            let (g1, g2) = (g1.unwrap(), g2.unwrap());
+            assert!(g1.max_abs() > 0.0, "{arch}");
+            for ((_, _, x), (_, _, y)) in g1.pairs().zip(g2.pairs()) {
+                assert!(x.a == y.a && x.b == y.b, "{arch}");
+            }
+        }
+    }
 }

@@ -9,11 +9,61 @@
 
 mod adamw;
 mod backprop;
+pub mod data;
 
 pub use adamw::{AdamW, AdamWConfig};
-pub use backprop::{loss_and_grads, LoraGrads, PairGrad};
+pub use backprop::{loss, loss_and_grads, LoraGrads, PairGrad};
 
 use crate::error::{Error, Result};
+use crate::model::lora::{LoraAdapter, WeightedAdapter};
+use crate::model::Model;
+use crate::threadpool::ThreadPool;
+
+/// An adapter being trained over a frozen model (and any frozen adapters
+/// under it), with its optimizer state.
+pub struct Trainer<'a> {
+    pub model: &'a Model,
+    pub frozen: &'a [WeightedAdapter],
+    pub adapter: LoraAdapter,
+    pub optimizer: AdamW,
+}
+
+impl Trainer<'_> {
+    /// One optimizer step on the mean gradient of `batch`; returns the
+    /// batch's mean loss before the step. A failing example fails the step
+    /// and changes nothing.
+    pub fn step(&mut self, batch: &[&Example], pool: &ThreadPool) -> Result<f32> {
+        let k = 1.0 / batch.len().max(1) as f32;
+        let mut total: Option<LoraGrads> = None;
+        let mut sum = 0f32;
+        for ex in batch {
+            let (l, g) = loss_and_grads(self.model, &self.adapter, self.frozen, ex, pool)?;
+            sum += l;
+            match &mut total {
+                Some(t) => t.add_scaled(&g, k),
+                None => {
+                    let mut t = g;
+                    t.scale(k);
+                    total = Some(t);
+                }
+            }
+        }
+        let Some(g) = total else {
+            return Err(Error::InvalidRequest("an empty training batch".into()));
+        };
+        self.optimizer.step(&mut self.adapter, &g)?;
+        Ok(sum * k)
+    }
+
+    /// The mean loss of `examples` under the adapter as it stands.
+    pub fn mean_loss(&self, examples: &[Example], pool: &ThreadPool) -> Result<f32> {
+        let mut sum = 0f32;
+        for ex in examples {
+            sum += loss(self.model, &self.adapter, self.frozen, ex, pool)?;
+        }
+        Ok(sum / examples.len().max(1) as f32)
+    }
+}
 
 /// One training sequence: its tokens, and for each token the weight of
 /// the loss on predicting it from the tokens before it. A positive weight
