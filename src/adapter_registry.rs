@@ -82,6 +82,12 @@ pub struct AdapterRegistry {
     max_loras: Option<usize>,
     /// X-LoRA checkpoints (given at start or loaded at run time).
     xloras: Vec<XEntry>,
+    /// Adapters learned from feedback (the learning loop's versions):
+    /// applied to every request after the always-on ones, and those of a
+    /// request's user after them. Replaced whole; sequences keep the
+    /// versions they started with.
+    learned: Vec<WeightedAdapter>,
+    learned_users: std::collections::HashMap<String, Vec<WeightedAdapter>>,
 }
 
 /// KV blocks of `block_bytes` that `adapter`'s memory fills.
@@ -298,6 +304,20 @@ impl AdapterRegistry {
         &self.always
     }
 
+    /// Replaces the learned adapters every request gets (`user` None) or
+    /// those of one user (an empty list removes the user's).
+    pub fn set_learned(&mut self, user: Option<String>, adapters: Vec<WeightedAdapter>) {
+        match user {
+            None => self.learned = adapters,
+            Some(u) if adapters.is_empty() => {
+                self.learned_users.remove(&u);
+            }
+            Some(u) => {
+                self.learned_users.insert(u, adapters);
+            }
+        }
+    }
+
     /// Checks that `adapter` may be added with `scale` and finds what must
     /// make room for it: at `max_loras`, the least recently used adapter
     /// loaded at run time whose `users` count is 0 (adapters given at
@@ -400,13 +420,17 @@ impl AdapterRegistry {
         });
     }
 
-    /// The always-on adapters followed by the named ones `wanted` asks
-    /// for (their weight multiplies the scale they were loaded with), then
+    /// The always-on adapters, the learned ones (global, then `user`'s),
+    /// then the named ones `wanted` asks for (their weight multiplies the scale they were loaded with), then
     /// the experts of the X-LoRA, if one applies (the always-on one or
     /// one `wanted` names; their weight multiplies its global scaling
     /// weight). Each named LoRA adapter counts as just used.
-    pub fn resolve(&mut self, wanted: &[(String, f32)]) -> Result<AdapterMix> {
+    pub fn resolve(&mut self, wanted: &[(String, f32)], user: Option<&str>) -> Result<AdapterMix> {
         let mut v = self.always.clone();
+        v.extend(self.learned.iter().cloned());
+        if let Some(mine) = user.and_then(|u| self.learned_users.get(u)) {
+            v.extend(mine.iter().cloned());
+        }
         let mut xlora = self.always_on_xlora().map(|x| (x.clone(), 1.0f32));
         for (name, weight) in wanted {
             if !weight.is_finite() {

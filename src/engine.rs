@@ -561,7 +561,7 @@ impl Engine {
             return;
         }
         self.maybe_fault(FaultKind::AdmitPanic, &req.prompt);
-        let mix = match self.adapters.resolve(&req.adapters) {
+        let mix = match self.adapters.resolve(&req.adapters, req.user.as_deref()) {
             Ok(a) => a,
             Err(e) => {
                 sink(SeqEvent::Failed(e));
@@ -634,6 +634,17 @@ impl Engine {
     /// The adapters every request gets.
     pub fn always_on_adapters(&self) -> &[WeightedAdapter] {
         self.adapters.always_on()
+    }
+
+    /// Replaces the adapters learned from feedback, for every request
+    /// (`user` None) or one user's; requests already admitted keep theirs.
+    pub fn set_learned_adapters(&mut self, user: Option<String>, adapters: Vec<WeightedAdapter>) {
+        self.adapters.set_learned(user, adapters);
+    }
+
+    /// The model, shared read-only (to train adapters over while serving).
+    pub fn shared_model(&self) -> std::sync::Arc<Model> {
+        self.runner.shared_model()
     }
 
     /// Whether any named adapter is loaded.
@@ -1173,7 +1184,7 @@ impl Engine {
         rows: &[usize],
         hidden_rows: &[usize],
     ) -> Result<Output> {
-        let mix = self.adapters.resolve(&[])?;
+        let mix = self.adapters.resolve(&[], None)?;
         self.runner.run_rows(
             table,
             tokens,

@@ -72,6 +72,10 @@ enum Command {
         xlora: Box<XLora>,
         reply: Sender<Result<()>>,
     },
+    SetLearned {
+        user: Option<String>,
+        adapters: Vec<crate::model::lora::WeightedAdapter>,
+    },
 }
 
 #[derive(Clone)]
@@ -270,6 +274,19 @@ impl EngineHandle {
             .map_err(|_| Error::Internal("the engine has stopped".into()))?;
         rx.recv()
             .map_err(|_| Error::Internal("the engine has stopped".into()))?
+    }
+
+    /// Replaces the adapters learned from feedback (every request's, or
+    /// one user's) from the engine's next step on; requests already
+    /// running keep the versions they started with.
+    pub fn set_learned(
+        &self,
+        user: Option<String>,
+        adapters: Vec<crate::model::lora::WeightedAdapter>,
+    ) -> Result<()> {
+        self.tx
+            .send(Command::SetLearned { user, adapters })
+            .map_err(|_| Error::Internal("the engine has stopped".into()))
     }
 
     /// Unloads a named adapter (requests using it finish with it).
@@ -501,6 +518,7 @@ fn iteration(
                 publish_names(engine, names);
                 let _ = reply.send(r);
             }
+            Command::SetLearned { user, adapters } => engine.set_learned_adapters(user, adapters),
         }
         return true;
     }

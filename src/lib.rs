@@ -46,6 +46,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod server;
 pub mod simd;
+pub mod sona;
 pub mod speculative;
 pub mod tensor;
 pub mod threadpool;

@@ -450,6 +450,21 @@ struct ServeArgs {
     /// any file a client names: give it to trusted clients only, with --api-key).
     #[arg(long)]
     allow_lora_updates: bool,
+    /// Learn from feedback (SONA): POST /v1/feedback rates a response by its
+    /// id; LoRA adapters trained from the ratings apply to later requests
+    /// (globally, and per OpenAI `user`). See the README.
+    #[arg(long)]
+    sona: bool,
+    /// Where SONA keeps its trajectories and base adapter (survives restarts).
+    #[arg(long, default_value = "sona", requires = "sona")]
+    sona_dir: PathBuf,
+    /// Consolidate SONA's base adapter after this many feedbacks (0: only on
+    /// POST /v1/sona/consolidate).
+    #[arg(long, default_value_t = 0, requires = "sona")]
+    sona_consolidate_every: usize,
+    /// Responses SONA keeps for feedback to refer to.
+    #[arg(long, default_value_t = 1024, requires = "sona")]
+    sona_max_responses: usize,
     /// Deliberate failures for tests: KIND:TOKEN (step-panic, step-error,
     /// admit-panic, abort-panic, fatal, slow) on requests whose prompt holds TOKEN.
     #[arg(long, hide = true)]
@@ -581,6 +596,12 @@ fn serve(a: ServeArgs) -> ruvllm::Result<()> {
             },
         },
         fault: a.debug_fault.as_deref().map(str::parse).transpose()?,
+        sona: a.sona.then(|| ruvllm::sona::SonaConfig {
+            dir: a.sona_dir.clone(),
+            consolidate_every: a.sona_consolidate_every,
+            max_responses: a.sona_max_responses.max(1),
+            ..Default::default()
+        }),
     })
 }
 

@@ -46,6 +46,9 @@ pub struct GenerationRequest {
     /// Named adapters (loaded with [`crate::adapter_registry::LoraOption::name`]) to apply, with
     /// their weights, on top of the engine's always-on ones.
     pub adapters: Vec<(String, f32)>,
+    /// The end user (OpenAI's `user`): adapters learned from that user's
+    /// feedback apply on top of the global ones.
+    pub user: Option<String>,
     /// What the output must match (a JSON schema, a regex, a choice, a
     /// grammar): tokens that would break it are never sampled, and the
     /// request ends when it is complete.

@@ -10,6 +10,7 @@ use crate::model::lora::{factors_len, WeightedAdapter};
 use crate::model::xlora::XLora;
 use crate::model::{Batch, Model, ModelSpec, Output};
 use crate::threadpool::ThreadPool;
+use std::sync::Arc;
 
 /// The KV budget when none is given: this many full contexts, at most
 /// [`DEFAULT_KV_CAP_MB`].
@@ -44,7 +45,9 @@ pub struct SeqInput<'a> {
 }
 
 pub struct ModelRunner {
-    model: Model,
+    /// Shared read-only with whoever trains adapters over it while it
+    /// serves (the learning loop); changed only before that starts.
+    model: Arc<Model>,
     kv: AnyKvCache,
     pool: ThreadPool,
 }
@@ -112,16 +115,26 @@ impl ModelRunner {
                 spec.head_dim
             );
         }
-        Ok(ModelRunner { model, kv, pool })
+        Ok(ModelRunner {
+            model: Arc::new(model),
+            kv,
+            pool,
+        })
     }
 
     pub fn model(&self) -> &Model {
         &self.model
     }
 
-    /// The model, to change its weights (in-situ quantization).
+    /// The model, shared (it stays read-only from here on).
+    pub fn shared_model(&self) -> Arc<Model> {
+        self.model.clone()
+    }
+
+    /// The model, to change its weights (in-situ quantization, at load:
+    /// nothing shares it yet).
     pub fn model_mut(&mut self) -> &mut Model {
-        &mut self.model
+        Arc::get_mut(&mut self.model).expect("the model is changed only before it is shared")
     }
 
     /// Quantizes the model's unquantized weight matrices to `ty` on the
@@ -131,7 +144,10 @@ impl ModelRunner {
         ty: crate::quant::GgmlType,
         progress: &mut dyn FnMut(usize, usize),
     ) -> usize {
-        self.model.quantize_unquantized(ty, &self.pool, progress)
+        let pool = &self.pool;
+        Arc::get_mut(&mut self.model)
+            .expect("the model is changed only before it is shared")
+            .quantize_unquantized(ty, pool, progress)
     }
 
     pub fn pool(&self) -> &ThreadPool {
@@ -172,7 +188,7 @@ impl ModelRunner {
             });
             b.push(s, tables[i].main(), f);
         }
-        b.forward(&mut self.model, &mut self.kv, &self.pool)
+        b.forward(&self.model, &mut self.kv, &self.pool)
     }
 
     /// Runs the scaling pass of the X-LoRA sequences of `seqs` through
@@ -202,7 +218,7 @@ impl ModelRunner {
                 b.push(&pass, scaling, Some((d.as_slice(), 0, d.len())));
             }
         }
-        let hidden = b.forward(&mut self.model, &mut self.kv, &self.pool)?.hidden;
+        let hidden = b.forward(&self.model, &mut self.kv, &self.pool)?.hidden;
         let h = self.model.spec.hidden;
         let mut at = 0;
         for (i, s) in seqs.iter().enumerate() {
@@ -247,7 +263,7 @@ impl ModelRunner {
         b.push(&seq, tables[0].main(), f);
         b.rows.extend_from_slice(rows);
         b.hidden_rows.extend_from_slice(hidden_rows);
-        b.forward(&mut self.model, &mut self.kv, &self.pool)
+        b.forward(&self.model, &mut self.kv, &self.pool)
     }
 }
 
@@ -338,7 +354,7 @@ impl<'a> FlatBatch<'a> {
         }
     }
 
-    fn forward(self, model: &mut Model, kv: &mut AnyKvCache, pool: &ThreadPool) -> Result<Output> {
+    fn forward(self, model: &Model, kv: &mut AnyKvCache, pool: &ThreadPool) -> Result<Output> {
         let mut factors = self.factors;
         if !factors.is_empty() {
             factors.resize(self.tokens.len(), &[]);

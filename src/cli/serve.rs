@@ -18,6 +18,8 @@ pub struct ServeConfig {
     pub server: ServerOptions,
     /// Deliberate failures, for tests of fault handling.
     pub fault: Option<FaultPlan>,
+    /// Learning from feedback, when asked for.
+    pub sona: Option<ruvllm::sona::SonaConfig>,
 }
 
 pub fn run(cfg: ServeConfig) -> ruvllm::Result<()> {
@@ -50,8 +52,12 @@ pub fn run(cfg: ServeConfig) -> ruvllm::Result<()> {
         let loader_state = state.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let fault = cfg.fault;
+        let sona = cfg.sona;
         std::thread::spawn(move || {
-            let r = load(&cfg.model, &cfg.engine, cfg.engine_loop, fault).map(|h| {
+            let r = load(&cfg.model, &cfg.engine, cfg.engine_loop, fault, sona).map(|(h, s)| {
+                if let Some(s) = s {
+                    let _ = loader_state.sona.set(std::sync::Arc::new(s));
+                }
                 let _ = loader_state.engine.set(h);
             });
             let _ = done_tx.send(r);
@@ -95,7 +101,8 @@ fn load(
     opts: &EngineOptions,
     loop_opts: LoopOptions,
     fault: Option<FaultPlan>,
-) -> ruvllm::Result<EngineHandle> {
+    sona: Option<ruvllm::sona::SonaConfig>,
+) -> ruvllm::Result<(EngineHandle, Option<ruvllm::sona::SonaEngine>)> {
     let mut engine = Engine::load(path, opts)?;
     engine.fault = fault;
     let s = &engine.model().spec;
@@ -122,5 +129,22 @@ fn load(
         opts.max_batched_tokens,
         engine.threads(),
     );
-    EngineHandle::spawn(engine, loop_opts, opts.max_num_seqs)
+    let model = engine.shared_model();
+    let handle = EngineHandle::spawn(engine, loop_opts, opts.max_num_seqs)?;
+    let sona = match sona {
+        Some(cfg) => {
+            let dir = cfg.dir.clone();
+            let s = ruvllm::sona::SonaEngine::start(cfg, model, handle.clone())?;
+            let st = s.stats();
+            eprintln!(
+                "SONA: learning from feedback into {} (base version {}, {} trajectories kept)",
+                dir.display(),
+                st.base_version,
+                st.trajectories
+            );
+            Some(s)
+        }
+        None => None,
+    };
+    Ok((handle, sona))
 }

@@ -82,7 +82,7 @@ pub fn run(e: &Engine, a: &TrainArgs) -> Result<()> {
     let examples = parse_jsonl(&text, &e.tokenizer, &e.template, max_len)?;
     let model = e.model();
     let alpha = a.alpha.unwrap_or(2.0 * a.rank as f32);
-    let adapter = LoraAdapter::new_trainable(
+    let mut adapter = LoraAdapter::new_trainable(
         "trained",
         &model.spec,
         model.layers.iter().all(|l| l.gate.is_some()),
@@ -91,14 +91,15 @@ pub fn run(e: &Engine, a: &TrainArgs) -> Result<()> {
         &targets,
         a.seed,
     )?;
+    let mut optimizer = AdamW::new(AdamWConfig {
+        lr: a.lr,
+        ..AdamWConfig::default()
+    })?;
     let mut trainer = Trainer {
         model,
         frozen: e.always_on_adapters(),
-        adapter,
-        optimizer: AdamW::new(AdamWConfig {
-            lr: a.lr,
-            ..AdamWConfig::default()
-        })?,
+        adapter: &mut adapter,
+        optimizer: &mut optimizer,
     };
     let pool = e.pool();
     let tokens: usize = examples.iter().map(|x| x.tokens.len()).sum();
@@ -126,7 +127,7 @@ pub fn run(e: &Engine, a: &TrainArgs) -> Result<()> {
     }
     let train_secs = train_start.elapsed().as_secs_f64();
     let after = trainer.mean_loss(&examples, pool)?;
-    trainer.adapter.save_peft(&a.out, &model.spec)?;
+    adapter.save_peft(&a.out, &model.spec)?;
     let trained_tokens = (tokens * a.epochs) as f64;
     if a.json {
         println!(

@@ -8,6 +8,7 @@
 //! blocks at once. [`conn`] serves connections with time limits.
 
 pub mod conn;
+mod feedback;
 mod openai;
 mod tool_calls;
 
@@ -103,6 +104,8 @@ pub struct AppState {
     /// Compiles output constraints on the blocking pool; made on first use
     /// (its token trie takes a while for a large vocabulary).
     grammars: Arc<std::sync::Mutex<Option<Arc<crate::constraint::Grammars>>>>,
+    /// Learning from feedback (`--sona`), set with the engine.
+    pub sona: OnceLock<Arc<crate::sona::SonaEngine>>,
 }
 
 /// Lowers the calling thread's scheduling priority, once: preparing
@@ -138,6 +141,7 @@ impl AppState {
             key_digests: opts.api_keys.iter().map(|k| sha256(k.as_bytes())).collect(),
             preparing: Arc::new(Semaphore::new(opts.max_preparing.max(1))),
             grammars: Arc::default(),
+            sona: OnceLock::new(),
             opts,
         })
     }
@@ -174,6 +178,24 @@ impl AppState {
             .await?;
         req.compiled = Some(compiled);
         Ok(())
+    }
+
+    /// Where a response's choices go for feedback, with `--sona`.
+    fn recorder(&self, id: &str) -> Option<Recorder> {
+        self.sona.get().map(|s| Recorder {
+            sona: s.clone(),
+            id: id.to_string(),
+        })
+    }
+
+    fn sona(&self) -> ApiResult<&Arc<crate::sona::SonaEngine>> {
+        self.sona.get().ok_or_else(|| {
+            ApiError::with(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                "learning from feedback is off: start the server with --sona".to_string(),
+            )
+        })
     }
 
     fn engine(&self) -> ApiResult<&EngineHandle> {
@@ -347,6 +369,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(detokenize))
         .route("/v1/load_lora_adapter", post(load_lora_adapter))
         .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
+        .route("/v1/feedback", post(feedback::feedback))
+        .route("/v1/sona/consolidate", post(feedback::consolidate))
+        .route("/v1/sona/stats", get(feedback::stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let mut app = Router::new()
         .route("/health", get(health))
@@ -415,7 +440,10 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> ApiResult<Response> {
-    let body = st.engine()?.metrics.render();
+    let mut body = st.engine()?.metrics.render();
+    if let Some(s) = st.sona.get() {
+        body.push_str(&s.stats().render_metrics());
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
@@ -577,6 +605,14 @@ fn body_bytes(b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Api
     })
 }
 
+/// Where a response's choices are kept for feedback: SONA's store, under
+/// the response's id.
+#[derive(Clone)]
+struct Recorder {
+    sona: Arc<crate::sona::SonaEngine>,
+    id: String,
+}
+
 /// Events of all choices of one request, tagged with their choice index.
 struct Submitted {
     rx: UnboundedReceiver<(usize, SeqEvent)>,
@@ -586,7 +622,11 @@ struct Submitted {
 
 /// Submits every prompt's `n` siblings; choice `p * n + i` is sibling `i`
 /// of prompt `p`.
-fn submit(engine: &EngineHandle, groups: Vec<Vec<GenerationRequest>>) -> ApiResult<Submitted> {
+fn submit(
+    engine: &EngineHandle,
+    groups: Vec<Vec<GenerationRequest>>,
+    record: Option<Recorder>,
+) -> ApiResult<Submitted> {
     let (tx, rx) = unbounded();
     let mut index = 0;
     let groups = groups
@@ -594,10 +634,30 @@ fn submit(engine: &EngineHandle, groups: Vec<Vec<GenerationRequest>>) -> ApiResu
         .map(|reqs| {
             let sinks = reqs
                 .iter()
-                .map(|_| {
+                .map(|req| {
                     let (tx, i) = (tx.clone(), index);
                     index += 1;
-                    Box::new(move |ev| tx.unbounded_send((i, ev)).is_ok()) as crate::request::Sink
+                    let mut keep = record
+                        .clone()
+                        .map(|r| (r, req.prompt.clone(), req.user.clone()));
+                    Box::new(move |ev: SeqEvent| {
+                        // With --sona, each finished choice is kept for
+                        // feedback to refer to by the response's id.
+                        if let SeqEvent::Finished(sum) = &ev {
+                            if let Some((r, prompt, user)) = keep.take() {
+                                r.sona.record(
+                                    &r.id,
+                                    i,
+                                    crate::sona::Recorded {
+                                        prompt,
+                                        output: sum.tokens.clone(),
+                                        user,
+                                    },
+                                );
+                            }
+                        }
+                        tx.unbounded_send((i, ev)).is_ok()
+                    }) as crate::request::Sink
                 })
                 .collect();
             (reqs, sinks)
@@ -746,8 +806,12 @@ async fn completions(
     if let Some(k) = wanted_prompt_lp {
         check_prompt_logprobs_size(prompt_tokens * n, k)?;
     }
-    let sub = submit(&e, plans.iter().map(Plan::requests).collect())?;
     let envelope = Envelope::new("cmpl", "text_completion", st.response_model(&adapter));
+    let sub = submit(
+        &e,
+        plans.iter().map(Plan::requests).collect(),
+        st.recorder(&envelope.id),
+    )?;
     // The prompt's part of a choice: echoed text, legacy logprobs entries
     // and vLLM's prompt_logprobs.
     let prompt_part = {
@@ -960,18 +1024,15 @@ async fn chat_completions(
     }
     let prompt_tokens = p.base.prompt.len();
     st.compile(&mut p.base).await?;
-    let sub = submit(&e, vec![p.requests()])?;
+    let id = request_id("chatcmpl");
+    let sub = submit(&e, vec![p.requests()], st.recorder(&id))?;
     let mut outputs: Vec<ChoiceOutput> = (0..sub.choices)
         .map(|_| ChoiceOutput::new(&tools, format))
         .collect();
     if req.common.stream {
         let usage_wanted = req.common.stream_options.is_some_and(|o| o.include_usage);
         let tok = e.tokenizer.clone();
-        let envelope = Envelope::new(
-            "chatcmpl",
-            "chat.completion.chunk",
-            st.response_model(&adapter),
-        );
+        let envelope = Envelope::with_id(id, "chat.completion.chunk", st.response_model(&adapter));
         let usage = usage_wanted.then_some(prompt_tokens);
         let n = sub.choices;
         let stream = sse(
@@ -1034,7 +1095,7 @@ async fn chat_completions(
     }
     let completion = c.tokens.iter().sum();
     let usage = usage(prompt_tokens, completion, c.cached[0]);
-    let envelope = Envelope::new("chatcmpl", "chat.completion", st.response_model(&adapter));
+    let envelope = Envelope::with_id(id, "chat.completion", st.response_model(&adapter));
     let mut v = envelope.wrap(json!(choices), Some(usage));
     if let Some(l) = c.prompt_lps[0].as_deref().filter(|_| prompt_lp.is_some()) {
         v["prompt_logprobs"] = prompt_logprobs_json(&e.tokenizer, l);
@@ -1052,8 +1113,12 @@ struct Envelope {
 
 impl Envelope {
     fn new(id_prefix: &str, object: &'static str, model: &str) -> Self {
+        Self::with_id(request_id(id_prefix), object, model)
+    }
+
+    fn with_id(id: String, object: &'static str, model: &str) -> Self {
         Envelope {
-            id: request_id(id_prefix),
+            id,
             object,
             created: now_secs(),
             model: model.to_string(),
@@ -1258,7 +1323,7 @@ async fn embeddings(
             }]
         })
         .collect();
-    let mut sub = submit(&e, groups)?;
+    let mut sub = submit(&e, groups, None)?;
     let n = sub.choices;
     let mut data = vec![Value::Null; n];
     let mut tokens = 0;

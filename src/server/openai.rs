@@ -155,6 +155,9 @@ pub struct Common {
     pub guided_choice: Option<Value>,
     pub guided_grammar: Option<Value>,
     pub structured_outputs: Option<Value>,
+    /// OpenAI's end-user id: with `--sona`, adapters learned from this
+    /// user's feedback apply to the request.
+    pub user: Option<String>,
 }
 
 /// The output constraint a request asks for, if any.
@@ -633,6 +636,7 @@ pub fn plan(
             logprobs,
             prompt_logprobs,
             cache_salt: c.cache_salt.clone(),
+            user: c.user.clone(),
             constraint: constraint(c)?,
             ..Default::default()
         },

@@ -28,6 +28,7 @@ pub struct PairGrad {
 }
 
 /// Gradients shaped like the trained adapter's pairs.
+#[derive(Clone)]
 pub struct LoraGrads {
     layers: Vec<[Option<PairGrad>; 7]>,
 }
@@ -69,6 +70,40 @@ impl LoraGrads {
                     m.b.iter_mut().zip(&t.b).for_each(|(x, y)| *x += k * y);
                 }
             }
+        }
+    }
+
+    /// Applies `f` to every element.
+    pub fn map(&mut self, f: impl Fn(f32) -> f32) {
+        for g in self.layers.iter_mut().flatten().flatten() {
+            g.a.iter_mut().chain(&mut g.b).for_each(|v| *v = f(*v));
+        }
+    }
+
+    /// Adds EWC's pull `λ · F ⊙ (θ - θ*)`: the gradient of
+    /// `λ/2 · Σ F (θ - θ*)²`, which keeps weights the Fisher `fisher` says
+    /// mattered near their values `anchor` while `now` trains.
+    pub fn add_pull(
+        &mut self,
+        fisher: &LoraGrads,
+        now: &LoraAdapter,
+        anchor: &LoraAdapter,
+        lambda: f32,
+    ) {
+        for (l, t, f) in fisher.pairs() {
+            let (Some(p), Some(q)) = (now.pair(l, t), anchor.pair(l, t)) else {
+                continue;
+            };
+            let Some(g) = self.layers[l][t as usize].as_mut() else {
+                continue;
+            };
+            let pull = |g: &mut [f32], f: &[f32], p: &[f32], q: &[f32]| {
+                for i in 0..g.len().min(f.len()).min(p.len()).min(q.len()) {
+                    g[i] += lambda * f[i] * (p[i] - q[i]);
+                }
+            };
+            pull(&mut g.a, &f.a, &p.a, &q.a);
+            pull(&mut g.b, &f.b, &p.b, &q.b);
         }
     }
 

@@ -24,8 +24,8 @@ use crate::threadpool::ThreadPool;
 pub struct Trainer<'a> {
     pub model: &'a Model,
     pub frozen: &'a [WeightedAdapter],
-    pub adapter: LoraAdapter,
-    pub optimizer: AdamW,
+    pub adapter: &'a mut LoraAdapter,
+    pub optimizer: &'a mut AdamW,
 }
 
 impl Trainer<'_> {
@@ -37,7 +37,7 @@ impl Trainer<'_> {
         let mut total: Option<LoraGrads> = None;
         let mut sum = 0f32;
         for ex in batch {
-            let (l, g) = loss_and_grads(self.model, &self.adapter, self.frozen, ex, pool)?;
+            let (l, g) = loss_and_grads(self.model, self.adapter, self.frozen, ex, pool)?;
             sum += l;
             match &mut total {
                 Some(t) => t.add_scaled(&g, k),
@@ -51,7 +51,7 @@ impl Trainer<'_> {
         let Some(g) = total else {
             return Err(Error::InvalidRequest("an empty training batch".into()));
         };
-        self.optimizer.step(&mut self.adapter, &g)?;
+        self.optimizer.step(self.adapter, &g)?;
         Ok(sum * k)
     }
 
@@ -59,7 +59,7 @@ impl Trainer<'_> {
     pub fn mean_loss(&self, examples: &[Example], pool: &ThreadPool) -> Result<f32> {
         let mut sum = 0f32;
         for ex in examples {
-            sum += loss(self.model, &self.adapter, self.frozen, ex, pool)?;
+            sum += loss(self.model, self.adapter, self.frozen, ex, pool)?;
         }
         Ok(sum / examples.len().max(1) as f32)
     }
