@@ -209,6 +209,14 @@ impl LoraAdapter {
         })
     }
 
+    /// Removes the pairs of layers below `layer` (an adapter of the upper
+    /// layers only: training it stops the backward pass there).
+    pub fn drop_layers_below(&mut self, layer: usize) {
+        for ts in self.layers.iter_mut().take(layer) {
+            *ts = Default::default();
+        }
+    }
+
     /// A copy under a new id: what a trained version is published as, so
     /// that cached prefixes of the old weights are never reused for it.
     pub fn new_version(&self) -> Self {

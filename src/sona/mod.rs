@@ -47,6 +47,9 @@ pub struct SonaConfig {
     /// Where trajectories and the base LoRA are kept.
     pub dir: PathBuf,
     pub micro_rank: usize,
+    /// Layers the micro-LoRAs adapt, counted from the top (None: the upper
+    /// half). The backward pass of the instant loop stops below them.
+    pub micro_top_layers: Option<usize>,
     pub base_rank: usize,
     /// AdamW steps of the instant loop per feedback.
     pub instant_steps: usize,
@@ -72,6 +75,7 @@ impl Default for SonaConfig {
         SonaConfig {
             dir: PathBuf::from("sona"),
             micro_rank: 2,
+            micro_top_layers: None,
             base_rank: 8,
             instant_steps: 2,
             instant_lr: 2e-3,
@@ -644,16 +648,20 @@ impl Learner {
 impl Micro {
     fn fresh(model: &Model, config: &SonaConfig, seed: u64) -> Result<Self> {
         let has_gate = model.layers.iter().all(|l| l.gate.is_some());
+        let mut adapter = LoraAdapter::new_trainable(
+            "sona-micro",
+            &model.spec,
+            has_gate,
+            config.micro_rank,
+            1.0,
+            &TARGETS,
+            seed,
+        )?;
+        let n = model.spec.n_layers;
+        let top = config.micro_top_layers.unwrap_or(n.div_ceil(2)).clamp(1, n);
+        adapter.drop_layers_below(n - top);
         Ok(Micro {
-            adapter: LoraAdapter::new_trainable(
-                "sona-micro",
-                &model.spec,
-                has_gate,
-                config.micro_rank,
-                1.0,
-                &TARGETS,
-                seed,
-            )?,
+            adapter,
             optimizer: AdamW::new(AdamWConfig {
                 lr: config.instant_lr,
                 ..AdamWConfig::default()

@@ -750,17 +750,18 @@ fn run(
     // budget, recomputed layer by layer otherwise.
     let per_token = 4 * (6 * h + 3 * s.q_dim() + 3 * s.kv_dim() + 4 * s.ffn);
     let keep = want_grads && n * per_token * model.layers.len() <= tape_budget;
+    // Layers below the lowest trained pair pass no gradient to anything
+    // trained: the backward pass stops there, and their activations are
+    // not kept.
+    let lowest = trained.pairs().map(|(l, _, _)| l).min().unwrap_or(0);
     let mut inputs = Vec::with_capacity(model.layers.len());
     let mut tapes = Vec::new();
     for li in 0..model.layers.len() {
         let (out, tape) = pass.layer(li, &x);
         let input = std::mem::replace(&mut x, out);
-        if want_grads {
-            inputs.push(input);
-        }
-        if keep {
-            tapes.push(tape);
-        }
+        let needed = want_grads && li >= lowest;
+        inputs.push(if needed { input } else { Vec::new() });
+        tapes.push((keep && needed).then_some(tape));
     }
 
     // The loss and the gradient of the final hidden states.
@@ -844,8 +845,8 @@ fn run(
     }
     // Backward through the layers.
     let mut grads = LoraGrads::zeros_like(trained, model.layers.len());
-    for li in (0..model.layers.len()).rev() {
-        let tape = tapes.pop();
+    for li in (lowest..model.layers.len()).rev() {
+        let tape = tapes.pop().flatten();
         dx = pass.layer_back(li, &inputs[li], tape, &dx, &mut grads);
     }
     grads.tie(trained);
@@ -880,6 +881,39 @@ fn projection(layers: &[Layer], l: usize, t: Target) -> Result<&Linear> {
 mod tests {
     use super::*;
     use crate::model::lora::ALL_TARGETS;
+
+    #[test]
+    fn stopping_below_the_lowest_trained_layer_changes_no_gradient() {
+        // Pairs of layer 0 with B = 0 change nothing forward; the layer-1
+        // gradients must then be the same whether the backward pass goes
+        // through layer 0 (to reach its pairs) or stops above it.
+        let pool = ThreadPool::new(2);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+        let model = crate::model::load_hf_folder(&dir.join("qwen2"))
+            .unwrap()
+            .model;
+        let mut all =
+            LoraAdapter::new_trainable("t", &model.spec, true, 2, 1.0, &ALL_TARGETS, 1).unwrap();
+        for t in ALL_TARGETS {
+            let p = all.pair_mut(1, t).unwrap();
+            p.b.iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i % 5) as f32 * 0.02);
+        }
+        let mut top = all.new_version();
+        top.drop_layers_below(1);
+        assert_eq!(top.pairs().map(|(l, _, _)| l).min(), Some(1));
+        let ex = Example::completion((0..16).map(|i| (i * 31 % 500) as u32).collect(), 4);
+        let (l1, g1) = loss_and_grads(&model, &all, &[], &ex, &pool).unwrap();
+        let (l2, g2) = loss_and_grads(&model, &top, &[], &ex, &pool).unwrap();
+        assert_eq!(l1, l2);
+        assert!(g1.pair(0, Target::Q).is_some() && g2.pair(0, Target::Q).is_none());
+        for t in ALL_TARGETS {
+            let (x, y) = (g1.pair(1, t).unwrap(), g2.pair(1, t).unwrap());
+            assert!(x.a == y.a && x.b == y.b, "{t:?}");
+            assert!(x.b.iter().any(|v| *v != 0.0), "{t:?}");
+        }
+    }
 
     #[test]
     fn recomputing_activations_gives_the_same_gradients_as_keeping_them() {
