@@ -77,7 +77,7 @@ pub(super) async fn feedback(
         }
     };
     sona.end_trajectory(Trajectory {
-        prompt: rec.prompt,
+        prompt: rec.prompt.to_vec(),
         output: rec.output,
         rating: f.rating as f32,
         preferred,

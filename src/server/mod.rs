@@ -632,6 +632,11 @@ fn submit(
     let groups = groups
         .into_iter()
         .map(|reqs| {
+            // Siblings (`n`) share their prompt: kept once.
+            let prompt: Option<Arc<[u32]>> = record
+                .as_ref()
+                .and_then(|_| reqs.first())
+                .map(|r| Arc::from(&r.prompt[..]));
             let sinks = reqs
                 .iter()
                 .map(|req| {
@@ -639,7 +644,8 @@ fn submit(
                     index += 1;
                     let mut keep = record
                         .clone()
-                        .map(|r| (r, req.prompt.clone(), req.user.clone()));
+                        .zip(prompt.clone())
+                        .map(|(r, p)| (r, p, req.user.clone()));
                     Box::new(move |ev: SeqEvent| {
                         // With --sona, each finished choice is kept for
                         // feedback to refer to by the response's id.

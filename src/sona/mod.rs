@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -59,6 +59,11 @@ pub struct SonaConfig {
     pub consolidate_epochs: usize,
     /// Responses kept for feedback to refer to.
     pub max_responses: usize,
+    /// Tokens (prompts and outputs) those responses may hold in all.
+    pub max_response_tokens: usize,
+    /// Ratings waiting for the learning thread, at most (more are refused
+    /// with 503 until it catches up).
+    pub max_queued: usize,
     /// Trajectories kept (the oldest go first).
     pub max_trajectories: usize,
     /// Users with adapters of their own, at most (the least recently
@@ -82,6 +87,8 @@ impl Default for SonaConfig {
             base_lr: 1e-3,
             consolidate_epochs: 2,
             max_responses: 1024,
+            max_response_tokens: 4 << 20,
+            max_queued: 64,
             max_trajectories: 4096,
             max_users: 64,
             ewc_lambda: 100.0,
@@ -232,7 +239,7 @@ enum Job {
 pub struct SonaEngine {
     pub config: SonaConfig,
     responses: Mutex<ResponseStore>,
-    tx: Mutex<Sender<Job>>,
+    tx: Mutex<SyncSender<Job>>,
     stats: Arc<Mutex<SonaStats>>,
 }
 
@@ -254,14 +261,17 @@ impl SonaEngine {
             trajectories: learner.trajectories.len(),
             ..Default::default()
         }));
-        let (tx, rx) = channel();
+        let (tx, rx) = sync_channel(config.max_queued.max(1));
         let st = stats.clone();
         std::thread::Builder::new()
             .name("sona".into())
             .spawn(move || learner.run(rx, st))
             .map_err(|e| Error::io("sona thread", e))?;
         Ok(SonaEngine {
-            responses: Mutex::new(ResponseStore::new(config.max_responses)),
+            responses: Mutex::new(ResponseStore::new(
+                config.max_responses,
+                config.max_response_tokens,
+            )),
             config,
             tx: Mutex::new(tx),
             stats,
@@ -289,10 +299,19 @@ impl SonaEngine {
                 t.rating
             )));
         }
-        lock(&self.stats).feedback_total += 1;
-        lock(&self.tx)
-            .send(Job::Feedback(t))
-            .map_err(|_| Error::Internal("the learning thread has stopped".into()))
+        match lock(&self.tx).try_send(Job::Feedback(t)) {
+            Ok(()) => {
+                lock(&self.stats).feedback_total += 1;
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(Error::Overloaded(format!(
+                "{} ratings are waiting for the learning thread; try again later",
+                self.config.max_queued
+            ))),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(Error::Internal("the learning thread has stopped".into()))
+            }
+        }
     }
 
     /// Runs the background loop now and returns its figures.
@@ -329,6 +348,9 @@ struct Learner {
     global: Micro,
     users: HashMap<String, Micro>,
     trajectories: Vec<Trajectory>,
+    /// Lines in the trajectories file (it is rewritten with only the kept
+    /// ones when it holds twice as many).
+    file_lines: usize,
     /// EWC++: the running diagonal Fisher of the base's weights.
     fisher: Option<LoraGrads>,
     seed: u64,
@@ -361,8 +383,10 @@ impl Learner {
             (b, 0)
         };
         let mut trajectories = Vec::new();
+        let mut file_lines = 0;
         if let Ok(text) = std::fs::read_to_string(config.dir.join("trajectories.jsonl")) {
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                file_lines += 1;
                 match serde_json::from_str::<Trajectory>(line) {
                     Ok(t)
                         if t.prompt
@@ -388,6 +412,7 @@ impl Learner {
             version,
             users: HashMap::new(),
             trajectories,
+            file_lines,
             fisher: None,
             seed: 3,
         };
@@ -528,9 +553,22 @@ impl Learner {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         writeln!(f, "{line}").map_err(|e| Error::io(&path, e))?;
+        self.file_lines += 1;
         self.trajectories.push(t);
         if self.trajectories.len() > self.config.max_trajectories {
             self.trajectories.remove(0);
+        }
+        if self.file_lines > 2 * self.config.max_trajectories {
+            // Only what is kept in memory is worth keeping on disk.
+            let tmp = path.with_extension("tmp");
+            let mut text = String::new();
+            for t in &self.trajectories {
+                text.push_str(&serde_json::to_string(t).expect("serializable"));
+                text.push('\n');
+            }
+            std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+            self.file_lines = self.trajectories.len();
         }
         Ok(())
     }
