@@ -420,16 +420,23 @@ impl AdapterRegistry {
         });
     }
 
-    /// The always-on adapters, the learned ones (global, then `user`'s),
-    /// then the named ones `wanted` asks for (their weight multiplies the scale they were loaded with), then
+    /// The always-on adapters, the learned ones (global, then `user`'s;
+    /// none when `learned` is false), then the named ones `wanted` asks for (their weight multiplies the scale they were loaded with), then
     /// the experts of the X-LoRA, if one applies (the always-on one or
     /// one `wanted` names; their weight multiplies its global scaling
     /// weight). Each named LoRA adapter counts as just used.
-    pub fn resolve(&mut self, wanted: &[(String, f32)], user: Option<&str>) -> Result<AdapterMix> {
+    pub fn resolve(
+        &mut self,
+        wanted: &[(String, f32)],
+        user: Option<&str>,
+        learned: bool,
+    ) -> Result<AdapterMix> {
         let mut v = self.always.clone();
-        v.extend(self.learned.iter().cloned());
-        if let Some(mine) = user.and_then(|u| self.learned_users.get(u)) {
-            v.extend(mine.iter().cloned());
+        if learned {
+            v.extend(self.learned.iter().cloned());
+            if let Some(mine) = user.and_then(|u| self.learned_users.get(u)) {
+                v.extend(mine.iter().cloned());
+            }
         }
         let mut xlora = self.always_on_xlora().map(|x| (x.clone(), 1.0f32));
         for (name, weight) in wanted {

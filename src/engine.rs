@@ -561,7 +561,13 @@ impl Engine {
             return;
         }
         self.maybe_fault(FaultKind::AdmitPanic, &req.prompt);
-        let mix = match self.adapters.resolve(&req.adapters, req.user.as_deref()) {
+        // Embeddings stay those of the model as served without learning,
+        // so that vectors kept in an index stay comparable across
+        // learned versions.
+        let mix = match self
+            .adapters
+            .resolve(&req.adapters, req.user.as_deref(), !req.embed)
+        {
             Ok(a) => a,
             Err(e) => {
                 sink(SeqEvent::Failed(e));
@@ -1184,7 +1190,7 @@ impl Engine {
         rows: &[usize],
         hidden_rows: &[usize],
     ) -> Result<Output> {
-        let mix = self.adapters.resolve(&[], None)?;
+        let mix = self.adapters.resolve(&[], None, true)?;
         self.runner.run_rows(
             table,
             tokens,

@@ -25,6 +25,7 @@
 //!   public `LlmBackend` API, both in front of the engine loop.
 
 pub mod adapter_registry;
+pub mod atomic_file;
 pub mod backends;
 pub mod chat;
 pub mod constraint;

@@ -290,10 +290,42 @@ pub fn matmul_t(w: &Matrix, dy: &[f32], n: usize, dx: &mut [f32], pool: &ThreadP
         n.checked_mul(k),
         "matmul_t: dx is not n × cols"
     );
-    if n == 0 || m == 0 {
+    if n == 0 || m == 0 || k == 0 {
         return;
     }
+    // Each thread's buffer holds `tokens × cols` sums: tokens go in
+    // chunks that keep all buffers under 16 MiB, so that a long sequence
+    // through a wide projection does not take gigabytes (a chunk pays one
+    // more dequantization of the weights).
+    matmul_t_within(w, dy, n, dx, pool, 16 << 20);
+}
+
+/// [`matmul_t`] with its buffers under `budget` bytes.
+fn matmul_t_within(
+    w: &Matrix,
+    dy: &[f32],
+    n: usize,
+    dx: &mut [f32],
+    pool: &ThreadPool,
+    budget: usize,
+) {
+    let (m, k) = (w.rows, w.cols);
     let parts = pool.n_threads().min(m.div_ceil(MIN_ROW_CHUNK)).max(1);
+    let chunk = (budget / (4 * parts * k)).max(1).min(n);
+    for (dy, dx) in dy.chunks(chunk * m).zip(dx.chunks_mut(chunk * k)) {
+        matmul_t_chunk(w, dy, dy.len() / m, dx, parts, pool);
+    }
+}
+
+fn matmul_t_chunk(
+    w: &Matrix,
+    dy: &[f32],
+    n: usize,
+    dx: &mut [f32],
+    parts: usize,
+    pool: &ThreadPool,
+) {
+    let (m, k) = (w.rows, w.cols);
     let per = m.div_ceil(parts).next_multiple_of(T_ROWS);
     let mut sums = vec![0f32; parts * n * k];
     pool.par_chunks_mut(&mut sums, n * k, &|off, acc| {
@@ -354,6 +386,10 @@ mod tests {
             let deq = w.to_f32();
             let mut got = vec![1f32; n * cols];
             matmul_t(&w, &dy, n, &mut got, &pool);
+            // Tokens taken a few at a time sum the same.
+            let mut chunked = vec![1f32; n * cols];
+            matmul_t_within(&w, &dy, n, &mut chunked, &pool, 2 * 4 * 2 * cols);
+            assert_eq!(got, chunked, "{ty:?}");
             for i in 0..n {
                 for k in 0..cols {
                     let want: f64 = (0..rows)

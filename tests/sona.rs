@@ -130,10 +130,12 @@ async fn feedback_changes_what_the_server_says_and_survives_a_restart() {
         r["loss_before"].as_f64().unwrap(),
         r["loss_after"].as_f64().unwrap(),
     );
-    assert!(after.is_finite() && before.is_finite(), "{r}");
+    // Measured on this fixture: loss 1.05 → 0.23, held-out 1.04 → 0.19.
+    assert!(after < before, "{r}");
     let accepted = r["accepted"].as_bool().unwrap();
+    assert!(accepted, "{r}");
     let version = r["version"].as_u64().unwrap();
-    assert_eq!(version, u64::from(accepted), "{r}");
+    assert_eq!(version, 1, "{r}");
     let said = complete(&s, prompt, None).await.1;
     let trajectories = get(&s, "/v1/sona/stats").await["trajectories"]
         .as_u64()
@@ -149,10 +151,8 @@ async fn feedback_changes_what_the_server_says_and_survives_a_restart() {
         "{stats}"
     );
     assert_eq!(stats["base_version"].as_u64().unwrap(), version, "{stats}");
-    if accepted {
-        // The global micro-LoRA is not kept; the base's lessons are.
-        assert_eq!(complete(&s, prompt, None).await.1, said);
-    }
+    // The global micro-LoRA is not kept; the base's lessons are.
+    assert_eq!(complete(&s, prompt, None).await.1, said);
     drop(s);
 
     // Without --sona the endpoints say so.
@@ -160,5 +160,60 @@ async fn feedback_changes_what_the_server_says_and_survives_a_restart() {
     let (status, v) = post(&s, "/v1/feedback", json!({"id": "x", "rating": 1})).await;
     assert_eq!(status, 404);
     assert!(v.to_string().contains("--sona"), "{v}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// With several API keys, a response can be rated only with the key that
+/// asked for it, and a `user` names a user of that key alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_rate_only_their_own_responses() {
+    let dir = std::env::temp_dir().join(format!("ruvllm-sona-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = fixtures().join("llama").to_string_lossy().into_owned();
+    let sona_dir = dir.to_string_lossy().into_owned();
+    let s = start_model(
+        &model,
+        &[
+            "--sona",
+            "--sona-dir",
+            &sona_dir,
+            "--api-key",
+            "ka",
+            "--api-key",
+            "kb",
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let call = |key: &'static str, path: &'static str, body: Value| {
+        let (client, url) = (client.clone(), s.url.clone());
+        async move {
+            let r = client
+                .post(format!("{url}{path}"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let body = json!({"prompt": "Read", "max_tokens": 2, "temperature": 0, "user": "alice"});
+    let (status, v) = call("ka", "/v1/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let rating = json!({"id": id, "rating": 1});
+    let (status, v) = call("kb", "/v1/feedback", rating.clone()).await;
+    assert_eq!(status, 404, "another key rated it: {v}");
+    let (status, v) = call("ka", "/v1/feedback", rating).await;
+    assert_eq!(status, 200, "{v}");
+
+    // A user id longer than 256 bytes is refused.
+    let long = "u".repeat(257);
+    let body = json!({"prompt": "Read", "max_tokens": 1, "user": long});
+    let (status, v) = call("ka", "/v1/completions", body).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("user"), "{v}");
+    drop(s);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -379,5 +379,21 @@ fn adapters_written_as_peft_hold_the_same_tensors_and_load_back() {
     let err = a.save_peft(&out, &spec).unwrap_err().to_string();
     assert!(err.contains("share one A"), "{err}");
     assert!(!out.join("adapter_model.safetensors").exists());
+    // Nor can a new adapter train part of a fused module.
+    let err = LoraAdapter::new_trainable("p", &spec, true, 2, 1.0, &[Target::Q], 1)
+        .err()
+        .expect("q alone of phi3's qkv_proj")
+        .to_string();
+    assert!(err.contains("qkv_proj"), "{err}");
+    assert!(LoraAdapter::new_trainable(
+        "p",
+        &spec,
+        true,
+        2,
+        1.0,
+        &[Target::Q, Target::K, Target::V],
+        1
+    )
+    .is_ok());
     std::fs::remove_dir_all(&tmp).ok();
 }

@@ -77,15 +77,21 @@ pub fn run(e: &Engine, a: &TrainArgs) -> Result<()> {
         .iter()
         .map(|t| target(t.trim()))
         .collect::<Result<Vec<_>>>()?;
+    let model = e.model();
+    let has_gate = model.layers.iter().all(|l| l.gate.is_some());
+    if targets.contains(&Target::Gate) && !has_gate {
+        return Err(Error::InvalidRequest(
+            "this model's MLP has no gate projection: drop 'gate' from --targets".into(),
+        ));
+    }
     let text = std::fs::read_to_string(&a.data).map_err(|err| Error::io(&a.data, err))?;
     let max_len = a.max_len.min(e.context());
     let examples = parse_jsonl(&text, &e.tokenizer, &e.template, max_len)?;
-    let model = e.model();
     let alpha = a.alpha.unwrap_or(2.0 * a.rank as f32);
     let mut adapter = LoraAdapter::new_trainable(
         "trained",
         &model.spec,
-        model.layers.iter().all(|l| l.gate.is_some()),
+        has_gate,
         a.rank,
         alpha / a.rank as f32,
         &targets,

@@ -158,6 +158,19 @@ impl LoraAdapter {
                 "{name}: a trainable adapter needs a positive rank, a target and a finite scale"
             )));
         }
+        // A module the base fuses (phi3's qkv_proj, gate_up_proj) is one
+        // PEFT module: its slices train together or not at all.
+        for module in PEFT_MODULES {
+            if let Some(pieces) = module_targets(spec.family, module, spec) {
+                let on = pieces.iter().filter(|(t, _)| targets.contains(t)).count();
+                if on != 0 && on != pieces.len() {
+                    return Err(Error::Adapter(format!(
+                        "{name}: this model fuses {module}; its targets {:?} train together or not at all",
+                        pieces.iter().map(|(t, _)| *t).collect::<Vec<_>>()
+                    )));
+                }
+            }
+        }
         let mut rng = crate::sampling::Rng::new(seed);
         let layers = (0..spec.n_layers)
             .map(|_| {

@@ -119,20 +119,12 @@ impl LoraAdapter {
             "inference_mode": true,
         });
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        write_atomic(&dir.join("adapter_model.safetensors"), &st)?;
+        crate::atomic_file::write_atomic(&dir.join("adapter_model.safetensors"), &st)?;
         let text = serde_json::to_string_pretty(&config).expect("a JSON value");
-        write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
+        crate::atomic_file::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
     }
 }
 
 fn bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Writes through a temporary file and a rename, so a reader never sees
-/// half a file.
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

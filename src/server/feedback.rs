@@ -2,10 +2,10 @@
 //! background loop on demand, and the learning figures.
 
 use super::openai::parse;
-use super::{body_bytes, ApiResult, AppState, BodyResult};
+use super::{body_bytes, ApiResult, AppState, BodyResult, Tenant};
 use crate::server::ApiError;
 use crate::sona::Trajectory;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -25,6 +25,7 @@ struct Feedback {
 /// kept response; the instant loop trains on it at once.
 pub(super) async fn feedback(
     State(st): State<Arc<AppState>>,
+    Extension(tenant): Extension<Tenant>,
     body: BodyResult,
 ) -> ApiResult<Json<Value>> {
     let sona = st.sona()?.clone();
@@ -37,7 +38,12 @@ pub(super) async fn feedback(
         ))
         .param("rating"));
     }
-    let rec = sona.response(&f.id, f.choice).ok_or_else(|| {
+    // Another API key's responses are as unknown as expired ones: a
+    // tenant can neither rate them nor learn that they exist.
+    let rec = sona
+        .response(&f.id, f.choice)
+        .filter(|r| r.tenant == tenant.0);
+    let rec = rec.ok_or_else(|| {
         ApiError::with(
             axum::http::StatusCode::NOT_FOUND,
             "not_found_error",
@@ -52,18 +58,18 @@ pub(super) async fn feedback(
         Some(text) => {
             let tok = e.tokenizer.clone();
             let last = rec.output.last().copied();
-            let mut ids = st
+            let ids = st
                 .prepare(move || {
                     let mut ids = tok.encode(&text, false)?;
+                    if ids.is_empty() {
+                        return Err(ApiError::bad_request("preferred is empty").param("preferred"));
+                    }
                     // The answer ends as the model's own did, when that
                     // was a stop token (end of turn, EOS).
                     ids.extend(last.filter(|t| tok.special.stop.contains(t)));
                     Ok(ids)
                 })
                 .await?;
-            if ids.is_empty() {
-                return Err(ApiError::bad_request("preferred is empty").param("preferred"));
-            }
             let room = e.model.context.saturating_sub(rec.prompt.len());
             if ids.len() > room {
                 return Err(ApiError::bad_request(format!(
@@ -72,7 +78,6 @@ pub(super) async fn feedback(
                 ))
                 .param("preferred"));
             }
-            ids.truncate(room);
             Some(ids)
         }
     };

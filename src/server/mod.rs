@@ -128,6 +128,10 @@ fn lower_priority() {
 #[derive(Debug, Clone, Copy)]
 struct Tenant(Option<usize>);
 
+/// The longest `user` id accepted (OpenAI documents no limit; ids are
+/// kept with every recorded response under `--sona`).
+const MAX_USER_BYTES: usize = 256;
+
 fn sha256(b: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     Sha256::digest(b).into()
@@ -181,10 +185,11 @@ impl AppState {
     }
 
     /// Where a response's choices go for feedback, with `--sona`.
-    fn recorder(&self, id: &str) -> Option<Recorder> {
+    fn recorder(&self, id: &str, tenant: Tenant) -> Option<Recorder> {
         self.sona.get().map(|s| Recorder {
             sona: s.clone(),
             id: id.to_string(),
+            tenant: tenant.0,
         })
     }
 
@@ -238,6 +243,24 @@ impl AppState {
             None => given,
             Some(k) => Some(format!("key{k}:{}", given.unwrap_or_default())),
         }
+    }
+
+    /// The `user` a request's learned adapters are keyed by: at most
+    /// [`MAX_USER_BYTES`], and with several API keys prefixed by the key's
+    /// index, so that one tenant's users never share another's adapters.
+    fn user_key(&self, tenant: Tenant, given: Option<String>) -> ApiResult<Option<String>> {
+        let Some(u) = given else { return Ok(None) };
+        if u.len() > MAX_USER_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "user is {} bytes long; at most {MAX_USER_BYTES} are accepted",
+                u.len()
+            ))
+            .param("user"));
+        }
+        Ok(Some(match tenant.0 {
+            None => u,
+            Some(k) => format!("key{k}:{u}"),
+        }))
     }
 
     /// Runs CPU-heavy preparation (tokenizing, rendering templates) on the
@@ -611,6 +634,7 @@ fn body_bytes(b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Api
 struct Recorder {
     sona: Arc<crate::sona::SonaEngine>,
     id: String,
+    tenant: Option<usize>,
 }
 
 /// Events of all choices of one request, tagged with their choice index.
@@ -658,6 +682,7 @@ fn submit(
                                         prompt,
                                         output: sum.tokens.clone(),
                                         user,
+                                        tenant: r.tenant,
                                     },
                                 );
                             }
@@ -767,6 +792,7 @@ async fn completions(
     let echo_lp = req.echo && logprobs.is_some();
     let wanted_prompt_lp = prompt_lp.or(if echo_lp { logprobs } else { None });
     req.common.cache_salt = st.cache_salt(tenant, req.common.cache_salt.take());
+    req.common.user = st.user_key(tenant, req.common.user.take())?;
     let (echo, input) = (req.echo, req.prompt.clone());
     let context = e.model.context;
     let tok = e.tokenizer.clone();
@@ -816,7 +842,7 @@ async fn completions(
     let sub = submit(
         &e,
         plans.iter().map(Plan::requests).collect(),
-        st.recorder(&envelope.id),
+        st.recorder(&envelope.id, tenant),
     )?;
     // The prompt's part of a choice: echoed text, legacy logprobs entries
     // and vLLM's prompt_logprobs.
@@ -996,6 +1022,7 @@ async fn chat_completions(
     };
     let prompt_lp = top_count(req.common.prompt_logprobs, "prompt_logprobs")?;
     req.common.cache_salt = st.cache_salt(tenant, req.common.cache_salt.take());
+    req.common.user = st.user_key(tenant, req.common.user.take())?;
     let (tok, template) = (e.tokenizer.clone(), e.template.clone());
     let format = ToolFormat::of_template(&template);
     let context = e.model.context;
@@ -1031,7 +1058,7 @@ async fn chat_completions(
     let prompt_tokens = p.base.prompt.len();
     st.compile(&mut p.base).await?;
     let id = request_id("chatcmpl");
-    let sub = submit(&e, vec![p.requests()], st.recorder(&id))?;
+    let sub = submit(&e, vec![p.requests()], st.recorder(&id, tenant))?;
     let mut outputs: Vec<ChoiceOutput> = (0..sub.choices)
         .map(|_| ChoiceOutput::new(&tools, format))
         .collect();

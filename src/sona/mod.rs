@@ -30,7 +30,7 @@ use crate::model::Model;
 use crate::threadpool::ThreadPool;
 use crate::train::{loss, AdamW, AdamWConfig, Example, LoraGrads, Trainer};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TrySendError};
@@ -110,8 +110,8 @@ pub struct Trajectory {
 
 impl Trajectory {
     /// The training examples it gives: the output weighted by the rating
-    /// (cross-entropy when positive, unlikelihood when negative), and the
-    /// preferred answer as a target.
+    /// (cross-entropy when positive, unlikelihood when negative, in
+    /// proportion to its size), and the preferred answer as a target.
     pub fn examples(&self) -> Vec<Example> {
         let mut out = Vec::new();
         let with = |tail: &[u32], w: f32| {
@@ -239,7 +239,9 @@ enum Job {
 pub struct SonaEngine {
     pub config: SonaConfig,
     responses: Mutex<ResponseStore>,
-    tx: Mutex<SyncSender<Job>>,
+    tx: SyncSender<Job>,
+    /// A consolidation is queued or running (one at a time).
+    consolidating: Arc<std::sync::atomic::AtomicBool>,
     stats: Arc<Mutex<SonaStats>>,
 }
 
@@ -273,7 +275,8 @@ impl SonaEngine {
                 config.max_response_tokens,
             )),
             config,
-            tx: Mutex::new(tx),
+            tx,
+            consolidating: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             stats,
         })
     }
@@ -299,7 +302,7 @@ impl SonaEngine {
                 t.rating
             )));
         }
-        match lock(&self.tx).try_send(Job::Feedback(t)) {
+        match self.tx.try_send(Job::Feedback(t)) {
             Ok(()) => {
                 lock(&self.stats).feedback_total += 1;
                 Ok(())
@@ -315,11 +318,34 @@ impl SonaEngine {
     }
 
     /// Runs the background loop now and returns its figures.
+    /// One runs at a time: asking while one is queued or running is
+    /// [`Error::Overloaded`], as is a full queue.
     pub fn background_consolidate(&self) -> Result<ConsolidateReport> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.consolidating.swap(true, SeqCst) {
+            return Err(Error::Overloaded(
+                "a consolidation is already queued or running".into(),
+            ));
+        }
+        struct Clear<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, SeqCst);
+            }
+        }
+        let _clear = Clear(&self.consolidating);
         let (reply, rx) = channel();
-        lock(&self.tx)
-            .send(Job::Consolidate(reply))
-            .map_err(|_| Error::Internal("the learning thread has stopped".into()))?;
+        match self.tx.try_send(Job::Consolidate(reply)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(Error::Overloaded(
+                    "ratings are waiting for the learning thread; try again later".into(),
+                ))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(Error::Internal("the learning thread has stopped".into()))
+            }
+        }
         rx.recv()
             .map_err(|_| Error::Internal("the learning thread has stopped".into()))?
     }
@@ -343,16 +369,22 @@ struct Learner {
     engine: EngineHandle,
     pool: ThreadPool,
     base: BaseLoRA,
-    /// Whether the base has learned anything (a zero base is not applied).
+    /// The base as requests get it (one id per version, so cached
+    /// prefixes stay valid between consolidations); None until it has
+    /// learned anything (a zero base is not applied).
+    published: Option<Arc<LoraAdapter>>,
     version: u64,
     global: Micro,
     users: HashMap<String, Micro>,
-    trajectories: Vec<Trajectory>,
+    trajectories: VecDeque<Trajectory>,
     /// Lines in the trajectories file (it is rewritten with only the kept
     /// ones when it holds twice as many).
     file_lines: usize,
-    /// EWC++: the running diagonal Fisher of the base's weights.
+    /// EWC++: the running diagonal Fisher of the base's weights (not kept
+    /// across restarts: the first consolidation after one has no pull).
     fisher: Option<LoraGrads>,
+    /// Consolidations run (turns the held-back slice).
+    consolidations: u64,
     seed: u64,
 }
 
@@ -392,6 +424,7 @@ impl Learner {
                         if t.prompt
                             .iter()
                             .chain(&t.output)
+                            .chain(t.preferred.iter().flatten())
                             .all(|&x| (x as usize) < spec.vocab_size) =>
                     {
                         trajectories.push(t)
@@ -402,7 +435,9 @@ impl Learner {
         }
         let over = trajectories.len().saturating_sub(config.max_trajectories);
         trajectories.drain(..over);
+        let published = (version > 0).then(|| Arc::new(base.new_version()));
         let l = Learner {
+            published,
             config: config.clone(),
             global: Micro::fresh(&model, config, 2)?,
             model,
@@ -411,9 +446,10 @@ impl Learner {
             base,
             version,
             users: HashMap::new(),
-            trajectories,
+            trajectories: trajectories.into(),
             file_lines,
             fisher: None,
+            consolidations: 0,
             seed: 3,
         };
         l.publish(None)?;
@@ -463,7 +499,11 @@ impl Learner {
     /// The instant loop: a few steps of the rater's micro-LoRA (or the
     /// global one) on this trajectory, over the base, then published.
     fn instant_adapt(&mut self, t: Trajectory) -> Result<()> {
+        let spec = &self.model.spec;
         let examples = t.examples();
+        for e in &examples {
+            e.validate(spec.vocab_size, spec.context_length)?;
+        }
         self.keep(t.clone())?;
         if examples.is_empty() {
             return Ok(());
@@ -488,7 +528,12 @@ impl Learner {
                 self.users.insert(u.clone(), m);
             }
         }
-        let frozen = self.base_mix();
+        // A user's micro-LoRA trains over what it is served over: the base
+        // and the global micro-LoRA.
+        let mut frozen = self.base_mix();
+        if user.is_some() {
+            frozen.extend(self.global_mix());
+        }
         let micro = match &user {
             Some(u) => self.users.get_mut(u).expect("inserted above"),
             None => &mut self.global,
@@ -510,13 +555,21 @@ impl Learner {
     /// The base, when it has learned anything, as the frozen layer under
     /// the micro-LoRAs.
     fn base_mix(&self) -> Vec<WeightedAdapter> {
-        if self.version == 0 {
-            return Vec::new();
-        }
-        vec![WeightedAdapter {
-            adapter: Arc::new(self.base.new_version()),
+        self.published
+            .iter()
+            .map(|a| WeightedAdapter {
+                adapter: a.clone(),
+                weight: 1.0,
+            })
+            .collect()
+    }
+
+    /// The global micro-LoRA as requests get it, once trained.
+    fn global_mix(&self) -> Option<WeightedAdapter> {
+        (self.global.optimizer.steps() > 0).then(|| WeightedAdapter {
+            adapter: Arc::new(self.global.adapter.new_version()),
             weight: 1.0,
-        }]
+        })
     }
 
     /// Hands the engine new versions: every request's (base and global
@@ -537,7 +590,7 @@ impl Learner {
             }
             None => {
                 let mut list = self.base_mix();
-                list.extend(micro(&self.global));
+                list.extend(self.global_mix());
                 self.engine.set_learned(None, list)
             }
         }
@@ -554,20 +607,18 @@ impl Learner {
             .map_err(|e| Error::io(&path, e))?;
         writeln!(f, "{line}").map_err(|e| Error::io(&path, e))?;
         self.file_lines += 1;
-        self.trajectories.push(t);
+        self.trajectories.push_back(t);
         if self.trajectories.len() > self.config.max_trajectories {
-            self.trajectories.remove(0);
+            self.trajectories.pop_front();
         }
         if self.file_lines > 2 * self.config.max_trajectories {
             // Only what is kept in memory is worth keeping on disk.
-            let tmp = path.with_extension("tmp");
             let mut text = String::new();
             for t in &self.trajectories {
                 text.push_str(&serde_json::to_string(t).expect("serializable"));
                 text.push('\n');
             }
-            std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+            crate::atomic_file::write_atomic(&path, text.as_bytes())?;
             self.file_lines = self.trajectories.len();
         }
         Ok(())
@@ -587,9 +638,18 @@ impl Learner {
             .filter(|t| t.user.is_none())
             .collect();
         let (mut train, mut held) = (Vec::new(), Vec::new());
+        let spec = &self.model.spec;
+        let turn = self.consolidations as usize;
         for (i, t) in global.iter().enumerate() {
-            let ex = t.examples();
-            if global.len() >= 5 && i % 5 == 4 {
+            // A bad example (from a damaged file) is left out, not fatal.
+            let ex: Vec<Example> = t
+                .examples()
+                .into_iter()
+                .filter(|e| e.validate(spec.vocab_size, spec.context_length).is_ok())
+                .collect();
+            // The held-back fifth rotates, so every rating is learned from
+            // in four consolidations out of five.
+            if global.len() >= 5 && (i + turn) % 5 == 4 {
                 held.extend(ex);
             } else {
                 train.extend(ex);
@@ -607,12 +667,6 @@ impl Learner {
                 "no feedback to consolidate yet".into(),
             ));
         }
-        // What requests get now: the base and the global micro-LoRA.
-        let mut live = self.base_mix();
-        live.push(WeightedAdapter {
-            adapter: Arc::new(self.global.adapter.new_version()),
-            weight: 1.0,
-        });
         let mean = |adapter: &LoraAdapter, frozen: &[WeightedAdapter], exs: &[Example]| {
             let mut s = 0f32;
             for e in exs {
@@ -620,10 +674,11 @@ impl Learner {
             }
             Ok::<f32, Error>(s / exs.len().max(1) as f32)
         };
-        let (last, rest) = live.split_last().expect("the micro is there");
-        report.loss_before = mean(&last.adapter, rest, &train)?;
+        // The base now against the new base, both without micro-LoRAs
+        // (which have trained on the held-back ratings too).
+        report.loss_before = mean(&self.base, &[], &train)?;
         if !held.is_empty() {
-            report.held_out_before = Some(mean(&last.adapter, rest, &held)?);
+            report.held_out_before = Some(mean(&self.base, &[], &held)?);
         }
         let anchor = self.base.new_version();
         let mut candidate = self.base.new_version();
@@ -636,7 +691,8 @@ impl Learner {
             for ex in &train {
                 let (_, mut g) =
                     crate::train::loss_and_grads(&self.model, &candidate, &[], ex, &self.pool)?;
-                accumulate_squares(&mut fisher_new, &g, 1.0 / train.len() as f32);
+                let k = 1.0 / (train.len() * self.config.consolidate_epochs) as f32;
+                accumulate_squares(&mut fisher_new, &g, k);
                 if let Some(f) = &self.fisher {
                     g.add_pull(f, &candidate, &anchor, self.config.ewc_lambda);
                 }
@@ -652,14 +708,18 @@ impl Learner {
             (Some(b), Some(a)) => a <= b,
             _ => report.loss_after <= report.loss_before,
         };
+        self.consolidations += 1;
         if report.accepted {
+            // Kept on disk first: a failed write changes nothing.
+            self.save_base(&candidate, self.version + 1)?;
             self.base = candidate;
             self.version += 1;
+            self.published = Some(Arc::new(self.base.new_version()));
             // EWC++: the Fisher decays and takes the new data's.
             match (&mut self.fisher, fisher_new) {
                 (Some(f), Some(n)) => {
                     f.scale(0.5);
-                    f.add_scaled(&n, 0.5 / self.config.consolidate_epochs as f32);
+                    f.add_scaled(&n, 0.5);
                 }
                 (f, n) => *f = n,
             }
@@ -667,7 +727,6 @@ impl Learner {
             // stay theirs).
             self.seed += 1;
             self.global = Micro::fresh(&self.model, &self.config, self.seed)?;
-            self.save_base()?;
             self.publish(None)?;
         }
         report.version = self.version;
@@ -675,11 +734,11 @@ impl Learner {
         Ok(report)
     }
 
-    fn save_base(&self) -> Result<()> {
+    fn save_base(&self, base: &LoraAdapter, version: u64) -> Result<()> {
         let dir = self.config.dir.join("base");
-        self.base.save_peft(&dir, &self.model.spec)?;
+        base.save_peft(&dir, &self.model.spec)?;
         let v = self.config.dir.join("base_version");
-        std::fs::write(&v, self.version.to_string()).map_err(|e| Error::io(&v, e))
+        std::fs::write(&v, version.to_string()).map_err(|e| Error::io(&v, e))
     }
 }
 

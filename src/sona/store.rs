@@ -12,13 +12,19 @@ pub struct Recorded {
     pub prompt: Arc<[u32]>,
     pub output: Vec<u32>,
     pub user: Option<String>,
+    /// The API key (by index) the request came with, when the server has
+    /// several: only the same key may rate it.
+    pub tenant: Option<usize>,
 }
 
 impl Recorded {
     /// Tokens it holds (a shared prompt is counted by each choice, which
-    /// bounds the store from above).
+    /// bounds the store from above); the user id counts a token per 4
+    /// bytes, so that long ids cannot grow the store past its budget.
     fn tokens(&self) -> usize {
-        self.prompt.len() + self.output.len()
+        self.prompt.len()
+            + self.output.len()
+            + self.user.as_ref().map_or(0, |u| u.len().div_ceil(4))
     }
 }
 
@@ -108,6 +114,7 @@ mod tests {
             prompt: vec![t].into(),
             output: vec![t + 1],
             user: None,
+            tenant: None,
         };
         let mut s = ResponseStore::new(2, 1000);
         s.record("a", 0, r(1));
@@ -127,6 +134,7 @@ mod tests {
             prompt: vec![1; n].into(),
             output: vec![2; n],
             user: None,
+            tenant: None,
         };
         let mut s = ResponseStore::new(100, 100);
         s.record("a", 0, r(20));

@@ -765,7 +765,9 @@ fn run(
     }
 
     // The loss and the gradient of the final hidden states.
-    let total: f32 = ex.weights.iter().map(|w| w.abs()).sum();
+    // A mean over the weighted tokens: a weight's size scales its token's
+    // part (a rating of 0.1 teaches a tenth as hard as 1).
+    let total = ex.weights.iter().filter(|w| **w != 0.0).count() as f32;
     let rows: Vec<usize> = (1..n)
         .filter(|&i| ex.weights[i] != 0.0)
         .map(|i| i - 1)
@@ -796,8 +798,9 @@ fn run(
             let k = w.abs() / total;
             let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            let e_t = ((z[target] - max) as f64).exp();
             let log_p = (z[target] - max) as f64 - sum.ln();
-            let pt = log_p.exp();
+            let pt = e_t / sum;
             for (d, &v) in dzr.iter_mut().zip(z.iter()) {
                 *d = (((v - max) as f64).exp() / sum) as f32;
             }
@@ -807,12 +810,22 @@ fn run(
                 dzr[target] -= 1.0;
                 dzr.iter_mut().for_each(|d| *d *= k);
             } else {
-                // Unlikelihood, -log(1 - p_t): dz_j = p_t (δ_jt - p_j) / (1 - p_t).
-                let rest = (1.0 - pt).max(1e-6);
-                loss += k as f64 * -rest.ln();
-                let c = (k as f64 * pt / rest) as f32;
-                dzr.iter_mut().for_each(|d| *d *= -c);
-                dzr[target] += c;
+                // Unlikelihood, -log(1 - p_t), with 1 - p_t summed from the
+                // other tokens (exact where p_t rounds to 1):
+                // dz_j = p_t (δ_jt - p_j) / (1 - p_t).
+                let rest = (sum - e_t) / sum;
+                if rest > 0.0 {
+                    loss += k as f64 * -rest.ln();
+                    let c = (k as f64 * pt / rest) as f32;
+                    dzr.iter_mut().for_each(|d| *d *= -c);
+                    dzr[target] += c;
+                } else {
+                    // Every other token underflowed in f64: the loss is
+                    // that of the smallest positive 1 - p_t and carries no
+                    // usable gradient.
+                    loss += k as f64 * -f64::MIN_POSITIVE.ln();
+                    dzr.iter_mut().for_each(|d| *d = 0.0);
+                }
             }
             if let Some(cap) = s.final_softcap {
                 // d(cap·tanh(u/cap))/du = 1 - (z/cap)².

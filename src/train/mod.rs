@@ -70,7 +70,8 @@ impl Trainer<'_> {
 /// asks for the token (cross-entropy, `-log p`); a negative one asks the
 /// model away from it (unlikelihood, `-log(1 - p)`); zero leaves it out
 /// (prompt tokens). The first token is never predicted: its weight must be
-/// zero. The loss is the weighted mean, `Σ |w|·loss / Σ |w|`.
+/// zero. The loss is `Σ |w|·loss / n` over the `n` tokens whose weight is
+/// not zero (with weights of 1, the mean cross-entropy PyTorch computes).
 #[derive(Debug, Clone)]
 pub struct Example {
     pub tokens: Vec<u32>,
