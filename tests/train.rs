@@ -151,15 +151,15 @@ fn three_adamw_steps_follow_pytorch() {
             worst = worst.max(d);
         }
         // Each step moves a weight by at most lr (1e-2): the bound is a
-        // tenth of one step.
+        // hundredth of one step (measured worst 1.1e-5, gemma2).
         assert!(
-            worst <= 1e-3,
+            worst <= 1e-4,
             "{arch}: weights after AdamW differ by {worst}"
         );
         let (final_loss, _) = loss_and_grads(&model, &adapter, &[], &ex, &pool).unwrap();
         let want = f("final_loss");
         assert!(
-            ((final_loss - want) / want).abs() <= 1e-3,
+            ((final_loss - want) / want).abs() <= 1e-4,
             "{arch}: loss after AdamW {final_loss}, PyTorch {want}"
         );
         eprintln!(
